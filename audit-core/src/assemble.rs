@@ -1,0 +1,252 @@
+//! Turning a captured [`Exchange`] into a [`Record`]: decode, parse, reassemble, redact.
+//! Runs on the writer thread only.
+
+use std::{borrow::Cow, time::Instant};
+
+use http::HeaderMap;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::{
+    decode::decode_body,
+    exchange::{Capture, Exchange},
+    fingerprint::{credential_token, Fingerprinter, CREDENTIAL_HEADERS},
+    genai::{self, GenAiFacts, Operation},
+    record::{
+        self, Body, Chain, Client, GenAi, GenAiRequest, GenAiResponse, Http, Name, Record, Time,
+        Usage,
+    },
+    redact::{scrub_literals, Counts, Redactor},
+};
+
+/// Query parameters that carry credentials (Gemini's `key`, Azure's `api-key`...).
+const CREDENTIAL_PARAMS: [&str; 5] = ["key", "api-key", "api_key", "access_token", "token"];
+
+/// Builds records; holds the automata and keys, built once.
+pub struct Assembler {
+    redactor: Redactor,
+    fingerprinter: Fingerprinter,
+    /// Largest decoded body accepted (a compressed body may expand; beyond this it is omitted).
+    decode_limit: usize,
+}
+
+impl Assembler {
+    pub fn new(fingerprinter: Fingerprinter, decode_limit: usize) -> Self {
+        Self {
+            redactor: Redactor::new(),
+            fingerprinter,
+            decode_limit,
+        }
+    }
+
+    /// The record for `ex`, with `seq` and `chain` left for the writer to fill in.
+    pub fn assemble(&self, ex: &Exchange, seq: u64) -> Record {
+        let mut counts = Counts::new();
+        let credentials = self.credentials(&ex.request_headers);
+        let key_id = credentials
+            .first()
+            .map(|c| self.fingerprinter.key_id(c.as_bytes()));
+
+        let path = ex.upstream_path.as_deref().unwrap_or_else(|| ex.uri.path());
+        let op = Operation::detect(ex.provider, path);
+        let mut facts = GenAiFacts::default();
+
+        let (req_body, req_json) = self.body(
+            &ex.request_headers,
+            &ex.request,
+            &credentials,
+            &mut counts,
+            false,
+            None,
+        );
+        if let (Some(_), Some(v)) = (op, &req_json) {
+            genai::request_facts(v, &mut facts);
+        }
+        let (resp_body, resp_json) = self.body(
+            &ex.response_headers,
+            &ex.response,
+            &credentials,
+            &mut counts,
+            true,
+            op,
+        );
+        if let (Some(op), Some(v)) = (op, &resp_json) {
+            genai::response_facts(op, v, &mut facts);
+        }
+
+        let ms = |t: Option<Instant>| t.map(|t| millis(t.duration_since(ex.started)));
+        let rh = &ex.response_headers;
+        let request_id = self
+            .header(rh, "x-request-id", &mut counts)
+            .or_else(|| self.header(rh, "request-id", &mut counts));
+        let user_agent = self.header(&ex.request_headers, "user-agent", &mut counts);
+        let query = ex.uri.query().map(|q| self.query(q, &mut counts));
+        let gen_ai = (ex.provider != custody_config::Provider::Generic).then(|| GenAi {
+            provider: Name {
+                name: ex.provider.as_str().to_owned(),
+            },
+            operation: op.map(|o| Name {
+                name: o.name().to_owned(),
+            }),
+            request: GenAiRequest {
+                model: facts.request_model,
+                stream: facts.request_stream,
+                temperature: facts.temperature,
+                max_tokens: facts.max_tokens,
+                top_p: facts.top_p,
+            },
+            response: (facts.response_model.is_some()
+                || facts.response_id.is_some()
+                || !facts.finish_reasons.is_empty())
+            .then_some(GenAiResponse {
+                model: facts.response_model,
+                id: facts.response_id,
+                finish_reasons: facts.finish_reasons,
+            }),
+            usage: (facts.input_tokens.is_some() || facts.output_tokens.is_some()).then_some(
+                Usage {
+                    input_tokens: facts.input_tokens,
+                    output_tokens: facts.output_tokens,
+                },
+            ),
+        });
+
+        Record {
+            schema: record::SCHEMA.to_owned(),
+            id: uuid::Uuid::now_v7().to_string(),
+            seq,
+            route: ex.route.as_deref().map(str::to_owned),
+            time: Time {
+                start: humantime::format_rfc3339_millis(ex.started_at).to_string(),
+                duration_ms: ms(ex.ended_at).unwrap_or_else(|| millis(ex.started.elapsed())),
+                ttfb_ms: ms(ex.response_head_at),
+                first_chunk_ms: ms(ex.first_chunk_at),
+            },
+            http: Http {
+                method: ex.method.as_str().to_owned(),
+                path: ex.uri.path().to_owned(),
+                query,
+                upstream_path: ex.upstream_path.clone(),
+                status: ex.status.map(|s| s.as_u16()),
+                request_bytes: ex.request.total,
+                response_bytes: ex.response.total,
+                request_id,
+                user_agent,
+            },
+            client: Client {
+                key_id,
+                addr: ex.client_addr.map(|a| a.to_string()),
+            },
+            outcome: ex.outcome.as_str().to_owned(),
+            error: ex.error.clone(),
+            gen_ai,
+            request: req_body,
+            response: resp_body,
+            redactions: counts.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            chain: Chain {
+                prev: String::new(),
+                hash: String::new(),
+            },
+        }
+    }
+
+    /// Every credential the client presented, as tokens (for fingerprinting and scrubbing).
+    fn credentials(&self, headers: &HeaderMap) -> Vec<String> {
+        CREDENTIAL_HEADERS
+            .iter()
+            .flat_map(|h| headers.get_all(*h))
+            .map(|v| String::from_utf8_lossy(credential_token(v.as_bytes())).into_owned())
+            .filter(|t| t.len() >= 8)
+            .collect()
+    }
+
+    fn header(&self, h: &HeaderMap, name: &str, counts: &mut Counts) -> Option<String> {
+        h.get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| self.redactor.redact_str(v, counts).into_owned())
+    }
+
+    fn query(&self, q: &str, counts: &mut Counts) -> String {
+        let parts: Vec<Cow<'_, str>> = q
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if CREDENTIAL_PARAMS.iter().any(|c| c.eq_ignore_ascii_case(k)) => {
+                    *counts.entry("CLIENT_CREDENTIAL").or_default() += 1;
+                    Cow::Owned(format!("{k}=[CLIENT_CREDENTIAL]"))
+                }
+                _ => self.redactor.redact_str(kv, counts),
+            })
+            .collect();
+        parts.join("&")
+    }
+
+    /// Decodes, parses and redacts one body. Returns the recorded form and, for JSON
+    /// (or a reassembled stream), the unredacted value for fact extraction.
+    fn body(
+        &self,
+        headers: &HeaderMap,
+        cap: &Capture,
+        credentials: &[String],
+        counts: &mut Counts,
+        is_response: bool,
+        op: Option<Operation>,
+    ) -> (Body, Option<Value>) {
+        let content_type = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let mut out = Body {
+            content_type: content_type.clone(),
+            truncated: cap.truncated,
+            ..Body::default()
+        };
+        if cap.total == 0 {
+            return (out, None);
+        }
+        let raw = cap.to_vec();
+        let omit = |out: &mut Body, why: String, bytes: &[u8]| {
+            out.omitted = Some(why);
+            out.sha256 = Some(hex::encode(Sha256::digest(bytes)));
+        };
+        let decoded = match decode_body(headers, raw, self.decode_limit) {
+            Ok(d) => d,
+            // A truncated compressed body cannot be decoded; say so, keep the hash.
+            Err(e) => {
+                omit(&mut out, e.to_string(), &cap.to_vec());
+                return (out, None);
+            }
+        };
+        let text = match std::str::from_utf8(&decoded) {
+            Ok(t) => t,
+            Err(_) => {
+                omit(&mut out, "binary or invalid UTF-8".into(), &decoded);
+                return (out, None);
+            }
+        };
+        let is_sse = content_type
+            .as_deref()
+            .is_some_and(|c| c.starts_with("text/event-stream"));
+        let parsed = if is_response && is_sse {
+            out.streamed = true;
+            op.and_then(|op| genai::reassemble(op, text))
+        } else {
+            serde_json::from_str::<Value>(text).ok()
+        };
+        let recorded = match &parsed {
+            Some(v) => {
+                let mut v = v.clone();
+                self.redactor.redact_json(&mut v, counts);
+                v
+            }
+            None => Value::String(self.redactor.redact_str(text, counts).into_owned()),
+        };
+        let mut recorded = recorded;
+        scrub_literals(&mut recorded, credentials, "CLIENT_CREDENTIAL", counts);
+        out.body = Some(recorded);
+        (out, parsed)
+    }
+}
+
+fn millis(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
+}

@@ -1,0 +1,29 @@
+use std::path::PathBuf;
+
+/// Errors of the audit crate.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// A file or directory of the trail could not be used.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The fingerprint key file exists but is not usable.
+    #[error("fingerprint key {path}: {reason}")]
+    BadKeyFile { path: PathBuf, reason: &'static str },
+    /// A segment is not in the custody format, past what recovery may cut.
+    #[error("segment {path}: {source}")]
+    Format {
+        path: PathBuf,
+        #[source]
+        source: crate::segment::FormatError,
+    },
+    /// No record has this id.
+    #[error("no record with id {0}")]
+    NotFound(String),
+    /// The writer thread could not be started or ended abnormally.
+    #[error("audit writer: {0}")]
+    Writer(String),
+}

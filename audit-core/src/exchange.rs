@@ -1,0 +1,166 @@
+//! The hand-over type: what the proxy captured of one exchange, sent to the writer.
+//!
+//! Built on the hot path, so it holds only what was already there: the request and
+//! response heads, `Bytes` clones of the body frames, and `Instant`s. All parsing,
+//! decoding and redaction happen on the writer thread.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use custody_config::Provider;
+use http::{HeaderMap, Method, StatusCode, Uri};
+
+/// How an exchange ended. Serialized as the record's `outcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The response was delivered to the client in full.
+    Ok,
+    /// The client went away before the response ended.
+    ClientCancelled,
+    /// The upstream could not be reached or broke the response.
+    UpstreamError,
+    /// The upstream did not answer in time.
+    UpstreamTimeout,
+    /// Custody refused the request (no route).
+    Rejected,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::ClientCancelled => "client_cancelled",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::UpstreamTimeout => "upstream_timeout",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+/// One body as captured: `Bytes` clones of its frames up to a cap.
+#[derive(Debug, Default, Clone)]
+pub struct Capture {
+    /// The captured frames, in order (no copy: clones of the frames forwarded).
+    pub chunks: Vec<Bytes>,
+    /// Bytes held in `chunks`.
+    pub captured: usize,
+    /// Bytes seen in all (captured or not).
+    pub total: u64,
+    /// Bytes were seen beyond the cap and not kept.
+    pub truncated: bool,
+    /// The body reached its end (false when it was cut or abandoned).
+    pub complete: bool,
+}
+
+impl Capture {
+    /// Keeps `data` if it fits under `cap`; always counts it.
+    #[inline]
+    pub fn push(&mut self, data: &Bytes, cap: usize) {
+        self.total += data.len() as u64;
+        if self.truncated || data.is_empty() {
+            return;
+        }
+        if self.captured + data.len() <= cap {
+            self.captured += data.len();
+            self.chunks.push(data.clone());
+        } else {
+            // Keep what fits so the record holds a prefix, not nothing.
+            let room = cap - self.captured;
+            if room > 0 {
+                self.chunks.push(data.slice(..room));
+                self.captured += room;
+            }
+            self.truncated = true;
+        }
+    }
+
+    /// The captured bytes as one contiguous buffer (on the writer thread).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.captured);
+        for c in &self.chunks {
+            out.extend_from_slice(c);
+        }
+        out
+    }
+}
+
+/// Everything known about one exchange when it ends.
+#[derive(Debug)]
+pub struct Exchange {
+    /// Route name; `None` when no route matched.
+    pub route: Option<Arc<str>>,
+    pub provider: Provider,
+    pub method: Method,
+    /// The path and query as the client sent them.
+    pub uri: Uri,
+    /// The path as forwarded upstream (after `strip_prefix`).
+    pub upstream_path: Option<String>,
+    pub request_headers: HeaderMap,
+    pub client_addr: Option<SocketAddr>,
+    pub started_at: SystemTime,
+    pub started: Instant,
+    pub status: Option<StatusCode>,
+    pub response_headers: HeaderMap,
+    /// When the upstream's response head arrived.
+    pub response_head_at: Option<Instant>,
+    /// When the first response body byte arrived.
+    pub first_chunk_at: Option<Instant>,
+    pub ended_at: Option<Instant>,
+    pub request: Capture,
+    pub response: Capture,
+    pub outcome: Outcome,
+    /// A short, secret-free description of what went wrong, if anything did.
+    pub error: Option<String>,
+}
+
+impl Exchange {
+    /// A fresh exchange at admission; the outcome stays `ClientCancelled` unless
+    /// something later says otherwise, so an abandoned exchange is recorded as such.
+    pub fn begin(
+        method: Method,
+        uri: Uri,
+        request_headers: HeaderMap,
+        client_addr: Option<SocketAddr>,
+    ) -> Self {
+        Self {
+            route: None,
+            provider: Provider::Generic,
+            method,
+            uri,
+            upstream_path: None,
+            request_headers,
+            client_addr,
+            started_at: SystemTime::now(),
+            started: Instant::now(),
+            status: None,
+            response_headers: HeaderMap::new(),
+            response_head_at: None,
+            first_chunk_at: None,
+            ended_at: None,
+            request: Capture::default(),
+            response: Capture::default(),
+            outcome: Outcome::ClientCancelled,
+            error: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_keeps_a_prefix_and_counts_everything() {
+        let mut c = Capture::default();
+        c.push(&Bytes::from_static(b"hello "), 8);
+        c.push(&Bytes::from_static(b"world"), 8);
+        c.push(&Bytes::from_static(b"!!"), 8);
+        assert_eq!(c.to_vec(), b"hello wo");
+        assert_eq!(c.total, 13);
+        assert!(c.truncated);
+    }
+}

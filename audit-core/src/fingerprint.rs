@@ -1,0 +1,117 @@
+//! `client.key_id`: a keyed fingerprint of the credential a client presented, so records
+//! can be grouped by key without the key ever being stored.
+
+use std::{
+    fs::{self, OpenOptions},
+    io::Write,
+    path::Path,
+};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::AuditError;
+
+/// Request headers that carry client credentials; their values are never recorded.
+pub const CREDENTIAL_HEADERS: [&str; 4] =
+    ["authorization", "x-api-key", "api-key", "x-goog-api-key"];
+
+/// HMAC-SHA-256 keyed with the deployment secret.
+#[derive(Clone)]
+pub struct Fingerprinter {
+    key: Vec<u8>,
+}
+
+impl Fingerprinter {
+    pub fn new(key: Vec<u8>) -> Self {
+        Self { key }
+    }
+
+    /// Loads the secret from `path` (hex), generating it (0600) if the file is missing.
+    pub fn load_or_create(path: &Path) -> Result<Self, AuditError> {
+        let io = |source| AuditError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        match fs::read_to_string(path) {
+            Ok(text) => {
+                let key = hex::decode(text.trim()).map_err(|_| AuditError::BadKeyFile {
+                    path: path.to_owned(),
+                    reason: "not hex",
+                })?;
+                if key.len() < 16 {
+                    return Err(AuditError::BadKeyFile {
+                        path: path.to_owned(),
+                        reason: "shorter than 16 bytes",
+                    });
+                }
+                Ok(Self::new(key))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut key = vec![0u8; 32];
+                getrandom::fill(&mut key).map_err(|e| io(std::io::Error::other(e.to_string())))?;
+                let mut opts = OpenOptions::new();
+                opts.write(true).create_new(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+                let mut f = opts.open(path).map_err(io)?;
+                f.write_all(hex::encode(&key).as_bytes()).map_err(io)?;
+                f.sync_all().map_err(io)?;
+                tracing::info!(path = %path.display(), "generated a new fingerprint key");
+                Ok(Self::new(key))
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    /// `key_` and the first 16 hex digits of HMAC(secret, credential).
+    pub fn key_id(&self, credential: &[u8]) -> String {
+        // HMAC accepts keys of any length; this cannot fail.
+        let mut mac = match Hmac::<Sha256>::new_from_slice(&self.key) {
+            Ok(m) => m,
+            Err(_) => return String::from("key_unavailable"),
+        };
+        mac.update(credential);
+        let out = mac.finalize().into_bytes();
+        format!("key_{}", hex::encode(&out[..8]))
+    }
+}
+
+/// The credential token in a header value: what follows `Bearer `/`Basic `, or the value.
+pub fn credential_token(value: &[u8]) -> &[u8] {
+    for scheme in [&b"bearer "[..], b"basic "] {
+        if value.len() > scheme.len() && value[..scheme.len()].eq_ignore_ascii_case(scheme) {
+            return trim(&value[scheme.len()..]);
+        }
+    }
+    trim(value)
+}
+
+fn trim(v: &[u8]) -> &[u8] {
+    let start = v
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    &v[start..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_key_same_id_and_file_is_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("fp.key");
+        let a = Fingerprinter::load_or_create(&p).unwrap();
+        let b = Fingerprinter::load_or_create(&p).unwrap();
+        assert_eq!(a.key_id(b"sk-1"), b.key_id(b"sk-1"));
+        assert_ne!(a.key_id(b"sk-1"), a.key_id(b"sk-2"));
+        assert_eq!(credential_token(b"Bearer  sk-1 "), b"sk-1");
+        assert_eq!(credential_token(b"sk-1"), b"sk-1");
+    }
+}

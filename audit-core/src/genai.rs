@@ -1,0 +1,559 @@
+//! Understanding model-provider exchanges: which operation a path is, the request
+//! parameters, and the response (streamed responses reassembled into the object the
+//! same call would have returned without streaming).
+
+use std::collections::BTreeMap;
+
+use custody_config::Provider;
+use serde_json::{json, Map, Value};
+
+use crate::sse::{self, SseEvent};
+
+/// The API operation an exchange is, by provider and path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// OpenAI chat completions.
+    Chat,
+    /// OpenAI legacy completions.
+    TextCompletion,
+    Embeddings,
+    /// OpenAI Responses API.
+    Responses,
+    /// Anthropic Messages API.
+    Messages,
+}
+
+impl Operation {
+    /// Classifies a forwarded path (query excluded).
+    pub fn detect(provider: Provider, path: &str) -> Option<Self> {
+        let path = path.trim_end_matches('/');
+        match provider {
+            Provider::Openai => {
+                if path.ends_with("/chat/completions") {
+                    Some(Self::Chat)
+                } else if path.ends_with("/completions") {
+                    Some(Self::TextCompletion)
+                } else if path.ends_with("/embeddings") {
+                    Some(Self::Embeddings)
+                } else if path.ends_with("/responses") {
+                    Some(Self::Responses)
+                } else {
+                    None
+                }
+            }
+            Provider::Anthropic => path.ends_with("/messages").then_some(Self::Messages),
+            Provider::Generic => None,
+        }
+    }
+
+    /// `gen_ai.operation.name` (OpenTelemetry GenAI semantic conventions; the Responses
+    /// API has no name there yet, so it is `responses`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Chat | Self::Messages => "chat",
+            Self::TextCompletion => "text_completion",
+            Self::Embeddings => "embeddings",
+            Self::Responses => "responses",
+        }
+    }
+}
+
+/// The `gen_ai` facts of one exchange.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct GenAiFacts {
+    pub request_model: Option<String>,
+    pub request_stream: Option<bool>,
+    pub temperature: Option<f64>,
+    pub max_tokens: Option<u64>,
+    pub top_p: Option<f64>,
+    pub response_model: Option<String>,
+    pub response_id: Option<String>,
+    pub finish_reasons: Vec<String>,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+}
+
+/// Reads the request parameters custody records.
+pub fn request_facts(body: &Value, facts: &mut GenAiFacts) {
+    facts.request_model = str_at(body, "model");
+    facts.request_stream = body.get("stream").and_then(Value::as_bool);
+    facts.temperature = body.get("temperature").and_then(Value::as_f64);
+    facts.top_p = body.get("top_p").and_then(Value::as_f64);
+    facts.max_tokens = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|k| body.get(*k).and_then(Value::as_u64));
+}
+
+/// Reads the response facts from a (plain or reassembled) response object.
+pub fn response_facts(op: Operation, body: &Value, facts: &mut GenAiFacts) {
+    facts.response_model = str_at(body, "model");
+    facts.response_id = str_at(body, "id");
+    let usage = body.get("usage");
+    let u = |k: &str| usage.and_then(|u| u.get(k)).and_then(Value::as_u64);
+    match op {
+        Operation::Chat | Operation::TextCompletion => {
+            facts.finish_reasons = body
+                .get("choices")
+                .and_then(Value::as_array)
+                .map(|cs| {
+                    cs.iter()
+                        .filter_map(|c| str_at(c, "finish_reason"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            facts.input_tokens = u("prompt_tokens");
+            facts.output_tokens = u("completion_tokens");
+        }
+        Operation::Embeddings => {
+            facts.input_tokens = u("prompt_tokens");
+        }
+        Operation::Responses => {
+            facts.finish_reasons = str_at(body, "status").into_iter().collect();
+            facts.input_tokens = u("input_tokens");
+            facts.output_tokens = u("output_tokens");
+        }
+        Operation::Messages => {
+            facts.finish_reasons = str_at(body, "stop_reason").into_iter().collect();
+            facts.input_tokens = u("input_tokens");
+            facts.output_tokens = u("output_tokens");
+        }
+    }
+}
+
+fn str_at(v: &Value, key: &str) -> Option<String> {
+    v.get(key).and_then(Value::as_str).map(str::to_owned)
+}
+
+/// Reassembles a streamed response body into the equivalent non-streamed object.
+/// `None` when the stream holds no usable event.
+pub fn reassemble(op: Operation, body: &str) -> Option<Value> {
+    let events = sse::parse(body);
+    let datas = events.iter().filter_map(|e| {
+        if e.data == "[DONE]" {
+            return None;
+        }
+        serde_json::from_str::<Value>(&e.data).ok()
+    });
+    match op {
+        Operation::Chat | Operation::TextCompletion => openai_choices(op, datas),
+        Operation::Responses => responses(&events),
+        Operation::Messages => anthropic(datas),
+        Operation::Embeddings => None,
+    }
+}
+
+#[derive(Default)]
+struct ToolCallAcc {
+    id: Option<Value>,
+    kind: Option<Value>,
+    name: String,
+    arguments: String,
+}
+
+#[derive(Default)]
+struct ChoiceAcc {
+    role: Option<Value>,
+    content: Option<String>,
+    refusal: Option<String>,
+    tool_calls: BTreeMap<u64, ToolCallAcc>,
+    finish_reason: Value,
+}
+
+fn openai_choices(op: Operation, datas: impl Iterator<Item = Value>) -> Option<Value> {
+    let mut out = Map::new();
+    let mut choices: BTreeMap<u64, ChoiceAcc> = BTreeMap::new();
+    let mut seen = false;
+    for d in datas {
+        seen = true;
+        for key in [
+            "id",
+            "created",
+            "model",
+            "system_fingerprint",
+            "service_tier",
+        ] {
+            if let Some(v) = d.get(key).filter(|v| !v.is_null()) {
+                out.entry(key).or_insert_with(|| v.clone());
+            }
+        }
+        if let Some(u) = d.get("usage").filter(|u| !u.is_null()) {
+            out.insert("usage".into(), u.clone());
+        }
+        if let Some(e) = d.get("error") {
+            out.insert("error".into(), e.clone());
+        }
+        for c in d
+            .get("choices")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let idx = c.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let acc = choices.entry(idx).or_default();
+            if let Some(fr) = c.get("finish_reason").filter(|v| !v.is_null()) {
+                acc.finish_reason = fr.clone();
+            }
+            if let Some(t) = c.get("text").and_then(Value::as_str) {
+                acc.content.get_or_insert_with(String::new).push_str(t);
+            }
+            let Some(delta) = c.get("delta") else {
+                continue;
+            };
+            if let Some(r) = delta.get("role").filter(|v| !v.is_null()) {
+                acc.role = Some(r.clone());
+            }
+            if let Some(t) = delta.get("content").and_then(Value::as_str) {
+                acc.content.get_or_insert_with(String::new).push_str(t);
+            }
+            if let Some(t) = delta.get("refusal").and_then(Value::as_str) {
+                acc.refusal.get_or_insert_with(String::new).push_str(t);
+            }
+            for tc in delta
+                .get("tool_calls")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let ti = tc.get("index").and_then(Value::as_u64).unwrap_or(0);
+                let t = acc.tool_calls.entry(ti).or_default();
+                if let Some(id) = tc.get("id").filter(|v| !v.is_null()) {
+                    t.id = Some(id.clone());
+                }
+                if let Some(k) = tc.get("type").filter(|v| !v.is_null()) {
+                    t.kind = Some(k.clone());
+                }
+                if let Some(f) = tc.get("function") {
+                    if let Some(n) = f.get("name").and_then(Value::as_str) {
+                        t.name.push_str(n);
+                    }
+                    if let Some(a) = f.get("arguments").and_then(Value::as_str) {
+                        t.arguments.push_str(a);
+                    }
+                }
+            }
+        }
+    }
+    if !seen {
+        return None;
+    }
+    let choices: Vec<Value> = choices
+        .into_iter()
+        .map(|(index, c)| {
+            if op == Operation::TextCompletion {
+                return json!({"index": index, "text": c.content.unwrap_or_default(), "finish_reason": c.finish_reason});
+            }
+            let mut message = Map::new();
+            message.insert("role".into(), c.role.unwrap_or_else(|| json!("assistant")));
+            message.insert("content".into(), c.content.map_or(Value::Null, Value::String));
+            if let Some(r) = c.refusal {
+                message.insert("refusal".into(), Value::String(r));
+            }
+            if !c.tool_calls.is_empty() {
+                let calls: Vec<Value> = c
+                    .tool_calls
+                    .into_values()
+                    .map(|t| {
+                        json!({
+                            "id": t.id.unwrap_or(Value::Null),
+                            "type": t.kind.unwrap_or_else(|| json!("function")),
+                            "function": {"name": t.name, "arguments": t.arguments},
+                        })
+                    })
+                    .collect();
+                message.insert("tool_calls".into(), Value::Array(calls));
+            }
+            json!({"index": index, "message": message, "finish_reason": c.finish_reason})
+        })
+        .collect();
+    let object = match op {
+        Operation::TextCompletion => "text_completion",
+        _ => "chat.completion",
+    };
+    out.insert("object".into(), json!(object));
+    out.insert("choices".into(), Value::Array(choices));
+    Some(Value::Object(out))
+}
+
+fn responses(events: &[SseEvent]) -> Option<Value> {
+    // The terminal event carries the whole response; short of it, the latest snapshot.
+    let mut latest = None;
+    for e in events {
+        let Ok(d) = serde_json::from_str::<Value>(&e.data) else {
+            continue;
+        };
+        let kind = d
+            .get("type")
+            .and_then(Value::as_str)
+            .or(e.event.as_deref())
+            .unwrap_or("");
+        if let Some(r) = d.get("response").filter(|r| r.is_object()) {
+            let terminal = matches!(
+                kind,
+                "response.completed" | "response.failed" | "response.incomplete"
+            );
+            latest = Some(r.clone());
+            if terminal {
+                break;
+            }
+        } else if kind == "error" {
+            latest
+                .get_or_insert_with(|| json!({}))
+                .as_object_mut()
+                .map(|o| o.insert("error".into(), d.clone()));
+        }
+    }
+    latest
+}
+
+#[derive(Default)]
+struct BlockAcc {
+    block: Map<String, Value>,
+    text: Option<String>,
+    thinking: Option<String>,
+    json: Option<String>,
+}
+
+fn anthropic(datas: impl Iterator<Item = Value>) -> Option<Value> {
+    let mut message: Option<Map<String, Value>> = None;
+    let mut blocks: BTreeMap<u64, BlockAcc> = BTreeMap::new();
+    let mut usage = Map::new();
+    let mut error = None;
+    for d in datas {
+        let index = d.get("index").and_then(Value::as_u64).unwrap_or(0);
+        match d.get("type").and_then(Value::as_str).unwrap_or("") {
+            "message_start" => {
+                if let Some(Value::Object(m)) = d.get("message") {
+                    if let Some(Value::Object(u)) = m.get("usage") {
+                        usage.extend(u.clone());
+                    }
+                    message = Some(m.clone());
+                }
+            }
+            "content_block_start" => {
+                if let Some(Value::Object(b)) = d.get("content_block") {
+                    blocks.insert(
+                        index,
+                        BlockAcc {
+                            block: b.clone(),
+                            ..Default::default()
+                        },
+                    );
+                }
+            }
+            "content_block_delta" => {
+                let acc = blocks.entry(index).or_default();
+                let Some(delta) = d.get("delta") else {
+                    continue;
+                };
+                match delta.get("type").and_then(Value::as_str).unwrap_or("") {
+                    "text_delta" => push(&mut acc.text, delta.get("text")),
+                    "input_json_delta" => push(&mut acc.json, delta.get("partial_json")),
+                    "thinking_delta" => push(&mut acc.thinking, delta.get("thinking")),
+                    "signature_delta" => {
+                        if let Some(s) = delta.get("signature") {
+                            acc.block.insert("signature".into(), s.clone());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            "message_delta" => {
+                if let Some(Value::Object(delta)) = d.get("delta") {
+                    let m = message.get_or_insert_with(Map::new);
+                    for (k, v) in delta {
+                        m.insert(k.clone(), v.clone());
+                    }
+                }
+                if let Some(Value::Object(u)) = d.get("usage") {
+                    for (k, v) in u {
+                        if !v.is_null() {
+                            usage.insert(k.clone(), v.clone());
+                        }
+                    }
+                }
+            }
+            "error" => error = d.get("error").cloned(),
+            _ => {}
+        }
+    }
+    if message.is_none() && blocks.is_empty() && error.is_none() {
+        return None;
+    }
+    let mut m = message.unwrap_or_default();
+    let content: Vec<Value> = blocks
+        .into_values()
+        .map(|mut acc| {
+            if let Some(t) = acc.text {
+                let prior = acc
+                    .block
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned();
+                acc.block.insert("text".into(), Value::String(prior + &t));
+            }
+            if let Some(t) = acc.thinking {
+                let prior = acc
+                    .block
+                    .get("thinking")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned();
+                acc.block
+                    .insert("thinking".into(), Value::String(prior + &t));
+            }
+            if let Some(j) = acc.json {
+                // A stream cut mid-way leaves partial JSON: keep it as the string it is.
+                let input = serde_json::from_str(&j).unwrap_or(Value::String(j));
+                acc.block.insert("input".into(), input);
+            }
+            Value::Object(acc.block)
+        })
+        .collect();
+    m.insert("content".into(), Value::Array(content));
+    if !usage.is_empty() {
+        m.insert("usage".into(), Value::Object(usage));
+    }
+    if let Some(e) = error {
+        m.insert("error".into(), e);
+    }
+    Some(Value::Object(m))
+}
+
+fn push(acc: &mut Option<String>, v: Option<&Value>) {
+    if let Some(s) = v.and_then(Value::as_str) {
+        acc.get_or_insert_with(String::new).push_str(s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sse(datas: &[&str]) -> String {
+        datas.iter().map(|d| format!("data: {d}\n\n")).collect()
+    }
+
+    #[test]
+    fn detects_operations() {
+        assert_eq!(
+            Operation::detect(Provider::Openai, "/v1/chat/completions"),
+            Some(Operation::Chat)
+        );
+        assert_eq!(
+            Operation::detect(Provider::Openai, "/v1/completions"),
+            Some(Operation::TextCompletion)
+        );
+        assert_eq!(
+            Operation::detect(Provider::Openai, "/v1/embeddings"),
+            Some(Operation::Embeddings)
+        );
+        assert_eq!(
+            Operation::detect(Provider::Openai, "/v1/responses"),
+            Some(Operation::Responses)
+        );
+        assert_eq!(Operation::detect(Provider::Openai, "/v1/models"), None);
+        assert_eq!(
+            Operation::detect(Provider::Anthropic, "/v1/messages"),
+            Some(Operation::Messages)
+        );
+        assert_eq!(
+            Operation::detect(Provider::Generic, "/v1/chat/completions"),
+            None
+        );
+    }
+
+    #[test]
+    fn openai_chat_stream_with_tool_calls_and_usage() {
+        let body = sse(&[
+            r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp","choices":[{"index":0,"delta":{"role":"assistant","content":"Hel"},"finish_reason":null}]}"#,
+            r#"{"id":"c1","choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":null}]}"#,
+            r#"{"id":"c1","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get_weather","arguments":"{\"ci"}}]},"finish_reason":null}]}"#,
+            r#"{"id":"c1","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"ty\":\"Paris\"}"}}]},"finish_reason":"tool_calls"}]}"#,
+            r#"{"id":"c1","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#,
+            "[DONE]",
+        ]);
+        let v = reassemble(Operation::Chat, &body).unwrap();
+        assert_eq!(v["object"], "chat.completion");
+        assert_eq!(v["choices"][0]["message"]["content"], "Hello");
+        assert_eq!(
+            v["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"],
+            r#"{"city":"Paris"}"#
+        );
+        assert_eq!(v["choices"][0]["message"]["tool_calls"][0]["id"], "call_1");
+        let mut f = GenAiFacts::default();
+        response_facts(Operation::Chat, &v, &mut f);
+        assert_eq!(f.response_model.as_deref(), Some("gpt-4o-2024-08-06"));
+        assert_eq!(f.finish_reasons, vec!["tool_calls"]);
+        assert_eq!((f.input_tokens, f.output_tokens), (Some(5), Some(7)));
+    }
+
+    #[test]
+    fn responses_stream_takes_the_completed_object() {
+        let body = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"r1\",\"status\":\"in_progress\"}}\n\n\
+                    event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n\
+                    event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"r1\",\"model\":\"gpt-4.1\",\"status\":\"completed\",\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\n\n";
+        let v = reassemble(Operation::Responses, body).unwrap();
+        assert_eq!(v["status"], "completed");
+        let mut f = GenAiFacts::default();
+        response_facts(Operation::Responses, &v, &mut f);
+        assert_eq!(f.output_tokens, Some(1));
+    }
+
+    #[test]
+    fn anthropic_stream_merges_blocks_and_usage() {
+        let evs = [
+            (
+                "message_start",
+                r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5-20250929","content":[],"stop_reason":null,"usage":{"input_tokens":12,"output_tokens":1}}}"#,
+            ),
+            (
+                "content_block_start",
+                r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi "}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"there"}}"#,
+            ),
+            (
+                "content_block_start",
+                r#"{"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_1","name":"get_weather","input":{}}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"city\":"}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"\"Paris\"}"}}"#,
+            ),
+            (
+                "message_delta",
+                r#"{"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},"usage":{"output_tokens":30}}"#,
+            ),
+            ("message_stop", r#"{"type":"message_stop"}"#),
+        ];
+        let body: String = evs
+            .iter()
+            .map(|(e, d)| format!("event: {e}\ndata: {d}\n\n"))
+            .collect();
+        let v = reassemble(Operation::Messages, &body).unwrap();
+        assert_eq!(v["content"][0]["text"], "Hi there");
+        assert_eq!(v["content"][1]["input"]["city"], "Paris");
+        assert_eq!(v["stop_reason"], "tool_use");
+        assert_eq!(v["usage"]["input_tokens"], 12);
+        assert_eq!(v["usage"]["output_tokens"], 30);
+    }
+
+    #[test]
+    fn cut_streams_keep_what_arrived() {
+        let body = "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"par\"}}]}\n\ndata: {\"id\":\"c\",\"cho";
+        let v = reassemble(Operation::Chat, body).unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], "par");
+        assert!(v["choices"][0]["finish_reason"].is_null());
+    }
+}

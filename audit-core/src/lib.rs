@@ -1,0 +1,30 @@
+//! Custody's audit records, from captured exchange to verified trail.
+//!
+//! # Layout
+//! Data flows one way, top to bottom:
+//! - [`exchange`]: what the proxy hands over (heads, `Bytes` clones, timings).
+//! - [`writer`]: the bounded queue and the writer thread.
+//! - [`assemble`]: exchange -> [`record::Record`]: [`decode`], [`genai`] (with [`sse`]), [`redact`], [`fingerprint`].
+//! - [`store`]: appending blocks to segments, rotation, fsync, torn-tail recovery.
+//! - [`segment`]: the on-disk format (its module doc is the spec).
+//! - [`reader`], [`verify`]: reading and checking a trail.
+#![forbid(unsafe_code)]
+
+pub mod assemble;
+pub mod decode;
+pub mod error;
+pub mod exchange;
+pub mod fingerprint;
+pub mod genai;
+pub mod reader;
+pub mod record;
+pub mod redact;
+pub mod segment;
+pub mod sse;
+pub mod store;
+pub mod verify;
+pub mod writer;
+
+pub use error::AuditError;
+pub use exchange::{Capture, Exchange, Outcome};
+pub use writer::{AuditSender, AuditStats, AuditWriter};

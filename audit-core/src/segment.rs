@@ -1,0 +1,403 @@
+//! The segment file format: the single source of truth, mirrored in `docs/segment-format.md`.
+//!
+//! # Files
+//! A trail is a directory of segment files named `{n:020}.seg` (n = 1, 2, ...), so names
+//! sort in write order. Only the newest segment is ever appended to; a restart always
+//! starts a new one.
+//!
+//! # Framing
+//! A segment is a sequence of frames, every one a valid zstd frame, so `zstd -dc` on a
+//! segment prints its records as JSON Lines and ignores the metadata:
+//! - first, a **segment header**: a zstd *skippable* frame with magic `0x184D2A50`;
+//! - then **blocks**: each a skippable frame with magic `0x184D2A51` (the block header)
+//!   followed by one ordinary zstd frame (content checksum and size on) whose content is
+//!   one or more records, each a JSON object on one line ending in `\n`.
+//!
+//! A skippable frame is `magic: u32 LE | length: u32 LE | length bytes`. All integers
+//! in the headers are little-endian.
+//!
+//! Segment header content (72 bytes):
+//! `b"CUSTODY\0" | version: u16 (=1) | reserved: u16 (=0) | segment: u64 | created_ms: i64 |
+//! first_seq: u64 | prev_hash: [u8; 32] | crc32: u32` where `prev_hash` is the chain
+//! hash of the last record before this segment (zeros for the first) and `crc32` (IEEE)
+//! covers the 68 bytes before it.
+//!
+//! Block header content (48 bytes):
+//! `b"CSTB" | first_seq: u64 | count: u32 | first_ms: i64 | last_ms: i64 | raw_len: u32 |
+//! frame_len: u32 | frame_crc: u32 | crc32: u32`: the block's first record `seq`, its
+//! number of records, the record start times' range (Unix ms), the decompressed and
+//! compressed lengths, the CRC-32 of the compressed frame, and the CRC-32 of the 44
+//! header bytes before it.
+//!
+//! # Hash chain
+//! Every record line ends in `"chain":{"prev":"P","hash":"H"}}` (`chain` the last member,
+//! `hash` the last in it). `H` is the lowercase hex SHA-256 of the line (without its
+//! `\n`) in which `H` is written as 64 `0` characters; `P` is the previous record's `H`
+//! (64 zeros for the first record of a trail). `seq` rises by one from record to record,
+//! across segments. A segment header's `prev_hash` is the `H` of the record before its
+//! first.
+//!
+//! # Recovery
+//! A crash can leave the newest segment with a torn last frame. On start, the writer
+//! scans it, keeps the longest prefix of whole, checksummed frames, moves the rest into
+//! `<name>.torn-<unix ms>` beside it, and truncates the segment there.
+
+use sha2::{Digest, Sha256};
+
+pub const SEGMENT_MAGIC: u32 = 0x184D_2A50;
+pub const BLOCK_MAGIC: u32 = 0x184D_2A51;
+pub const SEGMENT_HEADER_LEN: usize = 72;
+pub const BLOCK_HEADER_LEN: usize = 48;
+pub const FORMAT_VERSION: u16 = 1;
+const ZERO_HASH_HEX: &[u8; 64] = &[b'0'; 64];
+const HASH_SUFFIX_TAIL: &[u8] = b"\"}}";
+const HASH_KEY: &[u8] = b"\"hash\":\"";
+
+/// A problem with the bytes of a segment, with the byte offset where it was found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("at byte {offset}: {what}")]
+pub struct FormatError {
+    pub offset: u64,
+    pub what: String,
+}
+
+fn ferr(offset: usize, what: impl Into<String>) -> FormatError {
+    FormatError {
+        offset: offset as u64,
+        what: what.into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentHeader {
+    pub segment: u64,
+    pub created_ms: i64,
+    pub first_seq: u64,
+    pub prev_hash: [u8; 32],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockHeader {
+    pub first_seq: u64,
+    pub count: u32,
+    pub first_ms: i64,
+    pub last_ms: i64,
+    pub raw_len: u32,
+    pub frame_len: u32,
+    pub frame_crc: u32,
+}
+
+pub fn segment_file_name(segment: u64) -> String {
+    format!("{segment:020}.seg")
+}
+
+/// The segment number of a file name, if it is a segment's.
+pub fn parse_segment_file_name(name: &str) -> Option<u64> {
+    let stem = name.strip_suffix(".seg")?;
+    (stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| stem.parse().ok())
+        .flatten()
+}
+
+fn skippable(magic: u32, content: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&magic.to_le_bytes());
+    out.extend_from_slice(&(content.len() as u32).to_le_bytes());
+    out.extend_from_slice(content);
+}
+
+impl SegmentHeader {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut c = Vec::with_capacity(SEGMENT_HEADER_LEN);
+        c.extend_from_slice(b"CUSTODY\0");
+        c.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        c.extend_from_slice(&0u16.to_le_bytes());
+        c.extend_from_slice(&self.segment.to_le_bytes());
+        c.extend_from_slice(&self.created_ms.to_le_bytes());
+        c.extend_from_slice(&self.first_seq.to_le_bytes());
+        c.extend_from_slice(&self.prev_hash);
+        let crc = crc32fast::hash(&c);
+        c.extend_from_slice(&crc.to_le_bytes());
+        let mut out = Vec::with_capacity(8 + c.len());
+        skippable(SEGMENT_MAGIC, &c, &mut out);
+        out
+    }
+
+    fn decode(c: &[u8]) -> Result<Self, String> {
+        if c.len() != SEGMENT_HEADER_LEN || &c[..8] != b"CUSTODY\0" {
+            return Err("not a custody segment header".into());
+        }
+        if crc32fast::hash(&c[..68]) != u32_at(c, 68) {
+            return Err("segment header checksum mismatch".into());
+        }
+        let version = u16::from_le_bytes([c[8], c[9]]);
+        if version != FORMAT_VERSION {
+            return Err(format!("unsupported segment format version {version}"));
+        }
+        let mut prev_hash = [0u8; 32];
+        prev_hash.copy_from_slice(&c[36..68]);
+        Ok(Self {
+            segment: u64_at(c, 12),
+            created_ms: u64_at(c, 20) as i64,
+            first_seq: u64_at(c, 28),
+            prev_hash,
+        })
+    }
+}
+
+impl BlockHeader {
+    /// Compresses `records` (JSON lines, each ending in `\n`) into a header and frame.
+    pub fn encode_block(
+        first_seq: u64,
+        count: u32,
+        first_ms: i64,
+        last_ms: i64,
+        records: &[u8],
+        compressor: &mut zstd::bulk::Compressor<'_>,
+    ) -> std::io::Result<Vec<u8>> {
+        let frame = compressor.compress(records)?;
+        let h = BlockHeader {
+            first_seq,
+            count,
+            first_ms,
+            last_ms,
+            raw_len: records.len() as u32,
+            frame_len: frame.len() as u32,
+            frame_crc: crc32fast::hash(&frame),
+        };
+        let mut c = Vec::with_capacity(BLOCK_HEADER_LEN);
+        c.extend_from_slice(b"CSTB");
+        c.extend_from_slice(&h.first_seq.to_le_bytes());
+        c.extend_from_slice(&h.count.to_le_bytes());
+        c.extend_from_slice(&h.first_ms.to_le_bytes());
+        c.extend_from_slice(&h.last_ms.to_le_bytes());
+        c.extend_from_slice(&h.raw_len.to_le_bytes());
+        c.extend_from_slice(&h.frame_len.to_le_bytes());
+        c.extend_from_slice(&h.frame_crc.to_le_bytes());
+        let crc = crc32fast::hash(&c);
+        c.extend_from_slice(&crc.to_le_bytes());
+        let mut out = Vec::with_capacity(8 + c.len() + frame.len());
+        skippable(BLOCK_MAGIC, &c, &mut out);
+        out.extend_from_slice(&frame);
+        Ok(out)
+    }
+
+    fn decode(c: &[u8]) -> Result<Self, String> {
+        if c.len() != BLOCK_HEADER_LEN || &c[..4] != b"CSTB" {
+            return Err("not a block header".into());
+        }
+        if crc32fast::hash(&c[..44]) != u32_at(c, 44) {
+            return Err("block header checksum mismatch".into());
+        }
+        Ok(Self {
+            first_seq: u64_at(c, 4),
+            count: u32_at(c, 12),
+            first_ms: u64_at(c, 16) as i64,
+            last_ms: u64_at(c, 24) as i64,
+            raw_len: u32_at(c, 32),
+            frame_len: u32_at(c, 36),
+            frame_crc: u32_at(c, 40),
+        })
+    }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// One decoded block: its header, where it starts, and its record lines.
+#[derive(Debug)]
+pub struct Block {
+    pub header: BlockHeader,
+    pub offset: u64,
+    pub records: Vec<u8>,
+}
+
+impl Block {
+    /// The record lines, without their `\n`.
+    pub fn lines(&self) -> impl Iterator<Item = &[u8]> {
+        self.records
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+    }
+}
+
+/// A segment read as far as it is whole.
+#[derive(Debug)]
+pub struct ParsedSegment {
+    pub header: SegmentHeader,
+    pub blocks: Vec<Block>,
+    /// Bytes from the start that form whole, checked frames.
+    pub valid_len: u64,
+    /// What stopped the scan before the end of the file, if anything did.
+    pub tail_error: Option<FormatError>,
+}
+
+/// Parses a whole segment. A bad header is an error; a bad or torn frame after it ends
+/// the scan and is reported in `tail_error`, with everything before it kept.
+pub fn parse_segment(bytes: &[u8]) -> Result<ParsedSegment, FormatError> {
+    let (magic, content, next) =
+        read_skippable(bytes, 0).ok_or_else(|| ferr(0, "segment header is missing or torn"))?;
+    if magic != SEGMENT_MAGIC {
+        return Err(ferr(0, "segment does not start with a segment header"));
+    }
+    let header = SegmentHeader::decode(content).map_err(|w| ferr(8, w))?;
+    let mut blocks = Vec::new();
+    let mut at = next;
+    let mut tail_error = None;
+    while at < bytes.len() {
+        match read_block(bytes, at) {
+            Ok((block, next)) => {
+                blocks.push(block);
+                at = next;
+            }
+            Err(e) => {
+                tail_error = Some(e);
+                break;
+            }
+        }
+    }
+    Ok(ParsedSegment {
+        header,
+        blocks,
+        valid_len: at as u64,
+        tail_error,
+    })
+}
+
+fn read_skippable(bytes: &[u8], at: usize) -> Option<(u32, &[u8], usize)> {
+    let head = bytes.get(at..at + 8)?;
+    let magic = u32_at(head, 0);
+    let len = u32_at(head, 4) as usize;
+    let content = bytes.get(at + 8..at + 8 + len)?;
+    Some((magic, content, at + 8 + len))
+}
+
+fn read_block(bytes: &[u8], at: usize) -> Result<(Block, usize), FormatError> {
+    let (magic, content, frame_at) =
+        read_skippable(bytes, at).ok_or_else(|| ferr(at, "block header is torn"))?;
+    if magic != BLOCK_MAGIC {
+        return Err(ferr(
+            at,
+            format!("expected a block header, found magic {magic:#010x}"),
+        ));
+    }
+    let header = BlockHeader::decode(content).map_err(|w| ferr(at + 8, w))?;
+    let end = frame_at + header.frame_len as usize;
+    let frame = bytes
+        .get(frame_at..end)
+        .ok_or_else(|| ferr(frame_at, "block frame is torn"))?;
+    if crc32fast::hash(frame) != header.frame_crc {
+        return Err(ferr(frame_at, "block frame checksum mismatch"));
+    }
+    let records = zstd::bulk::decompress(frame, header.raw_len as usize)
+        .map_err(|e| ferr(frame_at, format!("block frame does not decompress: {e}")))?;
+    if records.len() != header.raw_len as usize || !records.ends_with(b"\n") {
+        return Err(ferr(
+            frame_at,
+            "block content has the wrong length or framing",
+        ));
+    }
+    Ok((
+        Block {
+            header,
+            offset: at as u64,
+            records,
+        },
+        end,
+    ))
+}
+
+/// Computes the chain hash of a record line whose `chain.hash` is still 64 zeros,
+/// and writes it in place. `None` if the line does not end in the chain member.
+pub fn seal_line(line: &mut [u8]) -> Option<[u8; 32]> {
+    let at = hash_position(line)?;
+    let digest: [u8; 32] = Sha256::digest(&*line).into();
+    let hex = hex::encode(digest);
+    line[at..at + 64].copy_from_slice(hex.as_bytes());
+    Some(digest)
+}
+
+/// Checks a line's own hash; returns its `chain.hash` as bytes when it is right.
+pub fn check_line_hash(line: &[u8]) -> Result<[u8; 32], &'static str> {
+    let at = hash_position(line).ok_or("the record does not end with its chain member")?;
+    let mut stated = [0u8; 32];
+    hex::decode_to_slice(&line[at..at + 64], &mut stated).map_err(|_| "chain.hash is not hex")?;
+    let mut h = Sha256::new();
+    h.update(&line[..at]);
+    h.update(ZERO_HASH_HEX);
+    h.update(&line[at + 64..]);
+    let actual: [u8; 32] = h.finalize().into();
+    if actual != stated {
+        return Err("chain.hash does not match the record's content");
+    }
+    Ok(stated)
+}
+
+/// Offset of the 64 hex digits of `chain.hash` in a record line.
+fn hash_position(line: &[u8]) -> Option<usize> {
+    let n = line.len();
+    if n < 64 + HASH_KEY.len() + HASH_SUFFIX_TAIL.len() || !line.ends_with(HASH_SUFFIX_TAIL) {
+        return None;
+    }
+    let at = n - HASH_SUFFIX_TAIL.len() - 64;
+    (&line[at - HASH_KEY.len()..at] == HASH_KEY).then_some(at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_and_torn_tails_are_found() {
+        let h = SegmentHeader {
+            segment: 7,
+            created_ms: 1_700_000_000_000,
+            first_seq: 42,
+            prev_hash: [9; 32],
+        };
+        let mut file = h.encode();
+        let mut c = zstd::bulk::Compressor::new(3).unwrap();
+        c.include_checksum(true).unwrap();
+        let rec = b"{\"a\":1}\n{\"a\":2}\n";
+        file.extend(BlockHeader::encode_block(42, 2, 1, 2, rec, &mut c).unwrap());
+        let whole = file.len();
+        file.extend(BlockHeader::encode_block(44, 1, 3, 3, b"{\"a\":3}\n", &mut c).unwrap());
+        let p = parse_segment(&file).unwrap();
+        assert_eq!(p.header, h);
+        assert_eq!(p.blocks.len(), 2);
+        assert_eq!(p.blocks[0].lines().count(), 2);
+        assert!(p.tail_error.is_none());
+
+        // A whole segment is a valid zstd stream of the records.
+        let all = zstd::stream::decode_all(&file[..]).unwrap();
+        assert_eq!(all, b"{\"a\":1}\n{\"a\":2}\n{\"a\":3}\n");
+
+        let torn = &file[..file.len() - 3];
+        let p = parse_segment(torn).unwrap();
+        assert_eq!(p.blocks.len(), 1);
+        assert_eq!(p.valid_len, whole as u64);
+        assert!(p.tail_error.is_some());
+    }
+
+    #[test]
+    fn line_hash_round_trip() {
+        let mut line = format!(
+            "{{\"seq\":1,\"chain\":{{\"prev\":\"{}\",\"hash\":\"{}\"}}}}",
+            "0".repeat(64),
+            "0".repeat(64)
+        )
+        .into_bytes();
+        let h = seal_line(&mut line).unwrap();
+        assert_eq!(check_line_hash(&line).unwrap(), h);
+        line[3] = b'x';
+        assert!(check_line_hash(&line).is_err());
+    }
+}

@@ -1,0 +1,373 @@
+//! The writer: a dedicated OS thread that takes exchanges off a bounded crossbeam
+//! channel, assembles and redacts their records, chains them, and appends blocks.
+//!
+//! Blocks are cut when the buffer reaches [`BLOCK_TARGET`] or the queue runs empty, so
+//! under light load each record is written at once and under heavy load many records
+//! share one compressed frame. fsync runs at most every `fsync_interval_ms` and at close.
+
+use std::{
+    panic::{catch_unwind, AssertUnwindSafe},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant, UNIX_EPOCH},
+};
+
+use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
+
+use crate::{
+    assemble::Assembler,
+    exchange::Exchange,
+    fingerprint::Fingerprinter,
+    segment,
+    store::{ChainHead, Recovery, SegmentStore},
+    AuditError,
+};
+
+/// Uncompressed bytes per block before it is cut.
+pub const BLOCK_TARGET: usize = 256 * 1024;
+
+/// Counters shared by the proxy and the writer.
+#[derive(Debug, Default)]
+pub struct AuditStats {
+    /// Exchanges handed to the queue.
+    pub submitted: AtomicU64,
+    /// Exchanges lost because the queue was full.
+    pub dropped_full: AtomicU64,
+    /// Exchanges lost because the writer had stopped.
+    pub dropped_closed: AtomicU64,
+    /// Records durably handed to the segment file.
+    pub written: AtomicU64,
+    /// Failed block writes (each retried).
+    pub write_errors: AtomicU64,
+}
+
+/// The proxy's handle on the queue: never blocks.
+#[derive(Clone)]
+pub struct AuditSender {
+    tx: Sender<Exchange>,
+    stats: Arc<AuditStats>,
+}
+
+impl AuditSender {
+    /// Hands an exchange to the writer without blocking; a full or closed queue
+    /// drops it, counts it and logs it.
+    pub fn submit(&self, ex: Exchange) -> bool {
+        match self.tx.try_send(ex) {
+            Ok(()) => {
+                self.stats.submitted.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(TrySendError::Full(ex)) => {
+                let n = self.stats.dropped_full.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(dropped_total = n, path = %ex.uri.path(), "audit queue full: exchange dropped unaudited");
+                false
+            }
+            Err(TrySendError::Disconnected(ex)) => {
+                let n = self.stats.dropped_closed.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(dropped_total = n, path = %ex.uri.path(), "audit writer stopped: exchange dropped unaudited");
+                false
+            }
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<AuditStats> {
+        &self.stats
+    }
+}
+
+/// What the writer did over its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriterSummary {
+    pub head: ChainHead,
+    pub written: u64,
+}
+
+/// Settings the writer needs (from `[audit]`).
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    pub segment_max_bytes: u64,
+    pub segment_max_age: Duration,
+    pub queue_capacity: usize,
+    pub decode_limit: usize,
+    pub fsync_interval: Duration,
+}
+
+impl From<&custody_config::Audit> for WriterConfig {
+    fn from(a: &custody_config::Audit) -> Self {
+        Self {
+            segment_max_bytes: a.segment_max_bytes,
+            segment_max_age: Duration::from_secs(a.segment_max_age_secs),
+            queue_capacity: a.queue_capacity,
+            // Compressed captures may expand; allow a generous but finite factor.
+            decode_limit: a.capture_max_bytes.saturating_mul(8),
+            fsync_interval: Duration::from_millis(a.fsync_interval_ms.max(1)),
+        }
+    }
+}
+
+/// The running writer thread.
+pub struct AuditWriter {
+    sender: AuditSender,
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<Result<WriterSummary, AuditError>>>,
+    recovery: Recovery,
+}
+
+impl AuditWriter {
+    /// Opens (and if needed repairs) the trail in `config.dir` and starts the thread.
+    pub fn start(config: &custody_config::Audit) -> Result<Self, AuditError> {
+        let wc = WriterConfig::from(config);
+        let (store, recovery) =
+            SegmentStore::open(&config.dir, wc.segment_max_bytes, wc.segment_max_age)?;
+        let key_path = config
+            .fingerprint_key_file
+            .clone()
+            .unwrap_or_else(|| config.dir.join("fingerprint.key"));
+        let fingerprinter = Fingerprinter::load_or_create(&key_path)?;
+        Self::start_with(
+            store,
+            recovery,
+            Assembler::new(fingerprinter, wc.decode_limit),
+            wc,
+        )
+    }
+
+    fn start_with(
+        store: SegmentStore,
+        recovery: Recovery,
+        assembler: Assembler,
+        wc: WriterConfig,
+    ) -> Result<Self, AuditError> {
+        let (tx, rx) = bounded(wc.queue_capacity);
+        let (stop_tx, stop_rx) = bounded(1);
+        let stats = Arc::new(AuditStats::default());
+        let mut worker = Worker {
+            batch: Batch::new(store.head()),
+            store,
+            assembler,
+            stats: stats.clone(),
+            fsync_interval: wc.fsync_interval,
+            last_sync: Instant::now(),
+            retry_at: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("custody-writer".into())
+            .spawn(move || worker.run(rx, stop_rx))
+            .map_err(|e| AuditError::Writer(format!("cannot start thread: {e}")))?;
+        Ok(Self {
+            sender: AuditSender { tx, stats },
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            recovery,
+        })
+    }
+
+    pub fn sender(&self) -> AuditSender {
+        self.sender.clone()
+    }
+
+    pub fn stats(&self) -> Arc<AuditStats> {
+        self.sender.stats.clone()
+    }
+
+    /// What start-up recovery did.
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
+    }
+
+    /// Drains what is queued, writes it, syncs and closes the segment. Blocks: call it
+    /// from a blocking context. Exchanges submitted afterwards are counted as dropped.
+    pub fn shutdown(mut self) -> Result<WriterSummary, AuditError> {
+        self.stop.take();
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| AuditError::Writer("writer thread panicked".into()))?,
+            None => Err(AuditError::Writer("already shut down".into())),
+        }
+    }
+}
+
+impl Drop for AuditWriter {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Records sealed but not yet written.
+struct Batch {
+    buf: Vec<u8>,
+    first_seq: u64,
+    count: u32,
+    first_ms: i64,
+    last_ms: i64,
+    /// The chain head after the records in `buf`.
+    head: ChainHead,
+}
+
+impl Batch {
+    fn new(head: ChainHead) -> Self {
+        Self {
+            buf: Vec::with_capacity(BLOCK_TARGET + 64 * 1024),
+            first_seq: head.next_seq,
+            count: 0,
+            first_ms: i64::MAX,
+            last_ms: i64::MIN,
+            head,
+        }
+    }
+}
+
+struct Worker {
+    store: SegmentStore,
+    assembler: Assembler,
+    batch: Batch,
+    stats: Arc<AuditStats>,
+    fsync_interval: Duration,
+    last_sync: Instant,
+    retry_at: Option<Instant>,
+}
+
+impl Worker {
+    fn run(
+        &mut self,
+        rx: Receiver<Exchange>,
+        stop: Receiver<()>,
+    ) -> Result<WriterSummary, AuditError> {
+        let tick = self.fsync_interval;
+        loop {
+            select! {
+                recv(rx) -> msg => match msg {
+                    Ok(ex) => self.add(&ex),
+                    Err(_) => break,
+                },
+                recv(stop) -> _ => {
+                    while let Ok(ex) = rx.try_recv() {
+                        self.add(&ex);
+                    }
+                    break;
+                },
+                default(tick) => {},
+            }
+            let idle = rx.is_empty();
+            if self.batch.count > 0 && (self.batch.buf.len() >= BLOCK_TARGET || idle) {
+                self.flush();
+            }
+            if self.last_sync.elapsed() >= self.fsync_interval {
+                self.sync();
+            }
+            if let Err(e) = self.store.rotate_if_old() {
+                tracing::error!(error = %e, "segment rotation failed");
+            }
+        }
+        self.retry_at = None;
+        self.flush();
+        if self.batch.count > 0 {
+            tracing::error!(
+                records = self.batch.count,
+                "audit writer stopping with records it could not write"
+            );
+        }
+        self.store.close_segment()?;
+        Ok(WriterSummary {
+            head: self.store.head(),
+            written: self.stats.written.load(Ordering::Relaxed),
+        })
+    }
+
+    fn add(&mut self, ex: &Exchange) {
+        let seq = self.batch.head.next_seq;
+        let line = catch_unwind(AssertUnwindSafe(|| self.line(ex, seq))).unwrap_or_else(|_| {
+            tracing::error!(seq, "record assembly panicked; writing a minimal record");
+            self.fallback_line(ex, seq)
+        });
+        let Some((mut line, ms)) = line else { return };
+        let Some(hash) = segment::seal_line(&mut line) else {
+            tracing::error!(seq, "record did not end with its chain member; skipped");
+            return;
+        };
+        let b = &mut self.batch;
+        if b.count == 0 {
+            b.first_seq = seq;
+        }
+        b.buf.extend_from_slice(&line);
+        b.buf.push(b'\n');
+        b.count += 1;
+        b.first_ms = b.first_ms.min(ms);
+        b.last_ms = b.last_ms.max(ms);
+        b.head = ChainHead {
+            next_seq: seq + 1,
+            prev_hash: hash,
+        };
+    }
+
+    fn line(&self, ex: &Exchange, seq: u64) -> Option<(Vec<u8>, i64)> {
+        let mut record = self.assembler.assemble(ex, seq);
+        record.chain.prev = hex::encode(self.batch.head.prev_hash);
+        record.chain.hash = "0".repeat(64);
+        let ms = ex
+            .started_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        match serde_json::to_vec(&record) {
+            Ok(v) => Some((v, ms)),
+            Err(e) => {
+                tracing::error!(seq, error = %e, "record did not serialize");
+                None
+            }
+        }
+    }
+
+    fn fallback_line(&self, ex: &Exchange, seq: u64) -> Option<(Vec<u8>, i64)> {
+        let v = serde_json::json!({
+            "schema": crate::record::SCHEMA,
+            "id": uuid::Uuid::now_v7().to_string(),
+            "seq": seq,
+            "route": ex.route.as_deref(),
+            "outcome": ex.outcome.as_str(),
+            "error": "record assembly failed; bodies not recorded",
+            "chain": {"prev": hex::encode(self.batch.head.prev_hash), "hash": "0".repeat(64)},
+        });
+        serde_json::to_vec(&v).ok().map(|l| (l, 0))
+    }
+
+    fn flush(&mut self) {
+        if self.batch.count == 0 || self.retry_at.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let b = &self.batch;
+        match self.store.append(
+            b.first_seq,
+            b.count,
+            (b.first_ms, b.last_ms),
+            &b.buf,
+            b.head,
+        ) {
+            Ok(()) => {
+                self.stats
+                    .written
+                    .fetch_add(u64::from(b.count), Ordering::Relaxed);
+                self.batch = Batch::new(self.batch.head);
+                self.retry_at = None;
+            }
+            Err(e) => {
+                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, pending_records = b.count, "audit block write failed; will retry");
+                self.retry_at = Some(Instant::now() + Duration::from_millis(500));
+            }
+        }
+    }
+
+    fn sync(&mut self) {
+        if let Err(e) = self.store.sync() {
+            tracing::error!(error = %e, "audit fsync failed");
+        }
+        self.last_sync = Instant::now();
+    }
+}

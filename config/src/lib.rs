@@ -1,0 +1,17 @@
+//! Custody's configuration: the TOML schema, the embedded default, loading and validation.
+//!
+//! # Layout
+//! - [`schema`]: the configuration types, one doc comment per key (the TOML keys are a contract).
+//! - [`load`]: parsing a file or string, then [`Config::validate`].
+//! - [`error`]: [`ConfigError`], which always names the file, and the key or line at fault.
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod load;
+pub mod schema;
+
+pub use error::ConfigError;
+pub use schema::{Audit, Config, Listen, Provider, Route, Upstream, UpstreamUrl};
+
+/// The embedded default configuration, printed by `custody config default`.
+pub const DEFAULT_TOML: &str = include_str!("../default.toml");

@@ -1,0 +1,363 @@
+//! The configuration schema. Every section takes defaults for keys it does not name
+//! and rejects keys it does not know.
+
+use std::{collections::HashSet, fmt, net::SocketAddr, path::PathBuf, str::FromStr};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::ConfigError;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where custody accepts client connections.
+    #[serde(default)]
+    pub listen: Listen,
+    /// Where and how audit records are written.
+    #[serde(default)]
+    pub audit: Audit,
+    /// How custody talks to upstream providers.
+    #[serde(default)]
+    pub upstream: Upstream,
+    /// Routes by path prefix; a request that matches none gets a 404 from custody.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<Route>,
+}
+
+/// `[listen]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listen {
+    /// Socket address to accept HTTP/1.1 and cleartext HTTP/2 on.
+    pub addr: SocketAddr,
+    /// On SIGTERM/SIGINT, how long in-flight exchanges may take to finish before they are cut.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Audit {
+    /// Directory holding the segment files and the fingerprint key; created 0700 if missing.
+    pub dir: PathBuf,
+    /// A segment is rotated once it holds this many bytes.
+    pub segment_max_bytes: u64,
+    /// A segment is rotated once it is this old (and holds at least one record).
+    pub segment_max_age_secs: u64,
+    /// Exchanges waiting for the writer; when full, new exchanges are dropped and counted.
+    pub queue_capacity: usize,
+    /// Bytes of each body (request and response, separately) kept for the record;
+    /// beyond it the record says `truncated` and carries the full length.
+    pub capture_max_bytes: usize,
+    /// File holding the secret for `client.key_id` fingerprints (HMAC-SHA-256).
+    /// Unset: `<dir>/fingerprint.key`, generated on first start.
+    pub fingerprint_key_file: Option<PathBuf>,
+    /// Longest time a written block may wait for fsync.
+    pub fsync_interval_ms: u64,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("./custody-audit"),
+            segment_max_bytes: 128 * 1024 * 1024,
+            segment_max_age_secs: 3600,
+            queue_capacity: 4096,
+            capture_max_bytes: 16 * 1024 * 1024,
+            fingerprint_key_file: None,
+            fsync_interval_ms: 100,
+        }
+    }
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Upstream {
+    /// TCP connect (and TLS handshake) deadline; past it the client gets a 504.
+    pub connect_timeout_secs: u64,
+    /// Deadline for the upstream's response head after the request was sent; past it, 504.
+    /// Long, because a non-streamed completion sends nothing until it is done.
+    pub response_timeout_secs: u64,
+    /// Idle pooled upstream connections are closed after this long.
+    pub pool_idle_timeout_secs: u64,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Self {
+            connect_timeout_secs: 10,
+            response_timeout_secs: 600,
+            pool_idle_timeout_secs: 90,
+        }
+    }
+}
+
+/// `[[route]]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Name recorded in every record of this route; unique.
+    pub name: String,
+    /// Path prefix this route serves, starting with `/`. The longest matching prefix wins.
+    pub prefix: String,
+    /// Base URL of the provider: `http(s)://host[:port][/base/path]`.
+    pub upstream: UpstreamUrl,
+    /// How exchanges on this route are understood: `openai`, `anthropic` or `generic`.
+    #[serde(default)]
+    pub provider: Provider,
+    /// Remove `prefix` from the path before forwarding (`/anthropic/v1/messages` -> `/v1/messages`).
+    #[serde(default)]
+    pub strip_prefix: bool,
+}
+
+/// The API family behind a route; it decides how the writer parses exchanges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// OpenAI and OpenAI-compatible servers (vLLM, Ollama, LM Studio...).
+    Openai,
+    /// Anthropic's Messages API.
+    Anthropic,
+    /// Anything else: recorded as a plain HTTP exchange.
+    #[default]
+    Generic,
+}
+
+impl Provider {
+    /// The `gen_ai.provider.name` value, where there is one.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Openai => "openai",
+            Provider::Anthropic => "anthropic",
+            Provider::Generic => "generic",
+        }
+    }
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An upstream base URL, checked when the file is parsed so that errors carry the line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    uri: http::Uri,
+}
+
+impl UpstreamUrl {
+    /// `http` or `https`.
+    pub fn scheme(&self) -> &str {
+        self.uri.scheme_str().unwrap_or("https")
+    }
+    /// `host[:port]`.
+    pub fn authority(&self) -> &str {
+        self.uri.authority().map(|a| a.as_str()).unwrap_or_default()
+    }
+    /// The base path without a trailing slash (empty for none).
+    pub fn base_path(&self) -> &str {
+        self.uri.path().trim_end_matches('/')
+    }
+}
+
+impl FromStr for UpstreamUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let uri: http::Uri = s.parse().map_err(|e| format!("not a URL ({e})"))?;
+        match uri.scheme_str() {
+            Some("http") | Some("https") => {}
+            _ => return Err("must start with http:// or https://".into()),
+        }
+        if uri.authority().is_none() {
+            return Err("has no host".into());
+        }
+        if uri.query().is_some() {
+            return Err("must not carry a query".into());
+        }
+        Ok(Self { uri })
+    }
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}://{}{}",
+            self.scheme(),
+            self.authority(),
+            self.base_path()
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for UpstreamUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map_err(|e| serde::de::Error::custom(format!("upstream `{s}` {e}")))
+    }
+}
+
+impl Serialize for UpstreamUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Checks the rules that the types alone cannot; errors name the key.
+    pub fn validate(self, origin: &str) -> Result<Self, ConfigError> {
+        let invalid = |key: String, reason: &str| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            key,
+            reason: reason.to_owned(),
+        };
+        if self.routes.is_empty() {
+            return Err(invalid("route".into(), "at least one [[route]] is needed"));
+        }
+        let mut names = HashSet::new();
+        let mut prefixes = HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let key = |field: &str| format!("route[{i}].{field} (route `{}`)", r.name);
+            if r.name.is_empty() {
+                return Err(invalid(key("name"), "must not be empty"));
+            }
+            if !names.insert(r.name.as_str()) {
+                return Err(invalid(key("name"), "is used by another route"));
+            }
+            if !r.prefix.starts_with('/') {
+                return Err(invalid(key("prefix"), "must start with `/`"));
+            }
+            if !prefixes.insert(r.prefix.as_str()) {
+                return Err(invalid(key("prefix"), "is used by another route"));
+            }
+        }
+        let a = &self.audit;
+        let positive: [(&str, u64); 5] = [
+            ("audit.segment_max_bytes", a.segment_max_bytes),
+            ("audit.segment_max_age_secs", a.segment_max_age_secs),
+            ("audit.queue_capacity", a.queue_capacity as u64),
+            ("audit.capture_max_bytes", a.capture_max_bytes as u64),
+            (
+                "upstream.connect_timeout_secs",
+                self.upstream.connect_timeout_secs,
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(invalid(key.into(), "must be greater than 0"));
+            }
+        }
+        if self.upstream.response_timeout_secs == 0 {
+            return Err(invalid(
+                "upstream.response_timeout_secs".into(),
+                "must be greater than 0",
+            ));
+        }
+        if a.dir.as_os_str().is_empty() {
+            return Err(invalid("audit.dir".into(), "must not be empty"));
+        }
+        Ok(self)
+    }
+
+    /// A configuration for tests: one route per given `(name, prefix, upstream, provider)`,
+    /// listening on `127.0.0.1:0`, auditing into `dir`.
+    pub fn for_test(dir: impl Into<PathBuf>, routes: Vec<Route>) -> Self {
+        Self {
+            listen: Listen {
+                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                shutdown_grace_secs: 5,
+            },
+            audit: Audit {
+                dir: dir.into(),
+                ..Audit::default()
+            },
+            upstream: Upstream::default(),
+            routes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DEFAULT_TOML;
+
+    #[test]
+    fn embedded_default_is_valid_and_matches_the_contract() {
+        let c = Config::embedded_default().unwrap();
+        assert_eq!(c.listen.addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.audit.dir, PathBuf::from("./custody-audit"));
+        assert_eq!(c.routes.len(), 2);
+        assert_eq!(c.routes[0].name, "openai");
+        assert_eq!(c.routes[0].prefix, "/v1/");
+        assert_eq!(c.routes[0].upstream.to_string(), "https://api.openai.com");
+        assert_eq!(c.routes[0].provider, Provider::Openai);
+        assert!(!c.routes[0].strip_prefix);
+        assert_eq!(c.routes[1].provider, Provider::Anthropic);
+        assert!(c.routes[1].strip_prefix);
+        assert!(DEFAULT_TOML.contains("strip_prefix = true"));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_line() {
+        let text = "[listen]\naddr = \"127.0.0.1:1\"\nport = 3\n";
+        let err = Config::from_toml_str(text, "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("x.toml"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn bad_upstream_names_its_line() {
+        let text = "[[route]]\nname = \"a\"\nprefix = \"/\"\nupstream = \"ftp://x\"\n";
+        let err = Config::from_toml_str(text, "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 4"), "{err}");
+        assert!(err.contains("http://"), "{err}");
+    }
+
+    #[test]
+    fn rule_violations_name_the_key() {
+        let base =
+            "[[route]]\nname = \"a\"\nprefix = \"/v1/\"\nupstream = \"http://127.0.0.1:9\"\n";
+        let dup = format!("{base}{base}");
+        let err = Config::from_toml_str(&dup, "x").unwrap_err().to_string();
+        assert!(err.contains("route[1].name"), "{err}");
+        let no_slash = base.replace("\"/v1/\"", "\"v1\"");
+        let err = Config::from_toml_str(&no_slash, "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("route[0].prefix"), "{err}");
+        let zero = format!("[audit]\nqueue_capacity = 0\n{base}");
+        let err = Config::from_toml_str(&zero, "x").unwrap_err().to_string();
+        assert!(err.contains("audit.queue_capacity"), "{err}");
+        let err = Config::from_toml_str("", "x").unwrap_err().to_string();
+        assert!(err.contains("[[route]]"), "{err}");
+    }
+
+    #[test]
+    fn upstream_base_path_is_kept() {
+        let u: UpstreamUrl = "http://127.0.0.1:9/base/".parse().unwrap();
+        assert_eq!(u.scheme(), "http");
+        assert_eq!(u.authority(), "127.0.0.1:9");
+        assert_eq!(u.base_path(), "/base");
+    }
+}

@@ -7,7 +7,7 @@
 //! - [`assemble`]: exchange -> [`record::Record`]: [`decode`], [`genai`] (with [`sse`]), [`redact`], [`fingerprint`].
 //! - [`store`]: appending blocks to segments, rotation, fsync, torn-tail recovery.
 //! - [`segment`]: the on-disk format (its module doc is the spec).
-//! - [`reader`], [`verify`]: reading and checking a trail.
+//! - [`reader`], [`search`], [`verify`]: reading, searching and checking a trail.
 #![forbid(unsafe_code)]
 
 pub mod assemble;
@@ -19,6 +19,7 @@ pub mod genai;
 pub mod reader;
 pub mod record;
 pub mod redact;
+pub mod search;
 pub mod segment;
 pub mod sse;
 pub mod store;

@@ -59,8 +59,8 @@ pub fn verify_dir(
     let mut expected_seq = 1u64;
     let mut records = 0u64;
     let mut bytes_total = 0u64;
-    let mut expected_segment = 1u64;
     for (i, seg) in segs.iter().enumerate() {
+        let expected_segment = i as u64 + 1;
         let name = seg.name();
         let broken = |seq: Option<u64>, what: String| {
             VerifyError::Broken(Break {
@@ -80,7 +80,6 @@ pub fn verify_dir(
                 ),
             ));
         }
-        expected_segment += 1;
         let bytes = fs::read(&seg.path).map_err(|source| AuditError::Io {
             path: seg.path.clone(),
             source,

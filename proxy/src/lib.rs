@@ -1,1 +1,20 @@
+//! The `custody` proxy: a transparent reverse proxy for LLM APIs whose every exchange
+//! is teed to the audit writer.
+//!
+//! # Layout
+//! The request path, in order: [`server`] (accept, shutdown) -> [`service`] (route,
+//! forward) with [`route`] and [`upstream`] -> [`tee`] (bodies, hand-over to the audit
+//! queue). [`error`] maps failures to responses in one place. [`mock`] is the loopback
+//! mock provider used by `custody demo` and the SDK conformance tests.
 #![forbid(unsafe_code)]
+
+pub mod error;
+pub mod mock;
+pub mod route;
+pub mod server;
+pub mod service;
+pub mod tee;
+pub mod upstream;
+
+pub use error::ProxyError;
+pub use server::{run, RunSummary};

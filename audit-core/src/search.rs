@@ -1,0 +1,171 @@
+//! `custody log search`: filters over a trail, newest first.
+
+use std::{collections::VecDeque, ops::ControlFlow, path::Path, time::SystemTime};
+
+use serde_json::Value;
+
+use crate::{reader, AuditError};
+
+/// A status filter: an exact code (`429`) or a class (`5xx`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusFilter {
+    Exact(u16),
+    Class(u16),
+}
+
+impl std::str::FromStr for StatusFilter {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not a status (use e.g. 429 or 5xx)");
+        let lower = s.to_ascii_lowercase();
+        if let Some(c) = lower.strip_suffix("xx") {
+            let c: u16 = c.parse().map_err(|_| bad())?;
+            return (1..=5)
+                .contains(&c)
+                .then_some(Self::Class(c))
+                .ok_or_else(bad);
+        }
+        let code: u16 = s.parse().map_err(|_| bad())?;
+        (100..=599)
+            .contains(&code)
+            .then_some(Self::Exact(code))
+            .ok_or_else(bad)
+    }
+}
+
+/// What to look for; every set field must match.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    pub since: Option<SystemTime>,
+    pub until: Option<SystemTime>,
+    /// Matches the requested or the served model, by prefix (`gpt-4o` finds `gpt-4o-2024-08-06`).
+    pub model: Option<String>,
+    pub route: Option<String>,
+    pub status: Option<StatusFilter>,
+    pub key_id: Option<String>,
+    /// Case-insensitive substring of the stored (redacted) record.
+    pub text: Option<String>,
+    pub outcome: Option<String>,
+    /// Most records returned (the newest ones).
+    pub limit: usize,
+}
+
+impl Query {
+    /// Whether a parsed record matches (the text filter is applied on the raw line).
+    pub fn matches(&self, r: &Value) -> bool {
+        let s = |v: &Value| v.as_str().map(str::to_owned);
+        if let Some(want) = &self.route {
+            if r["route"].as_str() != Some(want) {
+                return false;
+            }
+        }
+        if let Some(want) = &self.key_id {
+            if r["client"]["key_id"].as_str() != Some(want) {
+                return false;
+            }
+        }
+        if let Some(want) = &self.outcome {
+            if r["outcome"].as_str() != Some(want) {
+                return false;
+            }
+        }
+        if let Some(want) = &self.model {
+            let models = [
+                s(&r["gen_ai"]["request"]["model"]),
+                s(&r["gen_ai"]["response"]["model"]),
+            ];
+            if !models
+                .iter()
+                .flatten()
+                .any(|m| m.starts_with(want.as_str()))
+            {
+                return false;
+            }
+        }
+        if let Some(want) = self.status {
+            let Some(code) = r["http"]["status"].as_u64() else {
+                return false;
+            };
+            let ok = match want {
+                StatusFilter::Exact(c) => code == u64::from(c),
+                StatusFilter::Class(c) => code / 100 == u64::from(c),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        if self.since.is_some() || self.until.is_some() {
+            let Some(t) = r["time"]["start"]
+                .as_str()
+                .and_then(|t| humantime::parse_rfc3339(t).ok())
+            else {
+                return false;
+            };
+            if self.since.is_some_and(|s| t < s) || self.until.is_some_and(|u| t >= u) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// The newest `query.limit` matching records, newest first.
+pub fn search(dir: &Path, query: &Query) -> Result<Vec<Value>, AuditError> {
+    let needle = query.text.as_ref().map(|t| t.to_lowercase());
+    let mut found: VecDeque<Value> = VecDeque::new();
+    reader::for_each_line(dir, |_, line| {
+        if let Some(n) = &needle {
+            // Prefilter on the raw line; JSON escapes make this approximate for non-ASCII.
+            let lower = String::from_utf8_lossy(line).to_lowercase();
+            if !lower.contains(n.as_str()) {
+                return ControlFlow::Continue(());
+            }
+        }
+        if let Ok(v) = serde_json::from_slice::<Value>(line) {
+            if query.matches(&v) {
+                if found.len() == query.limit.max(1) {
+                    found.pop_front();
+                }
+                found.push_back(v);
+            }
+        }
+        ControlFlow::Continue(())
+    })?;
+    Ok(found.into_iter().rev().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_filters_parse() {
+        assert_eq!("5xx".parse::<StatusFilter>(), Ok(StatusFilter::Class(5)));
+        assert_eq!("429".parse::<StatusFilter>(), Ok(StatusFilter::Exact(429)));
+        assert!("9xx".parse::<StatusFilter>().is_err());
+        assert!("abc".parse::<StatusFilter>().is_err());
+    }
+
+    #[test]
+    fn query_matches_fields() {
+        let r: Value = serde_json::json!({"route": "openai", "outcome": "ok", "http": {"status": 503},
+            "time": {"start": "2026-11-29T10:00:00.000Z"}, "client": {"key_id": "key_1"},
+            "gen_ai": {"request": {"model": "gpt-4o"}, "response": {"model": "gpt-4o-2024-08-06"}}});
+        let q = Query {
+            model: Some("gpt-4o-2024".into()),
+            status: Some(StatusFilter::Class(5)),
+            ..Query::default()
+        };
+        assert!(q.matches(&r));
+        let q = Query {
+            since: humantime::parse_rfc3339("2026-11-29T11:00:00Z").ok(),
+            ..Query::default()
+        };
+        assert!(!q.matches(&r));
+        let q = Query {
+            key_id: Some("key_2".into()),
+            ..Query::default()
+        };
+        assert!(!q.matches(&r));
+    }
+}

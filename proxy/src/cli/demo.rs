@@ -1,0 +1,107 @@
+//! `custody demo`: the whole path on loopback, with no API key.
+
+use std::{ops::ControlFlow, path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use bytes::Bytes;
+use custody_audit::{reader, verify};
+use custody_config::{Config, Provider, Route};
+use http_body_util::{BodyExt, Full};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+
+const PROMPT: &str = "My email is jane.doe@example.com, card 4111 1111 1111 1111, SSN 123-45-6789. Summarise my account.";
+
+pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let (dir, _temp) = match dir {
+        Some(d) => (d, None),
+        None => {
+            let t = tempfile::tempdir().context("creating a temporary audit directory")?;
+            (t.path().join("audit"), Some(t))
+        }
+    };
+    let mock = custody_proxy::mock::spawn(([127, 0, 0, 1], 0).into())
+        .await
+        .context("starting the mock provider")?;
+    println!("1. A mock OpenAI/Anthropic provider is listening on http://{mock}");
+
+    let upstream = format!("http://{mock}")
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
+    let config = Config::for_test(
+        &dir,
+        vec![Route {
+            name: "openai".into(),
+            prefix: "/v1/".into(),
+            upstream,
+            provider: Provider::Openai,
+            strip_prefix: false,
+        }],
+    );
+    let listener = tokio::net::TcpListener::bind(config.listen.addr).await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(custody_proxy::run(listener, config, async {
+        let _ = stopped.await;
+    }));
+    println!(
+        "2. custody is listening on http://{addr}, auditing into {}",
+        dir.display()
+    );
+
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    for (n, stream) in [(3, false), (4, true)] {
+        let body = serde_json::json!({
+            "model": "gpt-4o-mini",
+            "stream": stream,
+            "stream_options": if stream { serde_json::json!({"include_usage": true}) } else { serde_json::Value::Null },
+            "messages": [{"role": "user", "content": PROMPT}],
+        });
+        let req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer sk-demo-0123456789abcdefghijklmnop")
+            .body(Full::new(Bytes::from(body.to_string())))?;
+        let resp = client
+            .request(req)
+            .await
+            .context("sending through custody")?;
+        let status = resp.status();
+        let text = resp.into_body().collect().await?.to_bytes();
+        let kind = if stream { "streamed" } else { "plain" };
+        println!("{n}. A {kind} chat request with an e-mail, a card number and an SSN: HTTP {status}, {} bytes back unchanged", text.len());
+    }
+
+    let _ = stop.send(());
+    let summary = server.await??;
+    println!(
+        "5. custody shut down cleanly: {} records written, chain head seq {}\n",
+        summary.writer.written,
+        summary.writer.head.next_seq - 1
+    );
+
+    println!("The records, as stored (PII and the API key redacted; the key kept only as a fingerprint):");
+    reader::for_each_line(&dir, |_, line| {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+        ControlFlow::Continue(())
+    })?;
+    match verify::verify_dir(&dir, |_, _, _| {}) {
+        Ok(r) => println!(
+            "\ncustody log verify: ok, {} records in {} segment(s), chain head {}",
+            r.records,
+            r.segments,
+            r.head.unwrap_or_default()
+        ),
+        Err(e) => {
+            println!("\ncustody log verify: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    }
+    if _temp.is_none() {
+        println!(
+            "Try: custody log search --dir {} --text account",
+            dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

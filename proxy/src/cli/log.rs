@@ -1,0 +1,213 @@
+//! `custody log ...`: export, show, search, verify.
+
+use std::{
+    io::{BufWriter, Write},
+    ops::ControlFlow,
+    path::PathBuf,
+    process::ExitCode,
+    time::SystemTime,
+};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use custody_audit::{
+    reader,
+    search::{self, Query, StatusFilter},
+    verify::{self, VerifyError},
+};
+
+/// Where the trail is: `--dir`, else `[audit] dir` of `--config`, else the default's.
+#[derive(Args, Clone)]
+pub struct TrailArgs {
+    /// The audit directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Take the audit directory from this config file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl TrailArgs {
+    fn dir(&self) -> anyhow::Result<PathBuf> {
+        match &self.dir {
+            Some(d) => Ok(d.clone()),
+            None => Ok(super::load_config(self.config.as_ref())?.audit.dir),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum LogCommand {
+    /// Write every record as JSON Lines, oldest first (the stored bytes, verifiable).
+    Export {
+        #[command(flatten)]
+        trail: TrailArgs,
+        /// Write here instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Print one record by id.
+    Show {
+        id: String,
+        #[command(flatten)]
+        trail: TrailArgs,
+    },
+    /// Find records, newest first.
+    Search(SearchArgs),
+    /// Check every checksum, record hash, chain link and sequence number.
+    Verify {
+        #[command(flatten)]
+        trail: TrailArgs,
+    },
+}
+
+#[derive(Args)]
+pub struct SearchArgs {
+    #[command(flatten)]
+    trail: TrailArgs,
+    /// Records that started at or after: RFC 3339 (`2026-11-29T10:00:00Z`) or an age (`1h`, `2days`).
+    #[arg(long)]
+    since: Option<String>,
+    /// Records that started before: RFC 3339 or an age.
+    #[arg(long)]
+    until: Option<String>,
+    /// Requested or served model, by prefix.
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    route: Option<String>,
+    /// An HTTP status (`429`) or class (`5xx`).
+    #[arg(long)]
+    status: Option<StatusFilter>,
+    #[arg(long)]
+    key_id: Option<String>,
+    /// `ok`, `client_cancelled`, `upstream_error`, `upstream_timeout` or `rejected`.
+    #[arg(long)]
+    outcome: Option<String>,
+    /// Case-insensitive text anywhere in the (redacted) record.
+    #[arg(long)]
+    text: Option<String>,
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+    /// Whole records as JSON Lines instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn when(s: &str) -> anyhow::Result<SystemTime> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(t);
+    }
+    let age = humantime::parse_duration(s)
+        .with_context(|| format!("`{s}` is neither an RFC 3339 time nor an age like 1h"))?;
+    SystemTime::now()
+        .checked_sub(age)
+        .context("age reaches before 1970")
+}
+
+pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        LogCommand::Export { trail, output } => {
+            let dir = trail.dir()?;
+            let out: Box<dyn Write> = match &output {
+                Some(p) => Box::new(
+                    std::fs::File::create(p)
+                        .with_context(|| format!("creating {}", p.display()))?,
+                ),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            let mut out = BufWriter::new(out);
+            let mut io_err = None;
+            reader::for_each_line(&dir, |_, line| {
+                if let Err(e) = out.write_all(line).and_then(|()| out.write_all(b"\n")) {
+                    io_err = Some(e);
+                    return ControlFlow::Break(());
+                }
+                ControlFlow::Continue(())
+            })?;
+            if let Some(e) = io_err {
+                // A closed pipe (`| head`) is not an error worth a message.
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    return Err(e.into());
+                }
+            }
+            out.flush().ok();
+            Ok(ExitCode::SUCCESS)
+        }
+        LogCommand::Show { id, trail } => {
+            let line = reader::find_by_id(&trail.dir()?, &id)?;
+            let v: serde_json::Value = serde_json::from_slice(&line)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        LogCommand::Search(a) => {
+            let query = Query {
+                since: a.since.as_deref().map(when).transpose()?,
+                until: a.until.as_deref().map(when).transpose()?,
+                model: a.model,
+                route: a.route,
+                status: a.status,
+                key_id: a.key_id,
+                text: a.text,
+                outcome: a.outcome,
+                limit: a.limit,
+            };
+            let found = search::search(&a.trail.dir()?, &query)?;
+            let mut out = BufWriter::new(std::io::stdout().lock());
+            for r in &found {
+                if a.json {
+                    writeln!(out, "{r}")?;
+                } else {
+                    let model = r["gen_ai"]["response"]["model"]
+                        .as_str()
+                        .or(r["gen_ai"]["request"]["model"].as_str())
+                        .unwrap_or("-");
+                    writeln!(
+                        out,
+                        "{}  {}  {:<10} {:>3}  {:<16} {:<28} {:>9.1} ms  {}",
+                        r["time"]["start"].as_str().unwrap_or("-"),
+                        r["id"].as_str().unwrap_or("-"),
+                        r["route"].as_str().unwrap_or("-"),
+                        r["http"]["status"]
+                            .as_u64()
+                            .map_or("-".into(), |s| s.to_string()),
+                        r["outcome"].as_str().unwrap_or("-"),
+                        model,
+                        r["time"]["duration_ms"].as_f64().unwrap_or(0.0),
+                        r["http"]["path"].as_str().unwrap_or("-"),
+                    )?;
+                }
+            }
+            out.flush()?;
+            if !a.json {
+                eprintln!("{} record(s)", found.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LogCommand::Verify { trail } => {
+            let dir = trail.dir()?;
+            let result = verify::verify_dir(&dir, |done, all, bytes| {
+                if all >= 10 {
+                    eprintln!("verified {done}/{all} segments ({} MiB)", bytes >> 20);
+                }
+            });
+            match result {
+                Ok(r) => {
+                    println!(
+                        "ok: {} records in {} segments ({} bytes) verified; chain head {}",
+                        r.records,
+                        r.segments,
+                        r.bytes,
+                        r.head.as_deref().unwrap_or("(empty trail)")
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(VerifyError::Broken(b)) => {
+                    eprintln!("custody: verify FAILED in {}: {b}", dir.display());
+                    Ok(ExitCode::from(1))
+                }
+                Err(VerifyError::Audit(e)) => Err(e.into()),
+            }
+        }
+    }
+}

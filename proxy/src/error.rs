@@ -1,0 +1,96 @@
+//! Errors of the proxy crate, and the one place where failures become responses.
+
+use bytes::Bytes;
+use custody_config::Provider;
+use http::{header, HeaderValue, StatusCode};
+
+/// Errors that stop custody from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Config(#[from] custody_config::ConfigError),
+    #[error("audit trail: {0}")]
+    Audit(#[from] custody_audit::AuditError),
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("route table: {0}")]
+    Route(#[from] http::Error),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why custody answered instead of the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No route matches the path.
+    NoRoute,
+    /// The upstream could not be reached (connect, TLS, protocol).
+    UpstreamUnreachable,
+    /// The upstream did not connect or answer in time.
+    UpstreamTimeout,
+    /// The request could not be turned into an upstream request.
+    BadRequest,
+}
+
+impl Refusal {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Refusal::NoRoute => StatusCode::NOT_FOUND,
+            Refusal::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::BadRequest => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Refusal::NoRoute => "no_route",
+            Refusal::UpstreamUnreachable => "upstream_unreachable",
+            Refusal::UpstreamTimeout => "upstream_timeout",
+            Refusal::BadRequest => "bad_request",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Refusal::NoRoute => {
+                "custody: no route for this path; only configured routes are proxied"
+            }
+            Refusal::UpstreamUnreachable => "custody: the upstream could not be reached",
+            Refusal::UpstreamTimeout => "custody: the upstream did not answer in time",
+            Refusal::BadRequest => "custody: the request could not be forwarded",
+        }
+    }
+
+    /// The JSON body, in the error shape of the route's provider so that SDKs parse it.
+    pub fn body(self, provider: Provider) -> Bytes {
+        let v = match provider {
+            Provider::Anthropic => serde_json::json!({
+                "type": "error",
+                "error": {"type": self.code(), "message": self.message()},
+            }),
+            _ => serde_json::json!({
+                "error": {"message": self.message(), "type": "custody_error", "param": null, "code": self.code()},
+            }),
+        };
+        Bytes::from(v.to_string())
+    }
+
+    /// Response headers for the refusal.
+    pub fn headers(self) -> [(header::HeaderName, HeaderValue); 2] {
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (
+                header::HeaderName::from_static("x-custody-error"),
+                HeaderValue::from_static(self.code()),
+            ),
+        ]
+    }
+}

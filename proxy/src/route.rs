@@ -1,0 +1,119 @@
+//! Routing by path prefix to configured upstreams; nothing else is ever proxied.
+
+use std::sync::Arc;
+
+use custody_config::{Provider, Route};
+use http::{uri::PathAndQuery, Uri};
+
+/// One route, ready for the hot path.
+#[derive(Debug)]
+pub struct Target {
+    pub name: Arc<str>,
+    pub prefix: String,
+    pub provider: Provider,
+    strip_prefix: bool,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    base_path: String,
+}
+
+impl Target {
+    /// The upstream URI for a client request path and query, and the path as forwarded.
+    pub fn upstream_uri(&self, uri: &Uri) -> Result<(Uri, String), http::Error> {
+        let path = uri.path();
+        let rest = if self.strip_prefix {
+            // Keep the slash that separates: "/anthropic/v1/x" with prefix "/anthropic/" -> "/v1/x".
+            let r = path.get(self.prefix.len()..).unwrap_or("");
+            if r.starts_with('/') {
+                r.to_owned()
+            } else {
+                format!("/{r}")
+            }
+        } else {
+            path.to_owned()
+        };
+        let forwarded = format!("{}{}", self.base_path, rest);
+        let pq = match uri.query() {
+            Some(q) => format!("{forwarded}?{q}"),
+            None => forwarded.clone(),
+        };
+        let uri = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(PathAndQuery::try_from(pq)?)
+            .build()?;
+        Ok((uri, forwarded))
+    }
+}
+
+/// The routing table, longest prefix first.
+#[derive(Debug)]
+pub struct Router {
+    targets: Vec<Target>,
+}
+
+impl Router {
+    pub fn new(routes: &[Route]) -> Result<Self, http::Error> {
+        let mut targets = routes
+            .iter()
+            .map(|r| {
+                Ok(Target {
+                    name: Arc::from(r.name.as_str()),
+                    prefix: r.prefix.clone(),
+                    provider: r.provider,
+                    strip_prefix: r.strip_prefix,
+                    scheme: r
+                        .upstream
+                        .scheme()
+                        .parse::<http::uri::Scheme>()
+                        .map_err(http::Error::from)?,
+                    authority: r
+                        .upstream
+                        .authority()
+                        .parse::<http::uri::Authority>()
+                        .map_err(http::Error::from)?,
+                    base_path: r.upstream.base_path().to_owned(),
+                })
+            })
+            .collect::<Result<Vec<_>, http::Error>>()?;
+        targets.sort_by_key(|t| std::cmp::Reverse(t.prefix.len()));
+        Ok(Self { targets })
+    }
+
+    /// The route for a path: the longest matching prefix. A prefix ending in `/` also
+    /// matches the path without it (`/anthropic` for `/anthropic/`).
+    pub fn find(&self, path: &str) -> Option<&Target> {
+        self.targets.iter().find(|t| {
+            path.starts_with(&t.prefix)
+                || (t.prefix.len() > 1
+                    && t.prefix.ends_with('/')
+                    && path == &t.prefix[..t.prefix.len() - 1])
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use custody_config::Config;
+
+    #[test]
+    fn longest_prefix_wins_and_strip_keeps_the_slash() {
+        let c = Config::embedded_default().unwrap();
+        let r = Router::new(&c.routes).unwrap();
+        let t = r.find("/anthropic/v1/messages").unwrap();
+        assert_eq!(&*t.name, "anthropic");
+        let (u, fwd) = t
+            .upstream_uri(&"/anthropic/v1/messages?beta=true".parse().unwrap())
+            .unwrap();
+        assert_eq!(
+            u.to_string(),
+            "https://api.anthropic.com/v1/messages?beta=true"
+        );
+        assert_eq!(fwd, "/v1/messages");
+        let t = r.find("/v1/chat/completions").unwrap();
+        assert_eq!(&*t.name, "openai");
+        assert!(r.find("/admin").is_none());
+        assert!(r.find("/v2/x").is_none());
+    }
+}

@@ -1,0 +1,103 @@
+//! Accepting connections and shutting down in order: stop accepting, let in-flight
+//! exchanges finish (bounded), then drain the audit queue and close the segment.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use custody_audit::{writer::WriterSummary, AuditWriter};
+use custody_config::Config;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+};
+use tokio::net::TcpListener;
+
+use crate::{
+    service::{ProxyService, Shared},
+    ProxyError,
+};
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct RunSummary {
+    pub writer: WriterSummary,
+    /// Exchanges lost because the queue was full or the writer had stopped.
+    pub dropped: u64,
+}
+
+/// Serves `listener` with `config` until `shutdown` completes, then shuts down in order.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<RunSummary, ProxyError> {
+    let audit_config = config.audit.clone();
+    let writer = tokio::task::spawn_blocking(move || AuditWriter::start(&audit_config))
+        .await
+        .map_err(|e| ProxyError::Io {
+            what: "starting the audit writer".into(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
+    let stats = writer.stats();
+    let shared = Arc::new(Shared::new(&config, writer.sender())?);
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, remote) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let svc = ProxyService { shared: shared.clone(), remote };
+                let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, %remote, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    let grace = Duration::from_secs(config.listen.shutdown_grace_secs);
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: no new connections; finishing in-flight exchanges"
+    );
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace elapsed; cutting the remaining connections");
+    }
+    drop(shared);
+    let writer = tokio::task::spawn_blocking(move || writer.shutdown())
+        .await
+        .map_err(|e| ProxyError::Io {
+            what: "stopping the audit writer".into(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
+    let dropped = stats
+        .dropped_full
+        .load(std::sync::atomic::Ordering::Relaxed)
+        + stats
+            .dropped_closed
+            .load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(records = writer.written, dropped, "audit trail closed");
+    Ok(RunSummary { writer, dropped })
+}

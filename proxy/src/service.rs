@@ -1,0 +1,206 @@
+//! The per-request path: route, rewrite, tee both bodies, forward, map failures.
+//! Nothing here parses JSON, redacts or blocks; the writer does the heavy work.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use custody_audit::{AuditSender, Capture, Exchange, Outcome};
+use custody_config::{Config, Provider};
+use http::{Request, Response, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+
+use crate::{
+    error::Refusal,
+    route::Router,
+    tee::{InFlight, Side, TeeBody},
+    upstream::{self, Connector},
+    ProxyError,
+};
+
+/// What custody answers with: the upstream's body, teed, or its own JSON error.
+pub type ProxyBody = Either<TeeBody<Incoming>, Full<Bytes>>;
+
+/// State shared by every connection.
+pub struct Shared {
+    router: Router,
+    client: Client<Connector, TeeBody<Incoming>>,
+    audit: AuditSender,
+    capture_max: usize,
+    response_timeout: Duration,
+}
+
+impl Shared {
+    pub fn new(config: &Config, audit: AuditSender) -> Result<Self, ProxyError> {
+        Ok(Self {
+            router: Router::new(&config.routes)?,
+            client: upstream::client(
+                Duration::from_secs(config.upstream.connect_timeout_secs),
+                Duration::from_secs(config.upstream.pool_idle_timeout_secs),
+            )?,
+            audit,
+            capture_max: config.audit.capture_max_bytes,
+            response_timeout: Duration::from_secs(config.upstream.response_timeout_secs),
+        })
+    }
+}
+
+/// The service for one client connection.
+#[derive(Clone)]
+pub struct ProxyService {
+    pub shared: Arc<Shared>,
+    pub remote: SocketAddr,
+}
+
+impl hyper::service::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let shared = self.shared.clone();
+        let remote = self.remote;
+        Box::pin(async move { Ok(proxy(shared, remote, req).await) })
+    }
+}
+
+async fn proxy(
+    shared: Arc<Shared>,
+    remote: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = req.into_parts();
+    let mut ex = Exchange::begin(
+        parts.method.clone(),
+        parts.uri.clone(),
+        parts.headers.clone(),
+        Some(remote),
+    );
+    let Some(target) = shared.router.find(parts.uri.path()) else {
+        return refuse(ex, &shared.audit, Refusal::NoRoute, Provider::Generic, None);
+    };
+    ex.route = Some(target.name.clone());
+    ex.provider = target.provider;
+    let provider = target.provider;
+    let (uri, forwarded) = match target.upstream_uri(&parts.uri) {
+        Ok(u) => u,
+        Err(_) => return refuse(ex, &shared.audit, Refusal::BadRequest, provider, None),
+    };
+    ex.upstream_path = Some(forwarded);
+    let inflight = InFlight::new(ex, shared.audit.clone());
+
+    parts.uri = uri;
+    // The client picks HTTP/1.1 or HTTP/2 per upstream connection (ALPN).
+    parts.version = Version::HTTP_11;
+    upstream::rewrite_request_headers(&mut parts.headers, remote);
+    let body = TeeBody::new(body, Side::Request, shared.capture_max, inflight.clone());
+    let upstream_req = Request::from_parts(parts, body);
+
+    let result =
+        tokio::time::timeout(shared.response_timeout, shared.client.request(upstream_req)).await;
+    let (refusal, error) = match result {
+        Ok(Ok(resp)) => {
+            let (mut parts, body) = resp.into_parts();
+            let head_at = Instant::now();
+            upstream::strip_hop_by_hop(&mut parts.headers);
+            inflight.update(|ex| {
+                ex.status = Some(parts.status);
+                ex.response_headers = parts.headers.clone();
+                ex.response_head_at = Some(head_at);
+            });
+            let body = TeeBody::new(body, Side::Response, shared.capture_max, inflight);
+            return Response::from_parts(parts, Either::Left(body));
+        }
+        Ok(Err(e)) if is_timeout(&e) => (Refusal::UpstreamTimeout, e.to_string()),
+        Ok(Err(e)) => (Refusal::UpstreamUnreachable, error_chain(&e)),
+        Err(_) => (
+            Refusal::UpstreamTimeout,
+            format!("no response head within {:?}", shared.response_timeout),
+        ),
+    };
+    tracing::warn!(route = %target.name, code = refusal.code(), error = %error, "upstream failed");
+    respond_refusal(&inflight, refusal, provider, Some(error))
+}
+
+/// Answers for custody itself and records the exchange.
+fn refuse(
+    ex: Exchange,
+    audit: &AuditSender,
+    refusal: Refusal,
+    provider: Provider,
+    error: Option<String>,
+) -> Response<ProxyBody> {
+    let inflight = InFlight::new(ex, audit.clone());
+    respond_refusal(&inflight, refusal, provider, error)
+}
+
+fn respond_refusal(
+    inflight: &Arc<InFlight>,
+    refusal: Refusal,
+    provider: Provider,
+    error: Option<String>,
+) -> Response<ProxyBody> {
+    let body = refusal.body(provider);
+    let mut resp = Response::new(Either::Right(Full::new(body.clone())));
+    *resp.status_mut() = refusal.status();
+    for (k, v) in refusal.headers() {
+        resp.headers_mut().insert(k, v);
+    }
+    let headers = resp.headers().clone();
+    let now = Instant::now();
+    inflight.update(|ex| {
+        ex.status = Some(refusal.status());
+        ex.response_headers = headers;
+        ex.response_head_at = Some(now);
+        ex.ended_at = Some(now);
+        let mut cap = Capture::default();
+        cap.push(&body, usize::MAX);
+        cap.complete = true;
+        ex.response = cap;
+        ex.outcome = match refusal {
+            Refusal::NoRoute | Refusal::BadRequest => Outcome::Rejected,
+            Refusal::UpstreamTimeout => Outcome::UpstreamTimeout,
+            Refusal::UpstreamUnreachable => Outcome::UpstreamError,
+        };
+        if ex.error.is_none() {
+            ex.error = error.or_else(|| Some(refusal.code().to_owned()));
+        }
+    });
+    resp
+}
+
+fn is_timeout(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        if s.to_string().contains("timed out") {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// The error and its causes on one line (hyper's top-level message alone is vague).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,216 @@
+//! The tee: a body wrapper that forwards every frame untouched, keeps `Bytes` clones
+//! for the record, and reports its end exactly once: end of stream, trailers,
+//! `is_end_stream()` after a data frame, an error, or drop (abandoned).
+//!
+//! Both bodies of an exchange and the request's service future share one [`InFlight`];
+//! whichever lets go of it last hands the finished [`Exchange`] to the audit queue, so
+//! an exchange is submitted once, when nothing more can be learned about it.
+
+use std::{
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError},
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use custody_audit::{AuditSender, Capture, Exchange, Outcome};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+/// One exchange while it is in flight.
+pub struct InFlight {
+    exchange: Mutex<Option<Exchange>>,
+    audit: AuditSender,
+}
+
+impl InFlight {
+    pub fn new(exchange: Exchange, audit: AuditSender) -> Arc<Self> {
+        Arc::new(Self {
+            exchange: Mutex::new(Some(exchange)),
+            audit,
+        })
+    }
+
+    /// Edits the exchange. Uncontended in practice: each side locks once, at its end.
+    pub fn update(&self, f: impl FnOnce(&mut Exchange)) {
+        let mut guard = self.exchange.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(ex) = guard.as_mut() {
+            f(ex);
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let slot = self
+            .exchange
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(ex) = slot.take() {
+            self.audit.submit(ex);
+        }
+    }
+}
+
+/// Which body of the exchange a tee wraps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Request,
+    Response,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Complete,
+    Error,
+    Dropped,
+}
+
+pin_project! {
+    /// See the module doc.
+    pub struct TeeBody<B: Body> {
+        #[pin]
+        inner: B,
+        side: Side,
+        cap: usize,
+        capture: Capture,
+        first_chunk_at: Option<Instant>,
+        inflight: Option<Arc<InFlight>>,
+    }
+
+    impl<B: Body> PinnedDrop for TeeBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // An empty body (204, HEAD, GET) may be dropped without a poll: that is its end.
+            let end = if this.inner.is_end_stream() { End::Complete } else { End::Dropped };
+            finish(this.inflight, *this.side, this.capture, *this.first_chunk_at, end, None);
+        }
+    }
+}
+
+impl<B: Body> TeeBody<B> {
+    pub fn new(inner: B, side: Side, cap: usize, inflight: Arc<InFlight>) -> Self {
+        Self {
+            inner,
+            side,
+            cap,
+            capture: Capture::default(),
+            first_chunk_at: None,
+            inflight: Some(inflight),
+        }
+    }
+}
+
+fn finish(
+    inflight: &mut Option<Arc<InFlight>>,
+    side: Side,
+    capture: &mut Capture,
+    first_chunk_at: Option<Instant>,
+    end: End,
+    error: Option<String>,
+) {
+    let Some(state) = inflight.take() else { return };
+    let mut capture = std::mem::take(capture);
+    capture.complete = end == End::Complete;
+    let now = Instant::now();
+    state.update(|ex| match side {
+        Side::Request => {
+            ex.request = capture;
+            if let Some(e) = error {
+                ex.error = Some(format!("request body: {e}"));
+            }
+        }
+        Side::Response => {
+            ex.response = capture;
+            ex.first_chunk_at = first_chunk_at;
+            ex.ended_at = Some(now);
+            match end {
+                End::Complete => ex.outcome = Outcome::Ok,
+                End::Error => {
+                    ex.outcome = Outcome::UpstreamError;
+                    ex.error = error.map(|e| format!("upstream body: {e}"));
+                }
+                End::Dropped => ex.outcome = Outcome::ClientCancelled,
+            }
+        }
+    });
+}
+
+impl<B> Body for TeeBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if this.first_chunk_at.is_none() && !data.is_empty() {
+                        *this.first_chunk_at = Some(Instant::now());
+                    }
+                    this.capture.push(data, *this.cap);
+                    // A consumer that knows the length may never poll again.
+                    if this.inner.is_end_stream() {
+                        finish(
+                            this.inflight,
+                            *this.side,
+                            this.capture,
+                            *this.first_chunk_at,
+                            End::Complete,
+                            None,
+                        );
+                    }
+                } else if frame.is_trailers() {
+                    finish(
+                        this.inflight,
+                        *this.side,
+                        this.capture,
+                        *this.first_chunk_at,
+                        End::Complete,
+                        None,
+                    );
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let msg = e.to_string();
+                finish(
+                    this.inflight,
+                    *this.side,
+                    this.capture,
+                    *this.first_chunk_at,
+                    End::Error,
+                    Some(msg),
+                );
+            }
+            Poll::Ready(None) => {
+                finish(
+                    this.inflight,
+                    *this.side,
+                    this.capture,
+                    *this.first_chunk_at,
+                    End::Complete,
+                    None,
+                );
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

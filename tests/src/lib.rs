@@ -1,1 +1,328 @@
+//! Helpers for custody's integration tests: a recording mock upstream, a harness that
+//! runs custody in-process on `127.0.0.1:0`, an HTTP client, and trail readers.
 #![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    ops::ControlFlow,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use custody_config::{Config, Provider, Route};
+use http::{request::Parts, Request, Response};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use serde_json::Value;
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
+
+pub type MockBody = BoxBody<Bytes, std::io::Error>;
+type Handler = Arc<dyn Fn(&Parts, &Bytes) -> Response<MockBody> + Send + Sync>;
+
+/// What the upstream received: the head and the whole body.
+#[derive(Debug)]
+pub struct Recorded {
+    pub parts: Parts,
+    pub body: Bytes,
+}
+
+/// A mock upstream on loopback that records every request into a channel and answers
+/// with a handler.
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    pub requests: mpsc::UnboundedReceiver<Recorded>,
+}
+
+impl MockUpstream {
+    pub async fn start(
+        handler: impl Fn(&Parts, &Bytes) -> Response<MockBody> + Send + Sync + 'static,
+    ) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, requests) = mpsc::unbounded_channel();
+        let handler: Handler = Arc::new(handler);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (tx, handler) = (tx.clone(), handler.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (tx, handler) = (tx.clone(), handler.clone());
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|c| c.to_bytes())
+                                .unwrap_or_default();
+                            let resp = handler(&parts, &body);
+                            let _ = tx.send(Recorded { parts, body });
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, requests }
+    }
+
+    /// The next request the upstream received.
+    pub async fn next(&mut self) -> Recorded {
+        self.requests.recv().await.expect("mock upstream stopped")
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// A full response with these headers and body.
+pub fn respond(
+    status: u16,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Response<MockBody> {
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|e: Infallible| match e {})
+            .boxed(),
+    );
+    *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+    for (k, v) in headers {
+        r.headers_mut().append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    r
+}
+
+/// A streamed response whose chunks the test sends (an `Err` breaks the stream).
+pub fn respond_stream(
+    status: u16,
+    headers: &[(&str, &str)],
+    chunks: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+) -> Response<MockBody> {
+    let stream = futures_util::stream::unfold(chunks, |mut rx| async move {
+        rx.recv().await.map(|c| (c.map(Frame::data), rx))
+    });
+    let mut r = Response::new(StreamBody::new(stream).boxed());
+    *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+    for (k, v) in headers {
+        r.headers_mut().append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    r
+}
+
+/// A handler answering once with a stream fed by the returned sender.
+pub fn one_stream(
+    headers: &'static [(&'static str, &'static str)],
+) -> (
+    mpsc::Sender<Result<Bytes, std::io::Error>>,
+    impl Fn(&Parts, &Bytes) -> Response<MockBody>,
+) {
+    let (tx, rx) = mpsc::channel(64);
+    let slot = Mutex::new(Some(rx));
+    let handler = move |_: &Parts, _: &Bytes| {
+        let rx = slot
+            .lock()
+            .unwrap()
+            .take()
+            .expect("one_stream answers once");
+        respond_stream(200, headers, rx)
+    };
+    (tx, handler)
+}
+
+pub fn route(
+    name: &str,
+    prefix: &str,
+    upstream: &str,
+    provider: Provider,
+    strip_prefix: bool,
+) -> Route {
+    Route {
+        name: name.into(),
+        prefix: prefix.into(),
+        upstream: upstream.parse().unwrap(),
+        provider,
+        strip_prefix,
+    }
+}
+
+/// Custody running in-process on `127.0.0.1:0` with a fresh audit directory.
+pub struct Custody {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<custody_proxy::RunSummary, custody_proxy::ProxyError>>,
+}
+
+impl Custody {
+    pub async fn start(routes: Vec<Route>) -> Self {
+        Self::start_with(routes, |_| {}).await
+    }
+
+    pub async fn start_with(routes: Vec<Route>, tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, routes, tweak).await
+    }
+
+    /// Starts on an existing audit directory (a restart).
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        routes: Vec<Route>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        let mut config = Config::for_test(dir.path().join("audit"), routes);
+        tweak(&mut config);
+        let config = config.validate("test").unwrap();
+        let listener = TcpListener::bind(config.listen.addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(custody_proxy::run(listener, config, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            dir,
+            stop,
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn audit_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("audit")
+    }
+
+    /// Shuts down in order (in-flight exchanges finish, the queue drains, the segment
+    /// closes) and returns the records written, oldest first.
+    pub async fn stop(self) -> Stopped {
+        let _ = self.stop.send(());
+        let summary = self.task.await.unwrap().unwrap();
+        let records = records(&self.dir.path().join("audit"));
+        Stopped {
+            summary,
+            records,
+            dir: self.dir,
+        }
+    }
+}
+
+pub struct Stopped {
+    pub summary: custody_proxy::RunSummary,
+    pub records: Vec<Value>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Stopped {
+    pub fn audit_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("audit")
+    }
+
+    /// The only record; fails if there is not exactly one.
+    pub fn one(&self) -> &Value {
+        assert_eq!(self.records.len(), 1, "records: {:#?}", self.records);
+        &self.records[0]
+    }
+}
+
+/// Every record in the trail, oldest first.
+pub fn records(dir: &Path) -> Vec<Value> {
+    let mut out = Vec::new();
+    custody_audit::reader::for_each_line(dir, |_, line| {
+        out.push(serde_json::from_slice(line).unwrap());
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    out
+}
+
+/// Every byte under the audit directory, as stored and with every zstd frame decoded,
+/// for "this secret appears nowhere" assertions.
+pub fn all_audit_bytes(dir: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for entry in walk(dir) {
+        let bytes = std::fs::read(&entry).unwrap();
+        if entry.extension().is_some_and(|e| e == "seg") {
+            out.extend(zstd::stream::decode_all(&bytes[..]).unwrap());
+        }
+        out.extend(bytes);
+    }
+    out
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+pub fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+/// An HTTP/1.1 client.
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An HTTP/2 cleartext (prior knowledge) client.
+pub fn h2_client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// Sends a request and collects the whole response.
+pub async fn send(
+    client: &TestClient,
+    req: Request<Full<Bytes>>,
+) -> (http::response::Parts, Bytes) {
+    let resp = client.request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    (parts, body.collect().await.unwrap().to_bytes())
+}
+
+pub fn post(url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+    let mut b = Request::post(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(body.into())).unwrap()
+}

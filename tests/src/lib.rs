@@ -29,6 +29,8 @@ use tokio::{
 };
 
 pub type MockBody = BoxBody<Bytes, std::io::Error>;
+/// Feeds a streamed mock response; an `Err` breaks the stream.
+pub type ChunkSender = mpsc::Sender<Result<Bytes, std::io::Error>>;
 type Handler = Arc<dyn Fn(&Parts, &Bytes) -> Response<MockBody> + Send + Sync>;
 
 /// What the upstream received: the head and the whole body.

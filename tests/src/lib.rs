@@ -139,10 +139,7 @@ pub fn respond_stream(
 /// A handler answering once with a stream fed by the returned sender.
 pub fn one_stream(
     headers: &'static [(&'static str, &'static str)],
-) -> (
-    mpsc::Sender<Result<Bytes, std::io::Error>>,
-    impl Fn(&Parts, &Bytes) -> Response<MockBody>,
-) {
+) -> (ChunkSender, impl Fn(&Parts, &Bytes) -> Response<MockBody>) {
     let (tx, rx) = mpsc::channel(64);
     let slot = Mutex::new(Some(rx));
     let handler = move |_: &Parts, _: &Bytes| {

@@ -290,3 +290,43 @@ fn quarantine(path: &Path, bytes: &[u8]) -> Result<PathBuf, AuditError> {
     fs::write(&aside, bytes).map_err(io(&aside))?;
     Ok(aside)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn append_one(store: &mut SegmentStore, seq: u64) -> [u8; 32] {
+        let prev = hex::encode(store.head().prev_hash);
+        let mut line = format!("{{\"seq\":{seq},\"chain\":{{\"prev\":\"{prev}\",\"hash\":\"{}\"}}}}", "0".repeat(64)).into_bytes();
+        let hash = segment::seal_line(&mut line).unwrap();
+        line.push(b'\n');
+        let head = ChainHead {
+            next_seq: seq + 1,
+            prev_hash: hash,
+        };
+        store.append(seq, 1, (0, 0), &line, head).unwrap();
+        hash
+    }
+
+    #[test]
+    fn rotates_by_size_and_age_and_reopens_at_the_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) = SegmentStore::open(dir.path(), 1, Duration::from_secs(3600)).unwrap();
+        for seq in 1..=3 {
+            append_one(&mut store, seq);
+        }
+        assert_eq!(list_segments(dir.path()).unwrap().len(), 3);
+
+        let (mut store, _) = SegmentStore::open(dir.path(), 1 << 20, Duration::ZERO).unwrap();
+        assert_eq!(store.head().next_seq, 4);
+        let fourth = append_one(&mut store, 4);
+        store.rotate_if_old().unwrap();
+        append_one(&mut store, 5);
+        store.close_segment().unwrap();
+        let segs = list_segments(dir.path()).unwrap();
+        assert_eq!(segs.iter().map(|s| s.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+        let p = segment::parse_segment(&fs::read(&segs[4].1).unwrap()).unwrap();
+        assert_eq!(p.header.first_seq, 5);
+        assert_eq!(p.header.prev_hash, fourth);
+    }
+}

@@ -1,0 +1,162 @@
+//! The trail on disk: rotation, chaining across segments, torn-tail recovery after a
+//! crash, and verify catching edits.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{fs, path::Path};
+
+use custody_audit::{
+    segment::{self, BlockHeader},
+    verify::{verify_dir, VerifyError},
+};
+use custody_config::Provider;
+use custody_tests::*;
+
+/// A trail of `requests` records. With `restart_each`, custody is restarted before every
+/// request, and a restart always opens a new segment: one segment per record.
+async fn trail_with(requests: usize, restart_each: bool) -> Stopped {
+    let up = MockUpstream::start(|_, _| respond(200, &[("content-type", "application/json")], r#"{"id":"x","model":"m","choices":[]}"#)).await;
+    let routes = || vec![route("openai", "/v1/", &up.url(), Provider::Openai, false)];
+    let mut custody = Custody::start(routes()).await;
+    let c = client();
+    for i in 0..requests {
+        if restart_each && i > 0 {
+            let stopped = custody.stop().await;
+            custody = Custody::start_in(stopped.dir, routes(), |_| {}).await;
+        }
+        send(&c, post(&custody.url("/v1/chat/completions"), &[], format!("{{\"model\":\"m\",\"n\":{i}}}"))).await;
+    }
+    custody.stop().await
+}
+
+fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
+    custody_audit::reader::segments(dir).unwrap().into_iter().map(|s| s.path).collect()
+}
+
+fn broken(dir: &Path) -> String {
+    match verify_dir(dir, |_, _, _| {}) {
+        Err(VerifyError::Broken(b)) => b.to_string(),
+        other => panic!("verify should fail, got {other:?}"),
+    }
+}
+
+/// Rewrites a segment's records through `edit`, with fresh, valid checksums and framing:
+/// what an attacker with write access and the format spec can do.
+fn rewrite(path: &Path, edit: impl FnOnce(&mut Vec<Vec<u8>>)) {
+    let bytes = fs::read(path).unwrap();
+    let parsed = segment::parse_segment(&bytes).unwrap();
+    let mut lines: Vec<Vec<u8>> = parsed.blocks.iter().flat_map(|b| b.lines().map(<[u8]>::to_vec).collect::<Vec<_>>()).collect();
+    edit(&mut lines);
+    let mut out = parsed.header.encode();
+    let mut raw = Vec::new();
+    for l in &lines {
+        raw.extend_from_slice(l);
+        raw.push(b'\n');
+    }
+    let mut c = zstd::bulk::Compressor::new(3).unwrap();
+    out.extend(BlockHeader::encode_block(parsed.header.first_seq, lines.len() as u32, 0, 0, &raw, &mut c).unwrap());
+    fs::write(path, out).unwrap();
+}
+
+#[tokio::test]
+async fn the_chain_runs_across_segments_and_restarts() {
+    let done = trail_with(4, true).await;
+    let dir = done.audit_dir();
+    assert_eq!(segments(&dir).len(), 4);
+    let report = verify_dir(&dir, |_, _, _| {}).unwrap();
+    assert_eq!((report.records, report.segments), (4, 4));
+    for pair in done.records.windows(2) {
+        assert_eq!(pair[1]["chain"]["prev"], pair[0]["chain"]["hash"]);
+        assert_eq!(pair[1]["seq"].as_u64().unwrap(), pair[0]["seq"].as_u64().unwrap() + 1);
+    }
+    // Each segment on its own is a plain zstd stream of JSON lines.
+    let first = zstd::stream::decode_all(&fs::read(&segments(&dir)[0]).unwrap()[..]).unwrap();
+    assert_eq!(first.iter().filter(|&&b| b == b'\n').count(), 1);
+}
+
+#[tokio::test]
+async fn a_torn_tail_is_cut_aside_and_the_chain_continues() {
+    let done = trail_with(3, false).await;
+    let dir = done.audit_dir();
+    let seg = segments(&dir)[0].clone();
+    let good = fs::read(&seg).unwrap();
+    // A crash mid-write: half of a block at the end.
+    let block = &good[good.len() - 60..];
+    let mut torn = good.clone();
+    torn.extend_from_slice(&block[..30]);
+    fs::write(&seg, &torn).unwrap();
+    assert!(broken(&dir).contains("torn"));
+
+    let up = MockUpstream::start(|_, _| respond(200, &[], "{}")).await;
+    let custody = Custody::start_in(done.dir, vec![route("openai", "/v1/", &up.url(), Provider::Openai, false)], |_| {}).await;
+    send(&client(), post(&custody.url("/v1/embeddings"), &[], "{}")).await;
+    let done = custody.stop().await;
+    let dir = done.audit_dir();
+
+    assert_eq!(fs::read(&seg).unwrap(), good, "the torn segment is cut back to its whole frames");
+    let aside: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.to_string_lossy().contains(".torn-")).collect();
+    assert_eq!(aside.len(), 1);
+    assert_eq!(fs::read(&aside[0]).unwrap(), &block[..30]);
+    let seqs: Vec<u64> = done.records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    assert_eq!(verify_dir(&dir, |_, _, _| {}).unwrap().records, 4);
+}
+
+#[tokio::test]
+async fn verify_names_a_flipped_byte() {
+    let done = trail_with(3, false).await;
+    let dir = done.audit_dir();
+    let seg = segments(&dir)[0].clone();
+    let mut bytes = fs::read(&seg).unwrap();
+    let at = bytes.len() - 10;
+    bytes[at] ^= 0x01;
+    fs::write(&seg, bytes).unwrap();
+    let msg = broken(&dir);
+    assert!(msg.contains("00000000000000000001.seg"), "{msg}");
+}
+
+#[tokio::test]
+async fn verify_catches_an_edit_even_with_checksums_recomputed() {
+    let done = trail_with(3, false).await;
+    let dir = done.audit_dir();
+    let seg = segments(&dir)[0].clone();
+    rewrite(&seg, |lines| {
+        let text = String::from_utf8(lines[1].clone()).unwrap().replace("\"n\":1", "\"n\":7");
+        lines[1] = text.into_bytes();
+    });
+    let msg = broken(&dir);
+    assert!(msg.contains("seq 2") && msg.contains("chain.hash"), "{msg}");
+
+    // Re-sealing the edited record's own hash breaks the next link instead.
+    rewrite(&seg, |lines| {
+        let mut l = lines[1].clone();
+        let n = l.len();
+        l[n - 67..n - 3].copy_from_slice(&[b'0'; 64]);
+        segment::seal_line(&mut l).unwrap();
+        lines[1] = l;
+    });
+    let msg = broken(&dir);
+    assert!(msg.contains("seq 3") && msg.contains("chain.prev"), "{msg}");
+}
+
+#[tokio::test]
+async fn verify_catches_removed_and_reordered_records_and_missing_segments() {
+    let done = trail_with(3, false).await;
+    let dir = done.audit_dir();
+    let seg = segments(&dir)[0].clone();
+    let original = fs::read(&seg).unwrap();
+    rewrite(&seg, |lines| {
+        lines.remove(1);
+    });
+    assert!(broken(&dir).contains("seq 2"));
+    fs::write(&seg, &original).unwrap();
+    rewrite(&seg, |lines| lines.swap(0, 1));
+    assert!(broken(&dir).contains("seq 1"));
+    fs::write(&seg, &original).unwrap();
+    verify_dir(&dir, |_, _, _| {}).unwrap();
+
+    let done = trail_with(3, true).await;
+    let dir = done.audit_dir();
+    fs::remove_file(&segments(&dir)[1]).unwrap();
+    let msg = broken(&dir);
+    assert!(msg.contains("segment 2 is missing"), "{msg}");
+}

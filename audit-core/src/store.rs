@@ -297,7 +297,11 @@ mod tests {
 
     fn append_one(store: &mut SegmentStore, seq: u64) -> [u8; 32] {
         let prev = hex::encode(store.head().prev_hash);
-        let mut line = format!("{{\"seq\":{seq},\"chain\":{{\"prev\":\"{prev}\",\"hash\":\"{}\"}}}}", "0".repeat(64)).into_bytes();
+        let mut line = format!(
+            "{{\"seq\":{seq},\"chain\":{{\"prev\":\"{prev}\",\"hash\":\"{}\"}}}}",
+            "0".repeat(64)
+        )
+        .into_bytes();
         let hash = segment::seal_line(&mut line).unwrap();
         line.push(b'\n');
         let head = ChainHead {
@@ -324,7 +328,10 @@ mod tests {
         append_one(&mut store, 5);
         store.close_segment().unwrap();
         let segs = list_segments(dir.path()).unwrap();
-        assert_eq!(segs.iter().map(|s| s.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+        assert_eq!(
+            segs.iter().map(|s| s.0).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
         let p = segment::parse_segment(&fs::read(&segs[4].1).unwrap()).unwrap();
         assert_eq!(p.header.first_seq, 5);
         assert_eq!(p.header.prev_hash, fourth);

@@ -14,7 +14,14 @@ use custody_tests::*;
 /// A trail of `requests` records. With `restart_each`, custody is restarted before every
 /// request, and a restart always opens a new segment: one segment per record.
 async fn trail_with(requests: usize, restart_each: bool) -> Stopped {
-    let up = MockUpstream::start(|_, _| respond(200, &[("content-type", "application/json")], r#"{"id":"x","model":"m","choices":[]}"#)).await;
+    let up = MockUpstream::start(|_, _| {
+        respond(
+            200,
+            &[("content-type", "application/json")],
+            r#"{"id":"x","model":"m","choices":[]}"#,
+        )
+    })
+    .await;
     let routes = || vec![route("openai", "/v1/", &up.url(), Provider::Openai, false)];
     let mut custody = Custody::start(routes()).await;
     let c = client();
@@ -23,13 +30,25 @@ async fn trail_with(requests: usize, restart_each: bool) -> Stopped {
             let stopped = custody.stop().await;
             custody = Custody::start_in(stopped.dir, routes(), |_| {}).await;
         }
-        send(&c, post(&custody.url("/v1/chat/completions"), &[], format!("{{\"model\":\"m\",\"n\":{i}}}"))).await;
+        send(
+            &c,
+            post(
+                &custody.url("/v1/chat/completions"),
+                &[],
+                format!("{{\"model\":\"m\",\"n\":{i}}}"),
+            ),
+        )
+        .await;
     }
     custody.stop().await
 }
 
 fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
-    custody_audit::reader::segments(dir).unwrap().into_iter().map(|s| s.path).collect()
+    custody_audit::reader::segments(dir)
+        .unwrap()
+        .into_iter()
+        .map(|s| s.path)
+        .collect()
 }
 
 fn broken(dir: &Path) -> String {
@@ -44,7 +63,11 @@ fn broken(dir: &Path) -> String {
 fn rewrite(path: &Path, edit: impl FnOnce(&mut Vec<Vec<u8>>)) {
     let bytes = fs::read(path).unwrap();
     let parsed = segment::parse_segment(&bytes).unwrap();
-    let mut lines: Vec<Vec<u8>> = parsed.blocks.iter().flat_map(|b| b.lines().map(<[u8]>::to_vec).collect::<Vec<_>>()).collect();
+    let mut lines: Vec<Vec<u8>> = parsed
+        .blocks
+        .iter()
+        .flat_map(|b| b.lines().map(<[u8]>::to_vec).collect::<Vec<_>>())
+        .collect();
     edit(&mut lines);
     let mut out = parsed.header.encode();
     let mut raw = Vec::new();
@@ -53,7 +76,17 @@ fn rewrite(path: &Path, edit: impl FnOnce(&mut Vec<Vec<u8>>)) {
         raw.push(b'\n');
     }
     let mut c = zstd::bulk::Compressor::new(3).unwrap();
-    out.extend(BlockHeader::encode_block(parsed.header.first_seq, lines.len() as u32, 0, 0, &raw, &mut c).unwrap());
+    out.extend(
+        BlockHeader::encode_block(
+            parsed.header.first_seq,
+            lines.len() as u32,
+            0,
+            0,
+            &raw,
+            &mut c,
+        )
+        .unwrap(),
+    );
     fs::write(path, out).unwrap();
 }
 
@@ -66,7 +99,10 @@ async fn the_chain_runs_across_segments_and_restarts() {
     assert_eq!((report.records, report.segments), (4, 4));
     for pair in done.records.windows(2) {
         assert_eq!(pair[1]["chain"]["prev"], pair[0]["chain"]["hash"]);
-        assert_eq!(pair[1]["seq"].as_u64().unwrap(), pair[0]["seq"].as_u64().unwrap() + 1);
+        assert_eq!(
+            pair[1]["seq"].as_u64().unwrap(),
+            pair[0]["seq"].as_u64().unwrap() + 1
+        );
     }
     // Each segment on its own is a plain zstd stream of JSON lines.
     let first = zstd::stream::decode_all(&fs::read(&segments(&dir)[0]).unwrap()[..]).unwrap();
@@ -87,16 +123,33 @@ async fn a_torn_tail_is_cut_aside_and_the_chain_continues() {
     assert!(broken(&dir).contains("torn"));
 
     let up = MockUpstream::start(|_, _| respond(200, &[], "{}")).await;
-    let custody = Custody::start_in(done.dir, vec![route("openai", "/v1/", &up.url(), Provider::Openai, false)], |_| {}).await;
+    let custody = Custody::start_in(
+        done.dir,
+        vec![route("openai", "/v1/", &up.url(), Provider::Openai, false)],
+        |_| {},
+    )
+    .await;
     send(&client(), post(&custody.url("/v1/embeddings"), &[], "{}")).await;
     let done = custody.stop().await;
     let dir = done.audit_dir();
 
-    assert_eq!(fs::read(&seg).unwrap(), good, "the torn segment is cut back to its whole frames");
-    let aside: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.to_string_lossy().contains(".torn-")).collect();
+    assert_eq!(
+        fs::read(&seg).unwrap(),
+        good,
+        "the torn segment is cut back to its whole frames"
+    );
+    let aside: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains(".torn-"))
+        .collect();
     assert_eq!(aside.len(), 1);
     assert_eq!(fs::read(&aside[0]).unwrap(), &block[..30]);
-    let seqs: Vec<u64> = done.records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = done
+        .records
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
     assert_eq!(seqs, vec![1, 2, 3, 4]);
     assert_eq!(verify_dir(&dir, |_, _, _| {}).unwrap().records, 4);
 }
@@ -120,7 +173,9 @@ async fn verify_catches_an_edit_even_with_checksums_recomputed() {
     let dir = done.audit_dir();
     let seg = segments(&dir)[0].clone();
     rewrite(&seg, |lines| {
-        let text = String::from_utf8(lines[1].clone()).unwrap().replace("\"n\":1", "\"n\":7");
+        let text = String::from_utf8(lines[1].clone())
+            .unwrap()
+            .replace("\"n\":1", "\"n\":7");
         lines[1] = text.into_bytes();
     });
     let msg = broken(&dir);

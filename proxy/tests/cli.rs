@@ -1,0 +1,219 @@
+//! The `custody` binary as users run it: config commands, `serve` with SIGTERM, and the
+//! review commands on the trail it leaves.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    process::{Child, Command, Output, Stdio},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_custody");
+
+fn custody(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Starts a long-running subcommand and reads the address it prints on its first line.
+fn spawn_listening(args: &[&str]) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit("http://").next().unwrap().to_owned();
+    (child, addr)
+}
+
+/// A minimal HTTP/1.1 exchange over a plain socket; returns the raw response.
+fn http_post(addr: &str, path: &str, headers: &str, body: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn config_default_is_the_embedded_file_and_check_names_the_line() {
+    let o = custody(&["config", "default"]);
+    assert!(o.status.success());
+    assert_eq!(stdout(&o), custody_config::DEFAULT_TOML);
+
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, custody_config::DEFAULT_TOML).unwrap();
+    let o = custody(&["config", "check", good.to_str().unwrap()]);
+    assert!(o.status.success(), "{o:?}");
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[listen]\naddr = \"127.0.0.1:1\"\n\n[audit]\nsegment_max_byte = 5\n",
+    )
+    .unwrap();
+    let o = custody(&["config", "check", bad.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("line 5") && err.contains("segment_max_byte"),
+        "{err}"
+    );
+}
+
+#[test]
+fn serve_records_then_sigterm_exits_cleanly_and_the_log_commands_read_the_trail() {
+    let (mut mock, mock_addr) = spawn_listening(&["mock-provider"]);
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit");
+    let config = dir.path().join("custody.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\naddr = \"127.0.0.1:0\"\n\n[audit]\ndir = \"{}\"\n\n[[route]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n",
+            audit.display()
+        ),
+    )
+    .unwrap();
+    let (mut serve, addr) = spawn_listening(&["serve", "--config", config.to_str().unwrap()]);
+
+    let plain = http_post(
+        &addr,
+        "/v1/chat/completions",
+        "authorization: Bearer sk-cli-test-0000000000000000\r\n",
+        r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello there"}]}"#,
+    );
+    assert!(plain.starts_with("HTTP/1.1 200"), "{plain}");
+    let streamed = http_post(
+        &addr,
+        "/v1/chat/completions",
+        "",
+        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"stream please"}]}"#,
+    );
+    assert!(streamed.contains("data: [DONE]"), "{streamed}");
+    let limited = http_post(
+        &addr,
+        "/v1/chat/completions",
+        "",
+        r#"{"model":"rate-limited","messages":[]}"#,
+    );
+    assert!(
+        limited.starts_with("HTTP/1.1 429")
+            && limited.to_ascii_lowercase().contains("retry-after: 1"),
+        "{limited}"
+    );
+
+    let term = Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(serve.wait().unwrap().success(), "serve exits 0 on SIGTERM");
+    mock.kill().unwrap();
+    let _ = mock.wait();
+
+    let d = audit.to_str().unwrap();
+    let o = custody(&["log", "export", "--dir", d]);
+    assert!(o.status.success());
+    let lines: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["seq"], 1);
+    assert_eq!(lines[1]["response"]["streamed"], true);
+    assert_eq!(
+        lines[1]["response"]["body"]["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap(),
+        "Hello from the mock provider. You said: stream please"
+    );
+
+    let o = custody(&["log", "verify", "--dir", d]);
+    assert!(o.status.success());
+    assert!(stdout(&o).contains("ok: 3 records"), "{}", stdout(&o));
+
+    let o = custody(&["log", "search", "--dir", d, "--status", "4xx", "--json"]);
+    let found: Vec<String> = stdout(&o).lines().map(str::to_owned).collect();
+    assert_eq!(found.len(), 1);
+    assert!(found[0].contains("rate-limited"));
+    let o = custody(&[
+        "log",
+        "search",
+        "--dir",
+        d,
+        "--model",
+        "gpt-4o-mini",
+        "--since",
+        "1h",
+        "--text",
+        "STREAM PLEASE",
+        "--json",
+    ]);
+    assert_eq!(stdout(&o).lines().count(), 1);
+    let o = custody(&[
+        "log",
+        "search",
+        "--dir",
+        d,
+        "--key-id",
+        lines[0]["client"]["key_id"].as_str().unwrap(),
+    ]);
+    assert_eq!(stdout(&o).lines().count(), 1);
+    let o = custody(&["log", "search", "--dir", d, "--limit", "2", "--json"]);
+    let newest: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        newest
+            .iter()
+            .map(|r| r["seq"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![3, 2],
+        "newest first"
+    );
+
+    let id = lines[2]["id"].as_str().unwrap();
+    let o = custody(&["log", "show", id, "--dir", d]);
+    assert!(o.status.success());
+    assert!(stdout(&o).contains("\"rate-limited\""));
+    assert!(!custody(&["log", "show", "no-such-id", "--dir", d])
+        .status
+        .success());
+
+    // An edited trail: verify exits 1 and names the segment.
+    let seg = std::fs::read_dir(&audit)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "seg"))
+        .unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let n = bytes.len();
+    bytes[n - 5] ^= 0xff;
+    std::fs::write(&seg, bytes).unwrap();
+    let o = custody(&["log", "verify", "--dir", d]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains(".seg"));
+}
+
+#[test]
+fn demo_runs_without_a_key_and_verifies() {
+    let o = custody(&["demo"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = stdout(&o);
+    assert!(out.contains("custody log verify: ok, 2 records"), "{out}");
+    assert!(
+        out.contains("[EMAIL_ADDRESS]") && !out.contains("jane.doe@example.com"),
+        "{out}"
+    );
+}

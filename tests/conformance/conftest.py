@@ -1,0 +1,83 @@
+"""Starts the loopback mock provider and custody (the real binary) for the SDK tests."""
+
+import os
+import pathlib
+import signal
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BIN = os.environ.get("CUSTODY_BIN", str(ROOT / "target" / "debug" / "custody"))
+
+
+def _spawn(args):
+    """Runs a custody subcommand and returns (process, address from its first line)."""
+    proc = subprocess.Popen([BIN, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    if "http://" not in line:
+        proc.kill()
+        raise RuntimeError(f"{args[0]} did not start: {line!r}")
+    return proc, line.strip().rsplit("http://", 1)[1]
+
+
+class Stack:
+    def __init__(self, tmp: pathlib.Path):
+        self.mock, mock_addr = _spawn(["mock-provider"])
+        self.audit_dir = tmp / "audit"
+        config = tmp / "custody.toml"
+        config.write_text(
+            f"""
+[listen]
+addr = "127.0.0.1:0"
+
+[audit]
+dir = "{self.audit_dir}"
+
+[[route]]
+name = "openai"
+prefix = "/v1/"
+upstream = "http://{mock_addr}"
+provider = "openai"
+
+[[route]]
+name = "anthropic"
+prefix = "/anthropic/"
+strip_prefix = true
+upstream = "http://{mock_addr}"
+provider = "anthropic"
+"""
+        )
+        self.custody, self.addr = _spawn(["serve", "--config", str(config)])
+        self.stopped = False
+
+    @property
+    def openai_base(self):
+        return f"http://{self.addr}/v1"
+
+    @property
+    def anthropic_base(self):
+        return f"http://{self.addr}/anthropic"
+
+    def stop(self):
+        """SIGTERM: custody drains and closes the trail, and must exit 0."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self.custody.send_signal(signal.SIGTERM)
+        code = self.custody.wait(timeout=60)
+        self.mock.kill()
+        self.mock.wait()
+        assert code == 0, f"custody exited {code}"
+
+    def cli(self, *args):
+        return subprocess.run([BIN, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("custody"))
+    yield s
+    if not s.stopped:
+        s.custody.kill()
+        s.mock.kill()

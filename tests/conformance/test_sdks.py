@@ -1,0 +1,177 @@
+"""The official OpenAI and Anthropic Python SDKs, unchanged but for the base URL,
+through custody to a mock provider; then the trail is checked with the custody CLI."""
+
+import json
+
+import anthropic
+import openai
+import pytest
+
+API_KEY = "sk-conformance-0123456789abcdefghij"
+ANTHROPIC_KEY = "sk-ant-api03-conformance0123456789abcdef"
+EMAIL = "alice.conformance@example.org"
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+
+
+@pytest.fixture(scope="module")
+def oai(stack):
+    return openai.OpenAI(base_url=stack.openai_base, api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def claude(stack):
+    return anthropic.Anthropic(base_url=stack.anthropic_base, api_key=ANTHROPIC_KEY, max_retries=0)
+
+
+def test_chat(oai):
+    r = oai.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": f"Write to {EMAIL} please"}],
+        temperature=0.3,
+        max_tokens=50,
+    )
+    assert r.choices[0].message.content.startswith("Hello from the mock provider")
+    assert r.model == "gpt-4o-mini-2026-01-01"
+    assert r.usage.completion_tokens > 0
+
+
+def test_streamed_chat_with_usage(oai):
+    stream = oai.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "stream me"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage = "", None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        if chunk.usage:
+            usage = chunk.usage
+    assert text == "Hello from the mock provider. You said: stream me"
+    assert usage is not None and usage.prompt_tokens > 0
+
+
+def test_streamed_tool_calls(oai):
+    stream = oai.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "weather in Paris?"}],
+        tools=TOOLS,
+        stream=True,
+    )
+    name, args, finish = "", "", None
+    for chunk in stream:
+        for c in chunk.choices:
+            for tc in c.delta.tool_calls or []:
+                name += tc.function.name or ""
+                args += tc.function.arguments or ""
+            finish = c.finish_reason or finish
+    assert name == "get_weather"
+    assert json.loads(args) == {"city": "Paris"}
+    assert finish == "tool_calls"
+
+
+def test_embeddings(oai):
+    r = oai.embeddings.create(model="text-embedding-3-small", input=["one", "two"])
+    assert len(r.data) == 2 and len(r.data[0].embedding) == 8
+
+
+def test_streamed_responses_api(oai):
+    stream = oai.responses.create(model="gpt-4.1", input="respond please", stream=True)
+    deltas, completed = "", None
+    for event in stream:
+        if event.type == "response.output_text.delta":
+            deltas += event.delta
+        if event.type == "response.completed":
+            completed = event.response
+    assert completed is not None and completed.status == "completed"
+    assert deltas == completed.output_text == "Hello from the mock provider. You said: respond please"
+
+
+def test_anthropic_messages(claude):
+    m = claude.messages.create(
+        model="claude-mock-1",
+        max_tokens=100,
+        messages=[{"role": "user", "content": "hi claude"}],
+    )
+    assert m.content[0].text == "Hello from the mock provider. You said: hi claude"
+    assert m.stop_reason == "end_turn"
+
+
+def test_anthropic_messages_streamed(claude):
+    with claude.messages.stream(
+        model="claude-mock-1",
+        max_tokens=100,
+        messages=[{"role": "user", "content": "stream claude"}],
+    ) as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert text == "Hello from the mock provider. You said: stream claude"
+    assert final.usage.output_tokens > 0
+
+
+def test_rate_limit_passes_through_with_retry_after(oai):
+    with pytest.raises(openai.RateLimitError) as e:
+        oai.chat.completions.create(model="rate-limited", messages=[{"role": "user", "content": "x"}])
+    assert e.value.response.headers["retry-after"] == "1"
+    assert e.value.status_code == 429
+
+
+def test_two_megabyte_prompt(oai):
+    prompt = "lorem ipsum " * (2 * 1024 * 1024 // 12 + 1)
+    r = oai.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}])
+    assert r.choices[0].message.content.startswith("Hello from the mock provider. You said: lorem ipsum")
+    assert r.usage.prompt_tokens > 500_000
+
+
+def test_zz_trail_holds_every_exchange(stack):
+    """Runs last: stop custody, then read the trail as a reviewer would."""
+    stack.stop()
+    export = stack.cli("log", "export", "--dir", str(stack.audit_dir))
+    assert export.returncode == 0, export.stderr
+    records = [json.loads(line) for line in export.stdout.splitlines()]
+    assert len(records) == 9
+    assert [r["seq"] for r in records] == list(range(1, 10))
+    by_path = {}
+    for r in records:
+        by_path.setdefault(r["http"]["path"], []).append(r)
+
+    chat = by_path["/v1/chat/completions"]
+    assert [r["http"]["status"] for r in chat] == [200, 200, 200, 429, 200]
+    assert chat[0]["gen_ai"]["request"]["temperature"] == 0.3
+    assert chat[0]["gen_ai"]["request"]["max_tokens"] == 50
+    assert chat[0]["gen_ai"]["response"]["model"] == "gpt-4o-mini-2026-01-01"
+    assert "[EMAIL_ADDRESS]" in chat[0]["request"]["body"]["messages"][0]["content"]
+    assert chat[1]["response"]["streamed"] is True
+    assert chat[1]["gen_ai"]["usage"]["input_tokens"] > 0
+    tool = chat[2]["response"]["body"]["choices"][0]["message"]["tool_calls"][0]
+    assert json.loads(tool["function"]["arguments"]) == {"city": "Paris"}
+    assert chat[4]["http"]["request_bytes"] > 2 * 1024 * 1024
+    assert by_path["/v1/embeddings"][0]["gen_ai"]["operation"]["name"] == "embeddings"
+    resp = by_path["/v1/responses"][0]
+    assert resp["response"]["body"]["status"] == "completed"
+    msgs = by_path["/anthropic/v1/messages"]
+    assert [m["gen_ai"]["provider"]["name"] for m in msgs] == ["anthropic", "anthropic"]
+    assert msgs[1]["response"]["body"]["content"][0]["text"].startswith("Hello from the mock provider")
+    assert msgs[1]["gen_ai"]["usage"]["output_tokens"] > 0
+    assert len({r["client"]["key_id"] for r in records}) == 2
+
+    verify = stack.cli("log", "verify", "--dir", str(stack.audit_dir))
+    assert verify.returncode == 0, verify.stderr
+    assert "ok: 9 records" in verify.stdout
+
+    for path in stack.audit_dir.iterdir():
+        raw = path.read_bytes()
+        for secret in (API_KEY, ANTHROPIC_KEY, EMAIL):
+            assert secret.encode() not in raw, f"{secret} in {path.name}"
+    for secret in (API_KEY, ANTHROPIC_KEY, EMAIL):
+        assert secret not in export.stdout

@@ -47,9 +47,13 @@ pub async fn run(
         .header_read_timeout(Duration::from_secs(30));
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
+    // Connection tasks, so that those still open when the grace period ends can be cut
+    // (which ends their exchanges and submits their records) before the writer stops.
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => {
                 let (stream, remote) = match accepted {
                     Ok(a) => a,
@@ -64,7 +68,7 @@ pub async fn run(
                 let svc = ProxyService { shared: shared.clone(), remote };
                 let conn = builder.serve_connection(TokioIo::new(stream), svc);
                 let conn = graceful.watch(conn.into_owned());
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, %remote, "connection ended with an error");
                     }
@@ -83,8 +87,13 @@ pub async fn run(
         .await
         .is_err()
     {
-        tracing::warn!("shutdown grace elapsed; cutting the remaining connections");
+        tracing::warn!(
+            connections = connections.len(),
+            "shutdown grace elapsed; cutting the remaining connections"
+        );
+        connections.abort_all();
     }
+    while connections.join_next().await.is_some() {}
     drop(shared);
     let writer = tokio::task::spawn_blocking(move || writer.shutdown())
         .await

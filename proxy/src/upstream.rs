@@ -72,9 +72,12 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Prepares request headers for the upstream: hop-by-hop and `Host` removed (the client
 /// sets `Host` from the upstream URI), the client address appended to `X-Forwarded-For`.
+/// `Expect: 100-continue` is answered by custody's own server when the body is read,
+/// so it is not passed on (as nginx does).
 pub fn rewrite_request_headers(headers: &mut HeaderMap, client: SocketAddr) {
     strip_hop_by_hop(headers);
     headers.remove(header::HOST);
+    headers.remove(header::EXPECT);
     let ip = client.ip().to_string();
     let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) => format!("{prior}, {ip}"),

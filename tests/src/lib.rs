@@ -173,7 +173,7 @@ pub fn route(
 pub struct Custody {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
-    stop: oneshot::Sender<()>,
+    stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<custody_proxy::RunSummary, custody_proxy::ProxyError>>,
 }
 
@@ -205,7 +205,7 @@ impl Custody {
         Self {
             addr,
             dir,
-            stop,
+            stop: Some(stop),
             task,
         }
     }
@@ -218,10 +218,17 @@ impl Custody {
         self.dir.path().join("audit")
     }
 
+    /// Signals shutdown (as SIGTERM does) without waiting for it.
+    pub fn signal_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
     /// Shuts down in order (in-flight exchanges finish, the queue drains, the segment
     /// closes) and returns the records written, oldest first.
-    pub async fn stop(self) -> Stopped {
-        let _ = self.stop.send(());
+    pub async fn stop(mut self) -> Stopped {
+        self.signal_stop();
         let summary = self.task.await.unwrap().unwrap();
         let records = records(&self.dir.path().join("audit"));
         Stopped {

@@ -782,3 +782,61 @@ async fn no_pii_or_secret_reaches_the_audit_dir() {
         .unwrap()
         .contains("[EMAIL_ADDRESS]"));
 }
+
+#[tokio::test]
+async fn shutdown_lets_an_in_flight_stream_finish() {
+    let (tx, handler) = one_stream(&[("content-type", "text/event-stream")]);
+    let up = MockUpstream::start(handler).await;
+    let mut custody = Custody::start(vec![openai(&up)]).await;
+    let resp = client()
+        .request(post(
+            &custody.url("/v1/chat/completions"),
+            &[],
+            r#"{"stream":true}"#,
+        ))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    tx.send(Ok(Bytes::from_static(b"data: {\"n\":1}\n\n")))
+        .await
+        .unwrap();
+    assert!(body.frame().await.unwrap().is_ok());
+    custody.signal_stop();
+    tx.send(Ok(Bytes::from_static(b"data: {\"n\":2}\n\n")))
+        .await
+        .unwrap();
+    drop(tx);
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, Bytes::from_static(b"data: {\"n\":2}\n\n"));
+    let done = custody.stop().await;
+    let r = done.one();
+    assert_eq!(r["outcome"], "ok");
+    assert_eq!(r["http"]["response_bytes"], 30);
+}
+
+#[tokio::test]
+async fn a_stream_still_open_when_the_grace_ends_is_cut_and_still_recorded() {
+    let (tx, handler) = one_stream(&[("content-type", "text/event-stream")]);
+    let up = MockUpstream::start(handler).await;
+    let custody =
+        Custody::start_with(vec![openai(&up)], |c| c.listen.shutdown_grace_secs = 1).await;
+    let resp = client()
+        .request(post(
+            &custody.url("/v1/chat/completions"),
+            &[],
+            r#"{"stream":true}"#,
+        ))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    tx.send(Ok(Bytes::from_static(b"data: {\"n\":1}\n\n")))
+        .await
+        .unwrap();
+    assert!(body.frame().await.unwrap().is_ok());
+    let done = custody.stop().await;
+    let r = done.one();
+    assert_eq!(r["outcome"], "client_cancelled");
+    assert_eq!(r["http"]["response_bytes"], 15);
+    assert_eq!(done.summary.dropped, 0);
+    drop(tx);
+}

@@ -124,9 +124,15 @@ impl Assembler {
             },
             http: Http {
                 method: ex.method.as_str().to_owned(),
-                path: ex.uri.path().to_owned(),
+                path: self
+                    .redactor
+                    .redact_str(ex.uri.path(), &mut counts)
+                    .into_owned(),
                 query,
-                upstream_path: ex.upstream_path.clone(),
+                upstream_path: ex
+                    .upstream_path
+                    .as_deref()
+                    .map(|p| self.redactor.redact_str(p, &mut counts).into_owned()),
                 status: ex.status.map(|s| s.as_u16()),
                 request_bytes: ex.request.total,
                 response_bytes: ex.response.total,

@@ -840,3 +840,110 @@ async fn a_stream_still_open_when_the_grace_ends_is_cut_and_still_recorded() {
     assert_eq!(done.summary.dropped, 0);
     drop(tx);
 }
+
+#[tokio::test]
+async fn upstream_certificates_are_verified() {
+    // An HTTPS upstream with a self-signed certificate: custody must refuse to talk to it.
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (handshakes_tx, mut handshakes) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let _ = handshakes_tx.send(acceptor.accept(s).await.is_ok());
+        }
+    });
+    let custody = Custody::start(vec![route(
+        "openai",
+        "/v1/",
+        &format!("https://localhost:{port}"),
+        Provider::Openai,
+        false,
+    )])
+    .await;
+    let (parts, _) = send(
+        &client(),
+        post(&custody.url("/v1/chat/completions"), &[], "{}"),
+    )
+    .await;
+    assert_eq!(parts.status, 502);
+    assert_eq!(
+        handshakes.recv().await,
+        Some(false),
+        "the handshake must fail"
+    );
+    let done = custody.stop().await;
+    let r = done.one();
+    assert_eq!(r["outcome"], "upstream_error");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("certificate"),
+        "{}",
+        r["error"]
+    );
+}
+
+#[tokio::test]
+async fn binary_and_malformed_bodies_are_recorded_safely() {
+    let up = MockUpstream::start(|_, body| {
+        if body.starts_with(b"{") {
+            respond(
+                200,
+                &[("content-type", "application/json")],
+                "{not json at all",
+            )
+        } else {
+            respond(
+                200,
+                &[("content-type", "application/octet-stream")],
+                vec![0xff, 0xfe, 0x00, 0x80],
+            )
+        }
+    })
+    .await;
+    let custody = Custody::start(vec![openai(&up)]).await;
+    let c = client();
+    let (_, got) = send(
+        &c,
+        post(
+            &custody.url("/v1/audio/speech"),
+            &[],
+            vec![0xc3u8, 0x28, 0xa0, 0xa1],
+        ),
+    )
+    .await;
+    assert_eq!(got, vec![0xff, 0xfe, 0x00, 0x80]);
+    let (_, got) = send(
+        &c,
+        post(
+            &custody.url("/v1/chat/completions"),
+            &[],
+            "{\"model\": \"gpt-4o\", \"oops\"",
+        ),
+    )
+    .await;
+    assert_eq!(got, "{not json at all");
+    let done = custody.stop().await;
+    let bin = &done.records[0];
+    assert_eq!(bin["request"]["omitted"], "binary or invalid UTF-8");
+    assert_eq!(bin["request"]["sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(bin["response"]["omitted"], "binary or invalid UTF-8");
+    let bad = &done.records[1];
+    assert_eq!(bad["request"]["body"], "{\"model\": \"gpt-4o\", \"oops\"");
+    assert_eq!(bad["response"]["body"], "{not json at all");
+    assert_eq!(bad["outcome"], "ok");
+    assert!(bad["gen_ai"]["request"].get("model").is_none());
+}

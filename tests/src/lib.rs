@@ -250,6 +250,14 @@ impl Stopped {
         self.dir.path().join("audit")
     }
 
+    /// The `seq` of every record, in trail order.
+    pub fn seqs(&self) -> Vec<u64> {
+        self.records
+            .iter()
+            .map(|r| r["seq"].as_u64().unwrap())
+            .collect()
+    }
+
     /// The only record; fails if there is not exactly one.
     pub fn one(&self) -> &Value {
         assert_eq!(self.records.len(), 1, "records: {:#?}", self.records);

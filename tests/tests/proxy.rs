@@ -163,12 +163,7 @@ async fn the_same_credential_gets_the_same_key_id_and_others_differ() {
     assert_eq!(ids[0], ids[1]);
     assert_ne!(ids[0], ids[2]);
     assert_eq!(ids[0], ids[3]);
-    let seqs: Vec<u64> = done
-        .records
-        .iter()
-        .map(|r| r["seq"].as_u64().unwrap())
-        .collect();
-    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    assert_eq!(done.seqs(), vec![1, 2, 3, 4]);
 }
 
 fn sse_body(events: &[(&str, &str)]) -> String {
@@ -414,20 +409,26 @@ async fn gzip_answers_pass_compressed_and_are_recorded_decoded() {
     assert_eq!(r["gen_ai"]["usage"]["input_tokens"], 9);
 }
 
-#[tokio::test]
-async fn streaming_is_not_buffered() {
+/// Custody in front of an upstream whose one streamed answer the test feeds chunk by
+/// chunk; returns the feeder, custody, and the response body as the client gets it.
+async fn open_stream(
+    tweak: impl FnOnce(&mut custody_config::Config),
+) -> (ChunkSender, Custody, hyper::body::Incoming) {
     let (tx, handler) = one_stream(&[("content-type", "text/event-stream")]);
     let up = MockUpstream::start(handler).await;
-    let custody = Custody::start(vec![openai(&up)]).await;
-    let resp = client()
-        .request(post(
-            &custody.url("/v1/chat/completions"),
-            &[],
-            r#"{"stream":true}"#,
-        ))
-        .await
-        .unwrap();
-    let mut body = resp.into_body();
+    let custody = Custody::start_with(vec![openai(&up)], tweak).await;
+    let req = post(
+        &custody.url("/v1/chat/completions"),
+        &[],
+        r#"{"model":"gpt-4o","stream":true}"#,
+    );
+    let resp = client().request(req).await.unwrap();
+    (tx, custody, resp.into_body())
+}
+
+#[tokio::test]
+async fn streaming_is_not_buffered() {
+    let (tx, custody, mut body) = open_stream(|_| {}).await;
     // Each chunk must reach the client while the upstream still holds the next one back.
     for i in 0..5 {
         let chunk = Bytes::from(format!("data: {{\"n\":{i}}}\n\n"));
@@ -443,18 +444,7 @@ async fn streaming_is_not_buffered() {
 
 #[tokio::test]
 async fn a_client_that_disconnects_mid_stream_is_recorded_as_cancelled() {
-    let (tx, handler) = one_stream(&[("content-type", "text/event-stream")]);
-    let up = MockUpstream::start(handler).await;
-    let custody = Custody::start(vec![openai(&up)]).await;
-    let resp = client()
-        .request(post(
-            &custody.url("/v1/chat/completions"),
-            &[],
-            r#"{"model":"gpt-4o","stream":true}"#,
-        ))
-        .await
-        .unwrap();
-    let mut body = resp.into_body();
+    let (tx, custody, mut body) = open_stream(|_| {}).await;
     let first = Bytes::from_static(
         b"data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"partial\"}}]}\n\n",
     );
@@ -489,18 +479,7 @@ async fn a_client_that_disconnects_mid_stream_is_recorded_as_cancelled() {
 
 #[tokio::test]
 async fn a_broken_upstream_stream_is_recorded_as_upstream_error() {
-    let (tx, handler) = one_stream(&[("content-type", "text/event-stream")]);
-    let up = MockUpstream::start(handler).await;
-    let custody = Custody::start(vec![openai(&up)]).await;
-    let resp = client()
-        .request(post(
-            &custody.url("/v1/chat/completions"),
-            &[],
-            r#"{"stream":true}"#,
-        ))
-        .await
-        .unwrap();
-    let mut body = resp.into_body();
+    let (tx, custody, mut body) = open_stream(|_| {}).await;
     tx.send(Ok(Bytes::from_static(b"data: {\"id\":\"x\"}\n\n")))
         .await
         .unwrap();
@@ -785,18 +764,7 @@ async fn no_pii_or_secret_reaches_the_audit_dir() {
 
 #[tokio::test]
 async fn shutdown_lets_an_in_flight_stream_finish() {
-    let (tx, handler) = one_stream(&[("content-type", "text/event-stream")]);
-    let up = MockUpstream::start(handler).await;
-    let mut custody = Custody::start(vec![openai(&up)]).await;
-    let resp = client()
-        .request(post(
-            &custody.url("/v1/chat/completions"),
-            &[],
-            r#"{"stream":true}"#,
-        ))
-        .await
-        .unwrap();
-    let mut body = resp.into_body();
+    let (tx, mut custody, mut body) = open_stream(|_| {}).await;
     tx.send(Ok(Bytes::from_static(b"data: {\"n\":1}\n\n")))
         .await
         .unwrap();
@@ -816,19 +784,7 @@ async fn shutdown_lets_an_in_flight_stream_finish() {
 
 #[tokio::test]
 async fn a_stream_still_open_when_the_grace_ends_is_cut_and_still_recorded() {
-    let (tx, handler) = one_stream(&[("content-type", "text/event-stream")]);
-    let up = MockUpstream::start(handler).await;
-    let custody =
-        Custody::start_with(vec![openai(&up)], |c| c.listen.shutdown_grace_secs = 1).await;
-    let resp = client()
-        .request(post(
-            &custody.url("/v1/chat/completions"),
-            &[],
-            r#"{"stream":true}"#,
-        ))
-        .await
-        .unwrap();
-    let mut body = resp.into_body();
+    let (tx, custody, mut body) = open_stream(|c| c.listen.shutdown_grace_secs = 1).await;
     tx.send(Ok(Bytes::from_static(b"data: {\"n\":1}\n\n")))
         .await
         .unwrap();

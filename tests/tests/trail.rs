@@ -145,12 +145,7 @@ async fn a_torn_tail_is_cut_aside_and_the_chain_continues() {
         .collect();
     assert_eq!(aside.len(), 1);
     assert_eq!(fs::read(&aside[0]).unwrap(), &block[..30]);
-    let seqs: Vec<u64> = done
-        .records
-        .iter()
-        .map(|r| r["seq"].as_u64().unwrap())
-        .collect();
-    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    assert_eq!(done.seqs(), vec![1, 2, 3, 4]);
     assert_eq!(verify_dir(&dir, |_, _, _| {}).unwrap().records, 4);
 }
 

@@ -22,6 +22,13 @@ use crate::{
 /// Query parameters that carry credentials (Gemini's `key`, Azure's `api-key`...).
 const CREDENTIAL_PARAMS: [&str; 5] = ["key", "api-key", "api_key", "access_token", "token"];
 
+/// Which body of an exchange is being recorded; a response knows its operation.
+#[derive(Clone, Copy)]
+enum Side {
+    Request,
+    Response(Option<Operation>),
+}
+
 /// Builds records; holds the automata and keys, built once.
 pub struct Assembler {
     redactor: Redactor,
@@ -51,28 +58,30 @@ impl Assembler {
         let op = Operation::detect(ex.provider, path);
         let mut facts = GenAiFacts::default();
 
-        let (req_body, req_json) = self.body(
+        let req_body = self.body(
             &ex.request_headers,
             &ex.request,
             &credentials,
             &mut counts,
-            false,
-            None,
+            Side::Request,
+            |v| {
+                if op.is_some() {
+                    genai::request_facts(v, &mut facts);
+                }
+            },
         );
-        if let (Some(_), Some(v)) = (op, &req_json) {
-            genai::request_facts(v, &mut facts);
-        }
-        let (resp_body, resp_json) = self.body(
+        let resp_body = self.body(
             &ex.response_headers,
             &ex.response,
             &credentials,
             &mut counts,
-            true,
-            op,
+            Side::Response(op),
+            |v| {
+                if let Some(op) = op {
+                    genai::response_facts(op, v, &mut facts);
+                }
+            },
         );
-        if let (Some(op), Some(v)) = (op, &resp_json) {
-            genai::response_facts(op, v, &mut facts);
-        }
 
         let ms = |t: Option<Instant>| t.map(|t| millis(t.duration_since(ex.started)));
         let rh = &ex.response_headers;
@@ -186,17 +195,17 @@ impl Assembler {
         parts.join("&")
     }
 
-    /// Decodes, parses and redacts one body. Returns the recorded form and, for JSON
-    /// (or a reassembled stream), the unredacted value for fact extraction.
+    /// Decodes, parses and redacts one body. `inspect` sees the parsed JSON (or the
+    /// reassembled stream) before redaction, for fact extraction.
     fn body(
         &self,
         headers: &HeaderMap,
         cap: &Capture,
         credentials: &[String],
         counts: &mut Counts,
-        is_response: bool,
-        op: Option<Operation>,
-    ) -> (Body, Option<Value>) {
+        side: Side,
+        inspect: impl FnOnce(&Value),
+    ) -> Body {
         let content_type = headers
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -207,7 +216,7 @@ impl Assembler {
             ..Body::default()
         };
         if cap.total == 0 {
-            return (out, None);
+            return out;
         }
         let raw = cap.to_vec();
         let omit = |out: &mut Body, why: String, bytes: &[u8]| {
@@ -219,37 +228,37 @@ impl Assembler {
             // A truncated compressed body cannot be decoded; say so, keep the hash.
             Err(e) => {
                 omit(&mut out, e.to_string(), &cap.to_vec());
-                return (out, None);
+                return out;
             }
         };
         let text = match std::str::from_utf8(&decoded) {
             Ok(t) => t,
             Err(_) => {
                 omit(&mut out, "binary or invalid UTF-8".into(), &decoded);
-                return (out, None);
+                return out;
             }
         };
         let is_sse = content_type
             .as_deref()
             .is_some_and(|c| c.starts_with("text/event-stream"));
-        let parsed = if is_response && is_sse {
-            out.streamed = true;
-            op.and_then(|op| genai::reassemble(op, text))
-        } else {
-            serde_json::from_str::<Value>(text).ok()
+        let parsed = match side {
+            Side::Response(op) if is_sse => {
+                out.streamed = true;
+                op.and_then(|op| genai::reassemble(op, text))
+            }
+            _ => serde_json::from_str::<Value>(text).ok(),
         };
-        let recorded = match &parsed {
-            Some(v) => {
-                let mut v = v.clone();
+        let mut recorded = match parsed {
+            Some(mut v) => {
+                inspect(&v);
                 self.redactor.redact_json(&mut v, counts);
                 v
             }
             None => Value::String(self.redactor.redact_str(text, counts).into_owned()),
         };
-        let mut recorded = recorded;
         scrub_literals(&mut recorded, credentials, "CLIENT_CREDENTIAL", counts);
         out.body = Some(recorded);
-        (out, parsed)
+        out
     }
 }
 

@@ -38,9 +38,9 @@ pub struct Assembler {
 }
 
 impl Assembler {
-    pub fn new(fingerprinter: Fingerprinter, decode_limit: usize) -> Self {
+    pub fn new(redactor: Redactor, fingerprinter: Fingerprinter, decode_limit: usize) -> Self {
         Self {
-            redactor: Redactor::new(),
+            redactor,
             fingerprinter,
             decode_limit,
         }
@@ -157,7 +157,7 @@ impl Assembler {
             gen_ai,
             request: req_body,
             response: resp_body,
-            redactions: counts.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            redactions: counts.into_map(),
             chain: Chain {
                 prev: String::new(),
                 hash: String::new(),
@@ -186,7 +186,7 @@ impl Assembler {
             .split('&')
             .map(|kv| match kv.split_once('=') {
                 Some((k, _)) if CREDENTIAL_PARAMS.iter().any(|c| c.eq_ignore_ascii_case(k)) => {
-                    *counts.entry("CLIENT_CREDENTIAL").or_default() += 1;
+                    counts.add("CLIENT_CREDENTIAL", 1);
                     Cow::Owned(format!("{k}=[CLIENT_CREDENTIAL]"))
                 }
                 _ => self.redactor.redact_str(kv, counts),

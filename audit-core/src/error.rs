@@ -20,6 +20,9 @@ pub enum AuditError {
         #[source]
         source: crate::segment::FormatError,
     },
+    /// The `[redaction]` rules cannot be built.
+    #[error(transparent)]
+    Redact(#[from] crate::redact::RedactError),
     /// No record has this id.
     #[error("no record with id {0}")]
     NotFound(String),

@@ -29,39 +29,7 @@ impl Fingerprinter {
 
     /// Loads the secret from `path` (hex), generating it (0600) if the file is missing.
     pub fn load_or_create(path: &Path) -> Result<Self, AuditError> {
-        let io = |source| AuditError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        match fs::read_to_string(path) {
-            Ok(text) => {
-                let key = hex::decode(text.trim()).map_err(|_| AuditError::BadKeyFile {
-                    path: path.to_owned(),
-                    reason: "not hex",
-                })?;
-                if key.len() < 16 {
-                    return Err(AuditError::BadKeyFile {
-                        path: path.to_owned(),
-                        reason: "shorter than 16 bytes",
-                    });
-                }
-                Ok(Self::new(key))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut key = vec![0u8; 32];
-                getrandom::fill(&mut key).map_err(|e| io(std::io::Error::other(e.to_string())))?;
-                let mut opts = OpenOptions::new();
-                opts.write(true).create_new(true);
-                #[cfg(unix)]
-                std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-                let mut f = opts.open(path).map_err(io)?;
-                f.write_all(hex::encode(&key).as_bytes()).map_err(io)?;
-                f.sync_all().map_err(io)?;
-                tracing::info!(path = %path.display(), "generated a new fingerprint key");
-                Ok(Self::new(key))
-            }
-            Err(e) => Err(io(e)),
-        }
+        load_or_create_key(path).map(Self::new)
     }
 
     /// `key_` and the first 16 hex digits of HMAC(secret, credential).
@@ -74,6 +42,44 @@ impl Fingerprinter {
         mac.update(credential);
         let out = mac.finalize().into_bytes();
         format!("key_{}", hex::encode(&out[..8]))
+    }
+}
+
+/// Reads a hex secret of at least 16 bytes from `path`, or generates 32 random bytes
+/// into it (mode 0600) if the file does not exist.
+pub fn load_or_create_key(path: &Path) -> Result<Vec<u8>, AuditError> {
+    let io = |source| AuditError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    match fs::read_to_string(path) {
+        Ok(text) => {
+            let key = hex::decode(text.trim()).map_err(|_| AuditError::BadKeyFile {
+                path: path.to_owned(),
+                reason: "not hex",
+            })?;
+            if key.len() < 16 {
+                return Err(AuditError::BadKeyFile {
+                    path: path.to_owned(),
+                    reason: "shorter than 16 bytes",
+                });
+            }
+            Ok(key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = vec![0u8; 32];
+            getrandom::fill(&mut key).map_err(|e| io(std::io::Error::other(e.to_string())))?;
+            let mut opts = OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            let mut f = opts.open(path).map_err(io)?;
+            f.write_all(hex::encode(&key).as_bytes()).map_err(io)?;
+            f.sync_all().map_err(io)?;
+            tracing::info!(path = %path.display(), "generated a new key");
+            Ok(key)
+        }
+        Err(e) => Err(io(e)),
     }
 }
 

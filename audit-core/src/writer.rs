@@ -16,15 +16,36 @@ use std::{
 };
 
 use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
+use custody_config::Mode;
 
 use crate::{
     assemble::Assembler,
     exchange::Exchange,
-    fingerprint::Fingerprinter,
+    fingerprint::{self, Fingerprinter},
+    redact::Redactor,
     segment,
     store::{ChainHead, Recovery, SegmentStore},
     AuditError,
 };
+
+/// The redaction engine for a configuration, loading (or creating) the pseudonym key
+/// only when some entity is pseudonymized.
+pub fn redactor_for(config: &custody_config::Config) -> Result<Redactor, AuditError> {
+    let r = &config.redaction;
+    let pseudonymizes = r.default_mode == Mode::Pseudonymize
+        || r.entities.values().any(|m| *m == Mode::Pseudonymize)
+        || r.custom.iter().any(|c| c.mode == Some(Mode::Pseudonymize));
+    let key = if pseudonymizes {
+        let path = r
+            .pseudonym_key_file
+            .clone()
+            .unwrap_or_else(|| config.audit.dir.join("pseudonym.key"));
+        Some(fingerprint::load_or_create_key(&path)?)
+    } else {
+        None
+    };
+    Ok(Redactor::new(r, key)?)
+}
 
 /// Uncompressed bytes per block before it is cut.
 pub const BLOCK_TARGET: usize = 256 * 1024;
@@ -117,20 +138,22 @@ pub struct AuditWriter {
 }
 
 impl AuditWriter {
-    /// Opens (and if needed repairs) the trail in `config.dir` and starts the thread.
-    pub fn start(config: &custody_config::Audit) -> Result<Self, AuditError> {
-        let wc = WriterConfig::from(config);
+    /// Opens (and if needed repairs) the trail in `[audit] dir` and starts the thread.
+    pub fn start(config: &custody_config::Config) -> Result<Self, AuditError> {
+        let audit = &config.audit;
+        let wc = WriterConfig::from(audit);
         let (store, recovery) =
-            SegmentStore::open(&config.dir, wc.segment_max_bytes, wc.segment_max_age)?;
-        let key_path = config
+            SegmentStore::open(&audit.dir, wc.segment_max_bytes, wc.segment_max_age)?;
+        let key_path = audit
             .fingerprint_key_file
             .clone()
-            .unwrap_or_else(|| config.dir.join("fingerprint.key"));
+            .unwrap_or_else(|| audit.dir.join("fingerprint.key"));
         let fingerprinter = Fingerprinter::load_or_create(&key_path)?;
+        let redactor = redactor_for(config)?;
         Self::start_with(
             store,
             recovery,
-            Assembler::new(fingerprinter, wc.decode_limit),
+            Assembler::new(redactor, fingerprinter, wc.decode_limit),
             wc,
         )
     }

@@ -2,15 +2,18 @@
 //!
 //! # Layout
 //! - [`schema`]: the configuration types, one doc comment per key (the TOML keys are a contract).
+//! - [`redaction`]: the `[redaction]` section and the built-in entity names.
 //! - [`load`]: parsing a file or string, then [`Config::validate`].
 //! - [`error`]: [`ConfigError`], which always names the file, and the key or line at fault.
 #![forbid(unsafe_code)]
 
 pub mod error;
 pub mod load;
+pub mod redaction;
 pub mod schema;
 
 pub use error::ConfigError;
+pub use redaction::{Alphabet, CustomRule, Mode, Redaction, BUILTIN_ENTITIES};
 pub use schema::{Audit, Config, Listen, Provider, Route, Upstream, UpstreamUrl};
 
 /// The embedded default configuration, printed by `custody config default`.

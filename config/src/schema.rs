@@ -20,6 +20,9 @@ pub struct Config {
     /// How custody talks to upstream providers.
     #[serde(default)]
     pub upstream: Upstream,
+    /// What is redacted from bodies before they are written, and how.
+    #[serde(default)]
+    pub redaction: crate::Redaction,
     /// Routes by path prefix; a request that matches none gets a 404 from custody.
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
@@ -268,6 +271,9 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        if let Err((key, reason)) = self.redaction.check() {
+            return Err(invalid(key, &reason));
+        }
         if a.dir.as_os_str().is_empty() {
             return Err(invalid("audit.dir".into(), "must not be empty"));
         }
@@ -287,6 +293,7 @@ impl Config {
                 ..Audit::default()
             },
             upstream: Upstream::default(),
+            redaction: crate::Redaction::default(),
             routes,
         }
     }
@@ -351,6 +358,53 @@ mod tests {
         assert!(err.contains("audit.queue_capacity"), "{err}");
         let err = Config::from_toml_str("", "x").unwrap_err().to_string();
         assert!(err.contains("[[route]]"), "{err}");
+    }
+
+    #[test]
+    fn redaction_rules_are_checked_by_name() {
+        let base = "[[route]]\nname = \"a\"\nprefix = \"/\"\nupstream = \"http://127.0.0.1:9\"\n";
+        let ok = format!("[redaction]\ndefault_mode = \"pseudonymize\"\nallow = [\"help@example.com\"]\n[redaction.entities]\nIP_ADDRESS = \"off\"\nACME = \"drop\"\n[[redaction.custom]]\nname = \"ACME\"\nprefix = \"acme_\"\nmin_len = 8\n{base}");
+        let c = Config::from_toml_str(&ok, "x").unwrap();
+        assert_eq!(c.redaction.mode_of("IP_ADDRESS"), crate::Mode::Off);
+        assert_eq!(
+            c.redaction.mode_of("EMAIL_ADDRESS"),
+            crate::Mode::Pseudonymize
+        );
+        for (bad, want) in [
+            (
+                "[redaction.entities]\nNOPE = \"mask\"\n",
+                "redaction.entities.NOPE",
+            ),
+            (
+                "[[redaction.custom]]\nname = \"X1\"\nterms = [\"ab\"]\n",
+                "rule `X1`",
+            ),
+            (
+                "[[redaction.custom]]\nname = \"lower\"\nterms = [\"abc\"]\n",
+                "UPPER_SNAKE_CASE",
+            ),
+            (
+                "[[redaction.custom]]\nname = \"EMAIL_ADDRESS\"\nterms = [\"abc\"]\n",
+                "already an entity",
+            ),
+            (
+                "[[redaction.custom]]\nname = \"Y\"\n",
+                "needs `terms` or a `prefix`",
+            ),
+            (
+                "[[redaction.custom]]\nname = \"Z\"\nprefix = \"zz_\"\nmin_len = 9\nmax_len = 3\n",
+                "min_len",
+            ),
+        ] {
+            let err = Config::from_toml_str(&format!("{bad}{base}"), "x")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{bad}: {err}");
+        }
+        let err = Config::from_toml_str(&format!("[redaction]\nmode = \"mask\"\n{base}"), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2"), "{err}");
     }
 
     #[test]

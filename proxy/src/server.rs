@@ -30,8 +30,8 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<RunSummary, ProxyError> {
-    let audit_config = config.audit.clone();
-    let writer = tokio::task::spawn_blocking(move || AuditWriter::start(&audit_config))
+    let writer_config = config.clone();
+    let writer = tokio::task::spawn_blocking(move || AuditWriter::start(&writer_config))
         .await
         .map_err(|e| ProxyError::Io {
             what: "starting the audit writer".into(),

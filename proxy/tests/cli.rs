@@ -217,3 +217,44 @@ fn demo_runs_without_a_key_and_verifies() {
         "{out}"
     );
 }
+
+#[test]
+fn redact_keeps_lines_and_reports_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[audit]\ndir = \"{}\"\n[redaction]\nallow = [\"help@example.com\"]\n[redaction.entities]\nPHONE_NUMBER = \"drop\"\n[[redaction.custom]]\nname = \"CODENAME\"\nterms = [\"bluebird\"]\ncase_insensitive = true\n[[route]]\nname = \"a\"\nprefix = \"/\"\nupstream = \"http://127.0.0.1:9\"\n",
+            dir.path().join("audit").display()
+        ),
+    )
+    .unwrap();
+    let input = b"mail bob@example.com or help@example.com\r\n{\"b\": 1,  \"a\":\"call 415-555-2671 re BlueBird\"}\n\xff\xfe not utf-8 4111 1111 1111 1111\nlast line without newline";
+    let mut child = Command::new(BIN)
+        .args(["redact", "--report", "--config", config.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success());
+    let out = String::from_utf8(o.stdout).expect("output is UTF-8");
+    let lines: Vec<&str> = out.split_inclusive('\n').collect();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(lines[0], "mail [EMAIL_ADDRESS] or help@example.com\r\n");
+    assert_eq!(lines[1], "{\"b\": 1,  \"a\":\"call  re [CODENAME]\"}\n");
+    assert!(
+        lines[2].ends_with(" not utf-8 [CREDIT_CARD]\n"),
+        "{}",
+        lines[2]
+    );
+    assert_eq!(lines[3], "last line without newline");
+    let report: serde_json::Value = serde_json::from_slice(&o.stderr).unwrap();
+    assert_eq!(
+        report,
+        serde_json::json!({"CODENAME": 1, "CREDIT_CARD": 1, "EMAIL_ADDRESS": 1, "PHONE_NUMBER": 1})
+    );
+}

@@ -2,6 +2,7 @@
 
 mod demo;
 mod log;
+mod redact;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -36,6 +37,14 @@ enum Command {
     Log {
         #[command(subcommand)]
         command: log::LogCommand,
+    },
+    /// Redact standard input to standard output, line by line, with the configured rules.
+    Redact {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print entity counts as JSON on standard error.
+        #[arg(long)]
+        report: bool,
     },
     /// A tour without an API key: a mock provider, two requests, their records, verify.
     Demo {
@@ -108,6 +117,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Log { command } => log::run(command),
+        Command::Redact { config, report } => redact::run(config.as_ref(), report),
         Command::Demo { dir } => runtime()?.block_on(demo::run(dir)),
         Command::MockProvider { listen } => runtime()?.block_on(async {
             let listener = tokio::net::TcpListener::bind(listen)

@@ -1,0 +1,411 @@
+//! The redaction engine: finds PII and secrets in text and replaces them, in one pass
+//! per detector family, before anything is written.
+//!
+//! Shape: cheap anchors first, validation in a small window around each hit.
+//! - Literal anchors of 3+ bytes (secret prefixes, custom terms) in one Aho-Corasick
+//!   automaton with `LeftmostFirst`, which keeps its SIMD (Teddy) prefilter; each hit is
+//!   extended and checked by its rule ([`rules`]). Case-insensitive custom terms get a
+//!   second automaton, built only if there are any.
+//! - `@` found with memchr; the address around it is extended and checked.
+//! - Digits found eight bytes at a time; each number is classified by its grouping and
+//!   validated (Luhn, IBAN mod-97, SSN rules, NANP/E.164, IPv4 octets) ([`scan`], [`validate`]).
+//!
+//! Every detector anchors on ASCII and extends over ASCII, so spans never split a UTF-8
+//! sequence. Overlapping spans keep the one that starts first (the longer on a tie).
+//! JSON is redacted string by string, keys and structure untouched.
+
+mod rules;
+mod scan;
+mod validate;
+
+use std::{borrow::Cow, collections::BTreeMap, collections::HashSet};
+
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use custody_config::{Mode, Redaction, BUILTIN_ENTITIES};
+use hmac::{Hmac, Mac};
+use serde_json::Value;
+use sha2::Sha256;
+
+use rules::{Check, Rule};
+use scan::NumberEntities;
+
+/// Index of an entity in the engine's name table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EntityId(u16);
+
+/// A found entity: byte range and which entity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub start: usize,
+    pub end: usize,
+    pub entity: EntityId,
+}
+
+/// Entity name -> replacements made.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Counts(BTreeMap<String, u64>);
+
+impl Counts {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add(&mut self, entity: &str, n: u64) {
+        match self.0.get_mut(entity) {
+            Some(c) => *c += n,
+            None => {
+                self.0.insert(entity.to_owned(), n);
+            }
+        }
+    }
+
+    pub fn get(&self, entity: &str) -> u64 {
+        self.0.get(entity).copied().unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn into_map(self) -> BTreeMap<String, u64> {
+        self.0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+}
+
+/// Rules that cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RedactError {
+    #[error("redaction rule `{rule}`: {reason}")]
+    Rule { rule: String, reason: String },
+    #[error("redaction mode `pseudonymize` is on but no pseudonym key was given")]
+    NoPseudonymKey,
+}
+
+struct Automaton {
+    ac: AhoCorasick,
+    rules: Vec<(EntityId, Check)>,
+}
+
+/// The engine, built once and shared by the writer.
+pub struct Redactor {
+    names: Vec<String>,
+    modes: Vec<Mode>,
+    anchors: Option<Automaton>,
+    anchors_ci: Option<Automaton>,
+    email: Option<EntityId>,
+    numbers: NumberEntities,
+    allow: HashSet<String>,
+    allow_ci: HashSet<String>,
+    pseudonym_key: Option<Vec<u8>>,
+}
+
+impl Redactor {
+    /// Every built-in entity, masked.
+    pub fn builtin() -> Self {
+        match Self::new(&Redaction::default(), None) {
+            Ok(r) => r,
+            // The built-in rules are constants checked by the tests.
+            Err(e) => panic!("built-in redaction rules: {e}"),
+        }
+    }
+
+    /// The engine for a `[redaction]` section. `pseudonym_key` is needed when any
+    /// entity's mode is `pseudonymize`.
+    pub fn new(config: &Redaction, pseudonym_key: Option<Vec<u8>>) -> Result<Self, RedactError> {
+        let mut names: Vec<String> = BUILTIN_ENTITIES.iter().map(|s| (*s).to_owned()).collect();
+        names.extend(config.custom.iter().map(|c| c.name.clone()));
+        let modes: Vec<Mode> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let custom_mode = i
+                    .checked_sub(BUILTIN_ENTITIES.len())
+                    .and_then(|c| config.custom[c].mode);
+                config
+                    .entities
+                    .get(n)
+                    .copied()
+                    .or(custom_mode)
+                    .unwrap_or(config.default_mode)
+            })
+            .collect();
+        if modes.contains(&Mode::Pseudonymize) && pseudonym_key.is_none() {
+            return Err(RedactError::NoPseudonymKey);
+        }
+        let id_of = |name: &str| -> Option<EntityId> {
+            let i = names.iter().position(|n| n == name)?;
+            (modes[i] != Mode::Off).then_some(EntityId(i as u16))
+        };
+
+        let mut literal: Vec<(String, EntityId, Check)> = Vec::new();
+        for (prefix, Rule { entity, check }) in rules::builtin() {
+            if let Some(id) = id_of(entity) {
+                literal.push((prefix.to_owned(), id, check));
+            }
+        }
+        let mut literal_ci = Vec::new();
+        for c in &config.custom {
+            let Some(id) = id_of(&c.name) else { continue };
+            if let Some(p) = &c.prefix {
+                let check = Check::Key {
+                    alphabet: c.alphabet,
+                    min: c.min_len,
+                    max: c.max_len,
+                    mixed: false,
+                };
+                literal.push((p.clone(), id, check));
+            }
+            for t in &c.terms {
+                let target = if c.case_insensitive {
+                    &mut literal_ci
+                } else {
+                    &mut literal
+                };
+                target.push((t.clone(), id, Check::Literal));
+            }
+        }
+        // Longer patterns first, so that a prefix of another never shadows it.
+        literal.sort_by_key(|(p, _, _)| std::cmp::Reverse(p.len()));
+        literal_ci.sort_by_key(|(p, _, _)| std::cmp::Reverse(p.len()));
+        let anchors = build(literal, false)?;
+        let anchors_ci = build(literal_ci, true)?;
+        Ok(Self {
+            email: id_of("EMAIL_ADDRESS"),
+            numbers: NumberEntities {
+                card: id_of("CREDIT_CARD"),
+                ssn: id_of("US_SSN"),
+                phone: id_of("PHONE_NUMBER"),
+                iban: id_of("IBAN_CODE"),
+                ip: id_of("IP_ADDRESS"),
+            },
+            allow: config.allow.iter().cloned().collect(),
+            allow_ci: config
+                .allow
+                .iter()
+                .map(|a| a.to_ascii_lowercase())
+                .collect(),
+            anchors,
+            anchors_ci,
+            names,
+            modes,
+            pseudonym_key,
+        })
+    }
+
+    /// The name of an entity.
+    pub fn name(&self, id: EntityId) -> &str {
+        &self.names[id.0 as usize]
+    }
+
+    /// All entities in `s`, sorted and non-overlapping, allow-listed values removed.
+    pub fn find(&self, s: &str) -> Vec<Span> {
+        let b = s.as_bytes();
+        let mut spans = Vec::new();
+        for a in [&self.anchors, &self.anchors_ci].into_iter().flatten() {
+            for m in a.ac.find_iter(b) {
+                let (id, check) = &a.rules[m.pattern().as_usize()];
+                if let Some((start, end)) = rules::check(b, m.start(), m.end(), check) {
+                    spans.push(Span {
+                        start,
+                        end,
+                        entity: *id,
+                    });
+                }
+            }
+        }
+        if let Some(id) = self.email {
+            scan::emails(b, id, &mut spans);
+        }
+        if self.numbers.any() {
+            scan::numbers(b, &self.numbers, &mut spans);
+        }
+        if spans.is_empty() {
+            return spans;
+        }
+        spans.sort_by_key(|s| (s.start, std::cmp::Reverse(s.end)));
+        let mut kept: Vec<Span> = Vec::with_capacity(spans.len());
+        for sp in spans {
+            if kept.last().is_some_and(|last| sp.start < last.end) {
+                continue;
+            }
+            let text = &s[sp.start..sp.end];
+            if self.allow.contains(text)
+                || (!self.allow_ci.is_empty() && self.allow_ci.contains(&text.to_ascii_lowercase()))
+            {
+                continue;
+            }
+            kept.push(sp);
+        }
+        kept
+    }
+
+    /// `s` with every entity replaced per its mode; borrowed when nothing was found.
+    pub fn redact_str<'a>(&self, s: &'a str, counts: &mut Counts) -> Cow<'a, str> {
+        let spans = self.find(s);
+        if spans.is_empty() {
+            return Cow::Borrowed(s);
+        }
+        let mut out = String::with_capacity(s.len());
+        let mut at = 0;
+        for sp in spans {
+            out.push_str(&s[at..sp.start]);
+            self.replace(&s[sp.start..sp.end], sp.entity, &mut out);
+            counts.add(self.name(sp.entity), 1);
+            at = sp.end;
+        }
+        out.push_str(&s[at..]);
+        Cow::Owned(out)
+    }
+
+    fn replace(&self, value: &str, id: EntityId, out: &mut String) {
+        let name = self.name(id);
+        match self.modes[id.0 as usize] {
+            Mode::Drop => {}
+            Mode::Pseudonymize => {
+                out.push('[');
+                out.push_str(name);
+                out.push(':');
+                out.push_str(&self.pseudonym(name, value));
+                out.push(']');
+            }
+            Mode::Mask | Mode::Off => {
+                out.push('[');
+                out.push_str(name);
+                out.push(']');
+            }
+        }
+    }
+
+    /// First 8 hex digits of HMAC-SHA-256(key, entity || 0 || value).
+    fn pseudonym(&self, entity: &str, value: &str) -> String {
+        let key = self.pseudonym_key.as_deref().unwrap_or_default();
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
+            return String::from("00000000");
+        };
+        mac.update(entity.as_bytes());
+        mac.update(&[0]);
+        mac.update(value.as_bytes());
+        hex::encode(&mac.finalize().into_bytes()[..4])
+    }
+
+    /// Redacts every string value (not keys) in a JSON document, in place.
+    pub fn redact_json(&self, v: &mut Value, counts: &mut Counts) {
+        match v {
+            Value::String(s) => {
+                if let Cow::Owned(r) = self.redact_str(s, counts) {
+                    *s = r;
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|i| self.redact_json(i, counts)),
+            Value::Object(map) => map.values_mut().for_each(|i| self.redact_json(i, counts)),
+            _ => {}
+        }
+    }
+
+    /// Redacts the string values of JSON text, leaving every other byte as it was
+    /// (key order, spacing, numbers). `None` when `text` is not a JSON object or array.
+    pub fn redact_json_text(&self, text: &str, counts: &mut Counts) -> Option<String> {
+        if !matches!(
+            text.trim_start().as_bytes().first(),
+            Some(b'{') | Some(b'[')
+        ) {
+            return None;
+        }
+        serde_json::from_str::<serde::de::IgnoredAny>(text).ok()?;
+        let b = text.as_bytes();
+        let mut out = String::new();
+        let mut copied = 0;
+        let mut i = 0;
+        // In valid JSON a quote outside a string opens one; skip each string whole.
+        while let Some(q) = memchr::memchr(b'"', &b[i..]) {
+            let start = i + q;
+            let mut j = start + 1;
+            while j < b.len() && b[j] != b'"' {
+                j += if b[j] == b'\\' { 2 } else { 1 };
+            }
+            let end = (j + 1).min(b.len());
+            i = end;
+            let next = b[end..].iter().find(|c| !c.is_ascii_whitespace());
+            if next == Some(&b':') {
+                continue;
+            }
+            let literal = &text[start..end];
+            let value: Cow<'_, str> = if literal.contains('\\') {
+                Cow::Owned(serde_json::from_str::<String>(literal).ok()?)
+            } else {
+                Cow::Borrowed(&literal[1..literal.len() - 1])
+            };
+            if let Cow::Owned(red) = self.redact_str(&value, counts) {
+                out.push_str(&text[copied..start]);
+                out.push_str(&serde_json::to_string(&red).ok()?);
+                copied = end;
+            }
+        }
+        out.push_str(&text[copied..]);
+        Some(out)
+    }
+
+    /// One line of `custody redact`: JSON text string by string, anything else as text.
+    pub fn redact_line<'a>(&self, line: &'a str, counts: &mut Counts) -> Cow<'a, str> {
+        match self.redact_json_text(line, counts) {
+            Some(s) => Cow::Owned(s),
+            None => self.redact_str(line, counts),
+        }
+    }
+}
+
+fn build(
+    mut patterns: Vec<(String, EntityId, Check)>,
+    case_insensitive: bool,
+) -> Result<Option<Automaton>, RedactError> {
+    if patterns.is_empty() {
+        return Ok(None);
+    }
+    let mut seen = HashSet::new();
+    patterns.retain(|p| seen.insert(p.0.clone()));
+    let ac = AhoCorasickBuilder::new()
+        .match_kind(MatchKind::LeftmostFirst)
+        .ascii_case_insensitive(case_insensitive)
+        .build(patterns.iter().map(|p| p.0.as_bytes()))
+        .map_err(|e| RedactError::Rule {
+            rule: "anchors".into(),
+            reason: e.to_string(),
+        })?;
+    Ok(Some(Automaton {
+        ac,
+        rules: patterns.into_iter().map(|(_, id, c)| (id, c)).collect(),
+    }))
+}
+
+/// Replaces each literal (a client credential seen in the headers) wherever it appears
+/// in a string value; no detector need know a credential's format.
+pub fn scrub_literals(v: &mut Value, literals: &[String], entity: &str, counts: &mut Counts) {
+    if literals.is_empty() {
+        return;
+    }
+    match v {
+        Value::String(s) => {
+            for lit in literals {
+                let n = s.matches(lit.as_str()).count() as u64;
+                if n > 0 {
+                    *s = s.replace(lit.as_str(), &format!("[{entity}]"));
+                    counts.add(entity, n);
+                }
+            }
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .for_each(|i| scrub_literals(i, literals, entity, counts)),
+        Value::Object(map) => map
+            .values_mut()
+            .for_each(|i| scrub_literals(i, literals, entity, counts)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests;

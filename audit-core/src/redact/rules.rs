@@ -250,11 +250,11 @@ pub(crate) fn check(
             (c == 43).then_some((start, end + 1 + c))
         }
         Check::AssignedValue { len } => {
-            // key name, then up to 6 of `"' :=` and whitespace, then the value.
+            // key name, then up to 8 of `"' :=\` and whitespace (JSON-escaped quotes too), then the value.
             let mut v = anchor_end;
             while v < b.len()
-                && v - anchor_end < 6
-                && matches!(b[v], b'"' | b'\'' | b' ' | b'\t' | b'=' | b':')
+                && v - anchor_end < 8
+                && matches!(b[v], b'"' | b'\'' | b'\\' | b' ' | b'\t' | b'=' | b':')
             {
                 v += 1;
             }

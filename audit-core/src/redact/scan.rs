@@ -39,7 +39,9 @@ pub(crate) fn emails(b: &[u8], entity: EntityId, out: &mut Vec<Span>) {
 }
 
 fn email_at(b: &[u8], at: usize) -> Option<(usize, usize)> {
-    let local_char = |c: u8| c.is_ascii_alphanumeric() || b"._%+-'".contains(&c);
+    // Non-ASCII bytes count as local-part characters (RFC 6531 addresses); the scan
+    // still stops on an ASCII byte, so the start stays on a character boundary.
+    let local_char = |c: u8| c.is_ascii_alphanumeric() || c >= 0x80 || b"._%+-'".contains(&c);
     let domain_char = |c: u8| c.is_ascii_alphanumeric() || c == b'.' || c == b'-';
     let mut start = at;
     while start > 0 && local_char(b[start - 1]) && at - start < 64 {
@@ -95,6 +97,26 @@ fn word_at(b: &[u8], i: usize) -> u64 {
     a.copy_from_slice(&b[i..i + 8]);
     u64::from_le_bytes(a)
 }
+
+/// Words before an unseparated number that make it an identifier, not a card.
+const NOT_A_CARD: &[&[u8]] = &[
+    b"order",
+    b"invoice",
+    b"tracking",
+    b"shipment",
+    b"ticket",
+    b"ref",
+    b"ean",
+    b"isbn",
+    b"sku",
+    b"upc",
+    b"gtin",
+    b"serial",
+    b"barcode",
+];
+
+/// Words before a bare nine-digit number that make it an SSN.
+const SSN_CONTEXT: &[&[u8]] = &[b"ssn", b"social security"];
 
 const MAX_GROUPS: usize = 12;
 const MAX_DIGITS: usize = 24;
@@ -288,29 +310,13 @@ fn classify(
     }
     if let Some(id) = ents.card {
         let grouped = ng == 1 || (one_kind(b" -") && groups.iter().all(|g| g.1 - g.0 >= 3));
-        if grouped
-            && validate::card(d)
-            && (ng > 1
-                || !context_before(
-                    b,
-                    first_digit,
-                    &[
-                        b"order",
-                        b"invoice",
-                        b"tracking",
-                        b"shipment",
-                        b"ticket",
-                        b"ref",
-                    ],
-                ))
-        {
+        if grouped && validate::card(d) && (ng > 1 || !context_before(b, first_digit, NOT_A_CARD)) {
             return Some((first_digit, id));
         }
     }
     if let Some(id) = ents.ssn {
         let dashed = lens(&[3, 2, 4]) && one_kind(b"- ");
-        let bare =
-            ng == 1 && nd == 9 && context_before(b, first_digit, &[b"ssn", b"social security"]);
+        let bare = ng == 1 && nd == 9 && context_before(b, first_digit, SSN_CONTEXT);
         if (dashed || bare) && validate::ssn(d) {
             return Some((first_digit, id));
         }
@@ -369,7 +375,7 @@ fn iban(b: &[u8], s: usize) -> Option<usize> {
             i += 1;
             end = i;
         } else if c == b' '
-            && n >= 4
+            && n % 4 == 0
             && b.get(i + 1)
                 .is_some_and(|c| c.is_ascii_digit() || c.is_ascii_uppercase())
         {

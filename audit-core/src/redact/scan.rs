@@ -80,15 +80,15 @@ fn email_at(b: &[u8], at: usize) -> Option<(usize, usize)> {
 const LO: u64 = 0x0101_0101_0101_0101;
 const HI: u64 = 0x8080_8080_8080_8080;
 
-/// Whether any of the eight bytes is an ASCII digit (bytes >= 0x80 never count).
+/// The high bit of each of the eight bytes that is an ASCII digit (bytes >= 0x80 never
+/// count). Exact per byte: no carry or borrow crosses bytes.
 #[inline]
-fn has_digit(x: u64) -> bool {
+fn digit_mask(x: u64) -> u64 {
     let t = x & (LO * 0x7f);
-    ((LO * (0x7f + b'9' as u64 + 1)).wrapping_sub(t)
+    (LO * (0x7f + b'9' as u64 + 1)).wrapping_sub(t)
         & !x
         & (t + LO * (0x7f - (b'0' as u64 - 1)))
-        & HI)
-        != 0
+        & HI
 }
 
 #[inline]
@@ -141,9 +141,14 @@ pub(crate) fn numbers(b: &[u8], ents: &NumberEntities, out: &mut Vec<Span>) {
     let n = b.len();
     let mut i = 0;
     while i < n {
-        if i + 8 <= n && !has_digit(word_at(b, i)) {
-            i += 8;
-            continue;
+        if i + 8 <= n {
+            let m = digit_mask(word_at(b, i));
+            if m == 0 {
+                i += 8;
+                continue;
+            }
+            // Straight to the first digit in these eight bytes (little-endian order).
+            i += (m.trailing_zeros() / 8) as usize;
         }
         if !b[i].is_ascii_digit() {
             i += 1;
@@ -194,6 +199,18 @@ fn token(b: &[u8], d: usize, ents: &NumberEntities, out: &mut Vec<Span>) -> usiz
     }
     if start >= 2 && matches!(b[start - 1], b'-' | b'.') && is_word(b[start - 2]) {
         return skip_number(b, d);
+    }
+    // Fast path for the common case, a short number on its own ("12", "2026", "3.5"):
+    // nothing is shorter than 8 digits unless it has separators (IPv4 has at least 3).
+    let mut g_end = d;
+    while g_end < b.len() && b[g_end].is_ascii_digit() {
+        g_end += 1;
+    }
+    let separated = g_end + 1 < b.len()
+        && matches!(b[g_end], b' ' | b'-' | b'.' | b'(' | b')' | b'/')
+        && (b[g_end + 1].is_ascii_digit() || b.get(g_end + 2).is_some_and(u8::is_ascii_digit));
+    if !separated && g_end - d < 8 {
+        return g_end;
     }
     let mut t = Token {
         groups: [(0, 0); MAX_GROUPS],
@@ -415,7 +432,11 @@ mod tests {
     fn swar_digit_test_matches_the_byte_test() {
         for x in 0u8..=255 {
             let w = u64::from_le_bytes([b'a', x, b'z', 0xff, 0x80, b' ', b'/', b':']);
-            assert_eq!(has_digit(w), x.is_ascii_digit(), "byte {x}");
+            assert_eq!(digit_mask(w) != 0, x.is_ascii_digit(), "byte {x}");
+            assert_eq!(
+                digit_mask(w),
+                if x.is_ascii_digit() { 0x80 << 8 } else { 0 }
+            );
         }
     }
 }

@@ -903,3 +903,50 @@ async fn binary_and_malformed_bodies_are_recorded_safely() {
     assert_eq!(bad["outcome"], "ok");
     assert!(bad["gen_ai"]["request"].get("model").is_none());
 }
+
+#[tokio::test]
+async fn configured_redaction_reaches_the_records() {
+    let up =
+        MockUpstream::start(|_, _| respond(200, &[("content-type", "application/json")], "{}"))
+            .await;
+    let custody = Custody::start_with(vec![openai(&up)], |c| {
+        c.redaction
+            .entities
+            .insert("EMAIL_ADDRESS".into(), custody_config::Mode::Pseudonymize);
+        c.redaction
+            .entities
+            .insert("IP_ADDRESS".into(), custody_config::Mode::Off);
+        c.redaction.allow.push("help@example.com".into());
+    })
+    .await;
+    let c = client();
+    for _ in 0..2 {
+        let body = r#"{"messages":[{"role":"user","content":"I am jane@example.com at 10.1.2.3, cc help@example.com"}]}"#;
+        send(&c, post(&custody.url("/v1/chat/completions"), &[], body)).await;
+    }
+    let done = custody.stop().await;
+    let texts: Vec<&str> = done
+        .records
+        .iter()
+        .map(|r| {
+            r["request"]["body"]["messages"][0]["content"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        texts[0], texts[1],
+        "the same address gets the same pseudonym"
+    );
+    assert!(
+        texts[0].starts_with("I am [EMAIL_ADDRESS:")
+            && texts[0].ends_with("] at 10.1.2.3, cc help@example.com"),
+        "{}",
+        texts[0]
+    );
+    assert!(done.audit_dir().join("pseudonym.key").exists());
+    assert!(!contains(
+        &all_audit_bytes(&done.audit_dir()),
+        "jane@example.com"
+    ));
+}

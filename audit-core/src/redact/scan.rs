@@ -47,6 +47,10 @@ fn email_at(b: &[u8], at: usize) -> Option<(usize, usize)> {
     while start > 0 && local_char(b[start - 1]) && at - start < 64 {
         start -= 1;
     }
+    // The length cap can stop inside a multi-byte character: move to its end.
+    while start < at && b[start] & 0xC0 == 0x80 {
+        start += 1;
+    }
     while start < at && matches!(b[start], b'.' | b'\'' | b'-' | b'+') {
         start += 1;
     }

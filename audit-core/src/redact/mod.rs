@@ -307,14 +307,9 @@ impl Redactor {
     }
 
     /// Redacts the string values of JSON text, leaving every other byte as it was
-    /// (key order, spacing, numbers). `None` when `text` is not a JSON object or array.
+    /// (key order, spacing, numbers). `None` when `text` is not JSON. Any JSON value
+    /// counts, a bare number too: JSON in must give JSON out.
     pub fn redact_json_text(&self, text: &str, counts: &mut Counts) -> Option<String> {
-        if !matches!(
-            text.trim_start().as_bytes().first(),
-            Some(b'{') | Some(b'[')
-        ) {
-            return None;
-        }
         serde_json::from_str::<serde::de::IgnoredAny>(text).ok()?;
         let b = text.as_bytes();
         let mut out = String::new();

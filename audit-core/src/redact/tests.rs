@@ -181,6 +181,9 @@ fn modes_allow_list_and_custom_rules() {
 #[test]
 fn random_inputs_keep_the_invariants() {
     let pieces = [
+        "ééééééééééééééééééééééééééééééééééééé",
+        "😀😀😀😀😀😀😀😀😀😀😀😀😀😀😀😀😀😀",
+        "abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyz",
         "4111",
         " ",
         "-",

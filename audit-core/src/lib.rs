@@ -21,6 +21,7 @@ pub mod record;
 pub mod redact;
 pub mod search;
 pub mod segment;
+pub mod signing;
 pub mod sse;
 pub mod store;
 pub mod verify;

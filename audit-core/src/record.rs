@@ -154,3 +154,23 @@ pub struct Chain {
     /// Hex SHA-256 of this record's line with this field set to 64 zeros.
     pub hash: String,
 }
+
+pub const EVENT_SCHEMA: &str = "custody.event/v1";
+
+/// An event in the chain: something about the trail itself (a crash repaired, segments
+/// removed by retention...). Same chain rules as a record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub schema: String,
+    pub id: String,
+    pub seq: u64,
+    pub time: EventTime,
+    /// `{"type": "...", ...}`
+    pub event: Value,
+    pub chain: Chain,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventTime {
+    pub start: String,
+}

@@ -13,6 +13,10 @@
 //!   followed by one ordinary zstd frame (content checksum and size on) whose content is
 //!   one or more records, each a JSON object on one line ending in `\n`.
 //!
+//! - last, once the segment is closed, a **seal**: a skippable frame with magic
+//!   `0x184D2A52` whose content is the seal statement, one line of JSON (see
+//!   [`crate::signing`]).
+//!
 //! A skippable frame is `magic: u32 LE | length: u32 LE | length bytes`. All integers
 //! in the headers are little-endian.
 //!
@@ -46,6 +50,7 @@ use sha2::{Digest, Sha256};
 
 pub const SEGMENT_MAGIC: u32 = 0x184D_2A50;
 pub const BLOCK_MAGIC: u32 = 0x184D_2A51;
+pub const SEAL_MAGIC: u32 = 0x184D_2A52;
 pub const SEGMENT_HEADER_LEN: usize = 72;
 pub const BLOCK_HEADER_LEN: usize = 48;
 pub const FORMAT_VERSION: u16 = 1;
@@ -85,6 +90,13 @@ pub struct BlockHeader {
     pub raw_len: u32,
     pub frame_len: u32,
     pub frame_crc: u32,
+}
+
+/// A seal frame around a seal line.
+pub fn encode_seal(line: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + line.len());
+    skippable(SEAL_MAGIC, line, &mut out);
+    out
 }
 
 pub fn segment_file_name(segment: u64) -> String {
@@ -229,11 +241,21 @@ impl Block {
     }
 }
 
+/// A segment's seal frame: the statement line as stored, parsed, and where it starts.
+#[derive(Debug)]
+pub struct SealFrame {
+    pub line: Vec<u8>,
+    pub seal: crate::signing::Seal,
+    pub offset: u64,
+}
+
 /// A segment read as far as it is whole.
 #[derive(Debug)]
 pub struct ParsedSegment {
     pub header: SegmentHeader,
     pub blocks: Vec<Block>,
+    /// The seal, when the segment was closed (it is then the last frame).
+    pub seal: Option<SealFrame>,
     /// Bytes from the start that form whole, checked frames.
     pub valid_len: u64,
     /// What stopped the scan before the end of the file, if anything did.
@@ -252,7 +274,29 @@ pub fn parse_segment(bytes: &[u8]) -> Result<ParsedSegment, FormatError> {
     let mut blocks = Vec::new();
     let mut at = next;
     let mut tail_error = None;
+    let mut seal = None;
     while at < bytes.len() {
+        if seal.is_some() {
+            tail_error = Some(ferr(at, "data after the seal"));
+            break;
+        }
+        if let Some((SEAL_MAGIC, content, next)) = read_skippable(bytes, at) {
+            match serde_json::from_slice::<crate::signing::Seal>(content) {
+                Ok(s) => {
+                    seal = Some(SealFrame {
+                        line: content.to_vec(),
+                        seal: s,
+                        offset: at as u64,
+                    });
+                    at = next;
+                    continue;
+                }
+                Err(e) => {
+                    tail_error = Some(ferr(at + 8, format!("seal is not readable: {e}")));
+                    break;
+                }
+            }
+        }
         match read_block(bytes, at) {
             Ok((block, next)) => {
                 blocks.push(block);
@@ -267,6 +311,7 @@ pub fn parse_segment(bytes: &[u8]) -> Result<ParsedSegment, FormatError> {
     Ok(ParsedSegment {
         header,
         blocks,
+        seal,
         valid_len: at as u64,
         tail_error,
     })

@@ -1,5 +1,6 @@
-//! The append side of a trail: opening (with torn-tail recovery), appending blocks,
-//! rotation, fsync. Single-threaded, owned by the writer thread.
+//! The append side of a trail: opening (with torn-tail recovery and sealing of a
+//! crashed segment), appending blocks, rotation with seals, checkpoints, fsync.
+//! Single-threaded, owned by the writer thread.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -8,10 +9,17 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use custody_config::Fsync;
+use sha2::{Digest, Sha256};
+
 use crate::{
-    segment::{self, BlockHeader, SegmentHeader},
+    segment::{self, BlockHeader, ParsedSegment, SegmentHeader},
+    signing::{self, Checkpoint, Seal, SignerKey, ZERO_HEX},
     AuditError,
 };
+
+/// The checkpoint log beside the segments.
+pub const CHECKPOINTS: &str = "checkpoints.log";
 
 /// Where the chain stands: the next `seq` and the previous record's hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,29 +28,59 @@ pub struct ChainHead {
     pub prev_hash: [u8; 32],
 }
 
+/// Bytes cut from a torn segment at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cut {
+    pub segment: PathBuf,
+    pub bytes: u64,
+    pub quarantine: PathBuf,
+    pub reason: String,
+}
+
 /// What start-up recovery found and did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Recovery {
-    /// Segment cut back, bytes cut, and where they were moved.
-    pub cut: Option<(PathBuf, u64, PathBuf)>,
+    pub cut: Option<Cut>,
+    /// A segment left unsealed by a crash, sealed at start-up.
+    pub sealed: Option<PathBuf>,
+}
+
+/// How the store writes.
+pub struct StoreOptions {
+    pub max_bytes: u64,
+    pub max_age: Duration,
+    pub fsync: Fsync,
+    pub signer: Option<SignerKey>,
 }
 
 pub struct SegmentStore {
     dir: PathBuf,
-    max_bytes: u64,
-    max_age: Duration,
+    opts: StoreOptions,
     next_segment: u64,
     head: ChainHead,
     open: Option<OpenSegment>,
+    /// The newest segment, open or closed: number, length, SHA-256 of its bytes.
+    newest: Option<(u64, u64, String)>,
+    /// Hash of the newest seal line (zeros before the first).
+    prev_seal: String,
+    /// Hash of the newest checkpoint line, and what it covered (seq, newest length).
+    last_checkpoint: String,
+    covered: (u64, u64),
     compressor: zstd::bulk::Compressor<'static>,
 }
 
 struct OpenSegment {
+    number: u64,
     path: PathBuf,
     file: File,
     len: u64,
+    hasher: Sha256,
     opened: Instant,
     dirty: bool,
+    first_seq: u64,
+    records: u64,
+    first_ms: i64,
+    last_ms: i64,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
@@ -56,6 +94,10 @@ pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
 /// Segment files in `dir`, oldest first.
@@ -75,13 +117,47 @@ pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, AuditError> {
     Ok(out)
 }
 
+fn format_err(path: &Path, what: impl Into<String>) -> AuditError {
+    AuditError::Format {
+        path: path.to_owned(),
+        source: segment::FormatError {
+            offset: 0,
+            what: what.into(),
+        },
+    }
+}
+
+/// The chain head after a parsed segment: its last record, else its header.
+fn head_of(path: &Path, parsed: &ParsedSegment) -> Result<ChainHead, AuditError> {
+    match parsed
+        .blocks
+        .last()
+        .and_then(|b| b.lines().last().map(<[u8]>::to_vec))
+    {
+        Some(line) => {
+            let hash = segment::check_line_hash(&line).map_err(|w| format_err(path, w))?;
+            let next_seq = parsed
+                .blocks
+                .iter()
+                .map(|b| b.header.first_seq + u64::from(b.header.count))
+                .max()
+                .unwrap_or(parsed.header.first_seq);
+            Ok(ChainHead {
+                next_seq,
+                prev_hash: hash,
+            })
+        }
+        None => Ok(ChainHead {
+            next_seq: parsed.header.first_seq,
+            prev_hash: parsed.header.prev_hash,
+        }),
+    }
+}
+
 impl SegmentStore {
-    /// Opens the trail in `dir` (creating it 0700), repairing a torn tail.
-    pub fn open(
-        dir: &Path,
-        max_bytes: u64,
-        max_age: Duration,
-    ) -> Result<(Self, Recovery), AuditError> {
+    /// Opens the trail in `dir` (creating it 0700). A torn tail is cut and moved aside,
+    /// and a segment left unsealed by a crash is sealed (`recovered: true`).
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<(Self, Recovery), AuditError> {
         create_private_dir(dir)?;
         let mut recovery = Recovery::default();
         let mut head = ChainHead {
@@ -90,80 +166,101 @@ impl SegmentStore {
         };
         let segments = list_segments(dir)?;
         let next_segment = segments.last().map_or(1, |(n, _)| n + 1);
-        // The chain head comes from the newest segment that holds a whole header.
-        for (_, path) in segments.iter().rev() {
-            let bytes = fs::read(path).map_err(io(path))?;
-            let parsed = match segment::parse_segment(&bytes) {
+        let mut newest = None;
+        let mut prev_seal = ZERO_HEX.to_owned();
+        for (i, (number, path)) in segments.iter().enumerate().rev() {
+            let mut bytes = fs::read(path).map_err(io(path))?;
+            let mut parsed = match segment::parse_segment(&bytes) {
                 Ok(p) => p,
                 Err(e) => {
                     // A header torn at creation: nothing in it was ever a record.
                     let aside = quarantine(path, &bytes)?;
                     fs::remove_file(path).map_err(io(path))?;
                     tracing::warn!(segment = %path.display(), error = %e, quarantine = %aside.display(), "segment header was torn; moved aside");
-                    recovery.cut = Some((path.clone(), bytes.len() as u64, aside));
+                    recovery.cut = Some(Cut {
+                        segment: path.clone(),
+                        bytes: bytes.len() as u64,
+                        quarantine: aside,
+                        reason: e.to_string(),
+                    });
                     continue;
                 }
             };
             if parsed.valid_len < bytes.len() as u64 {
-                let cut = &bytes[parsed.valid_len as usize..];
-                let aside = quarantine(path, cut)?;
+                let cut = bytes.split_off(parsed.valid_len as usize);
+                let aside = quarantine(path, &cut)?;
                 let f = OpenOptions::new()
                     .write(true)
                     .open(path)
                     .map_err(io(path))?;
                 f.set_len(parsed.valid_len).map_err(io(path))?;
                 f.sync_all().map_err(io(path))?;
-                tracing::warn!(
-                    segment = %path.display(),
-                    cut_bytes = cut.len(),
-                    reason = %parsed.tail_error.as_ref().map(|e| e.to_string()).unwrap_or_default(),
-                    quarantine = %aside.display(),
-                    "recovered a torn segment tail"
-                );
-                recovery.cut = Some((path.clone(), cut.len() as u64, aside));
+                let reason = parsed
+                    .tail_error
+                    .take()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                tracing::warn!(segment = %path.display(), cut_bytes = cut.len(), %reason, quarantine = %aside.display(), "recovered a torn segment tail");
+                recovery.cut = Some(Cut {
+                    segment: path.clone(),
+                    bytes: cut.len() as u64,
+                    quarantine: aside,
+                    reason,
+                });
             }
-            head = match parsed
-                .blocks
-                .last()
-                .and_then(|b| b.lines().last().map(<[u8]>::to_vec))
-            {
-                Some(line) => {
-                    let hash = segment::check_line_hash(&line).map_err(|w| AuditError::Format {
-                        path: path.clone(),
-                        source: segment::FormatError {
-                            offset: 0,
-                            what: w.to_owned(),
-                        },
-                    })?;
-                    let seq = parsed
-                        .blocks
-                        .iter()
-                        .map(|b| b.header.first_seq + u64::from(b.header.count))
-                        .max()
-                        .unwrap_or(1);
-                    ChainHead {
-                        next_seq: seq,
-                        prev_hash: hash,
-                    }
+            head = head_of(path, &parsed)?;
+            match &parsed.seal {
+                Some(seal) => prev_seal = signing::line_hash(&seal.line),
+                None => {
+                    let before = match i.checked_sub(1) {
+                        Some(p) => previous_seal_hash(&segments[p].1)?,
+                        None => ZERO_HEX.to_owned(),
+                    };
+                    let line = seal_line(
+                        *number,
+                        &parsed,
+                        &bytes,
+                        head,
+                        &before,
+                        true,
+                        opts.signer.as_ref(),
+                    )
+                    .map_err(|e| format_err(path, e.to_string()))?;
+                    let frame = segment::encode_seal(&line);
+                    let mut f = OpenOptions::new()
+                        .append(true)
+                        .open(path)
+                        .map_err(io(path))?;
+                    f.write_all(&frame).map_err(io(path))?;
+                    f.sync_all().map_err(io(path))?;
+                    bytes.extend_from_slice(&frame);
+                    prev_seal = signing::line_hash(&line);
+                    tracing::warn!(segment = %path.display(), "sealed a segment left open by a crash");
+                    recovery.sealed = Some(path.clone());
                 }
-                None => ChainHead {
-                    next_seq: parsed.header.first_seq,
-                    prev_hash: parsed.header.prev_hash,
-                },
-            };
+            }
+            newest = Some((
+                *number,
+                bytes.len() as u64,
+                hex::encode(Sha256::digest(&bytes)),
+            ));
             break;
         }
+        let (last_checkpoint, covered) = recover_checkpoints(dir)?;
         let mut compressor = zstd::bulk::Compressor::new(3).map_err(io(dir))?;
         compressor.include_checksum(true).map_err(io(dir))?;
         compressor.include_contentsize(true).map_err(io(dir))?;
         Ok((
             Self {
                 dir: dir.to_owned(),
-                max_bytes,
-                max_age,
+                opts,
                 next_segment,
                 head,
                 open: None,
+                newest,
+                prev_seal,
+                last_checkpoint,
+                covered,
                 compressor,
             },
             recovery,
@@ -176,6 +273,11 @@ impl SegmentStore {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Whether seals and checkpoints are signed.
+    pub fn signing(&self) -> bool {
+        self.opts.signer.is_some()
     }
 
     /// Appends one block of sealed record lines. `head` is the chain state after them.
@@ -208,10 +310,21 @@ impl SegmentStore {
             let _ = seg.file.set_len(seg.len);
             return Err(io(&seg.path)(e));
         }
+        seg.hasher.update(&block);
         seg.len += block.len() as u64;
         seg.dirty = true;
+        seg.records += u64::from(count);
+        seg.first_ms = seg.first_ms.min(time_range.0);
+        seg.last_ms = seg.last_ms.max(time_range.1);
         self.head = head;
-        if seg.len >= self.max_bytes {
+        if self.opts.fsync == Fsync::Always {
+            self.sync()?;
+        }
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|s| s.len >= self.opts.max_bytes)
+        {
             self.close_segment()?;
         }
         Ok(())
@@ -222,15 +335,23 @@ impl SegmentStore {
         if self
             .open
             .as_ref()
-            .is_some_and(|s| s.opened.elapsed() >= self.max_age)
+            .is_some_and(|s| s.opened.elapsed() >= self.opts.max_age)
         {
             self.close_segment()?;
         }
         Ok(())
     }
 
-    /// fsyncs the open segment if anything was written since the last sync.
+    /// fsyncs the open segment if anything was written since the last sync (except under
+    /// `fsync = "never"`, where only seals and checkpoints force it).
     pub fn sync(&mut self) -> Result<(), AuditError> {
+        if self.opts.fsync == Fsync::Never {
+            return Ok(());
+        }
+        self.force_sync()
+    }
+
+    fn force_sync(&mut self) -> Result<(), AuditError> {
         if let Some(seg) = self.open.as_mut().filter(|s| s.dirty) {
             seg.file.sync_data().map_err(io(&seg.path))?;
             seg.dirty = false;
@@ -238,10 +359,88 @@ impl SegmentStore {
         Ok(())
     }
 
-    /// Syncs and closes the open segment; the next append starts a new one.
+    /// Seals, syncs and closes the open segment; the next append starts a new one.
     pub fn close_segment(&mut self) -> Result<(), AuditError> {
-        self.sync()?;
-        self.open = None;
+        let Some(mut seg) = self.open.take() else {
+            return Ok(());
+        };
+        let seal = Seal {
+            kind: "seal".into(),
+            v: 1,
+            segment: seg.number,
+            first_seq: seg.first_seq,
+            last_seq: self.head.next_seq - 1,
+            records: seg.records,
+            first_ms: if seg.records > 0 { seg.first_ms } else { 0 },
+            last_ms: if seg.records > 0 { seg.last_ms } else { 0 },
+            head: hex::encode(self.head.prev_hash),
+            segment_sha256: hex::encode(seg.hasher.clone().finalize()),
+            prev_seal: self.prev_seal.clone(),
+            recovered: false,
+            time: now_rfc3339(),
+            key: self.opts.signer.as_ref().map(|k| k.public_hex().to_owned()),
+            sig: "0".repeat(128),
+        };
+        let line = signing::sign_line(&seal, self.opts.signer.as_ref())
+            .map_err(|e| format_err(&seg.path, e.to_string()))?;
+        let frame = segment::encode_seal(&line);
+        seg.file.write_all(&frame).map_err(io(&seg.path))?;
+        seg.file.sync_all().map_err(io(&seg.path))?;
+        seg.hasher.update(&frame);
+        seg.len += frame.len() as u64;
+        self.prev_seal = signing::line_hash(&line);
+        self.newest = Some((seg.number, seg.len, hex::encode(seg.hasher.finalize())));
+        Ok(())
+    }
+
+    /// Appends a checkpoint covering everything written so far, if anything changed
+    /// since the last one. The segment is synced first: a checkpoint never covers
+    /// bytes that are not on disk.
+    pub fn checkpoint(&mut self) -> Result<bool, AuditError> {
+        self.force_sync()?;
+        let (segment, len, sha) = match (&self.open, &self.newest) {
+            (Some(s), _) => (s.number, s.len, hex::encode(s.hasher.clone().finalize())),
+            (None, Some((n, l, h))) => (*n, *l, h.clone()),
+            (None, None) => return Ok(false),
+        };
+        let last_seq = self.head.next_seq - 1;
+        if self.covered == (last_seq, len) {
+            return Ok(false);
+        }
+        let cp = Checkpoint {
+            kind: "checkpoint".into(),
+            v: 1,
+            time: now_rfc3339(),
+            segment,
+            segment_bytes: len,
+            segment_sha256: sha,
+            last_seq,
+            head: hex::encode(self.head.prev_hash),
+            seal: self.prev_seal.clone(),
+            prev: self.last_checkpoint.clone(),
+            key: self.opts.signer.as_ref().map(|k| k.public_hex().to_owned()),
+            sig: "0".repeat(128),
+        };
+        let path = self.dir.join(CHECKPOINTS);
+        let mut line = signing::sign_line(&cp, self.opts.signer.as_ref())
+            .map_err(|e| format_err(&path, e.to_string()))?;
+        self.last_checkpoint = signing::line_hash(&line);
+        line.push(b'\n');
+        let mut opts = OpenOptions::new();
+        opts.append(true).create(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts.open(&path).map_err(io(&path))?;
+        f.write_all(&line).map_err(io(&path))?;
+        f.sync_data().map_err(io(&path))?;
+        self.covered = (last_seq, len);
+        Ok(true)
+    }
+
+    /// Clean shutdown: seal the open segment and write the final checkpoint.
+    pub fn close(&mut self) -> Result<(), AuditError> {
+        self.close_segment()?;
+        self.checkpoint()?;
         Ok(())
     }
 
@@ -266,14 +465,112 @@ impl SegmentStore {
             .and_then(|d| d.sync_all())
             .map_err(io(&self.dir))?;
         self.next_segment += 1;
+        let mut hasher = Sha256::new();
+        hasher.update(&header);
         self.open = Some(OpenSegment {
+            number: n,
             path,
             file,
             len: header.len() as u64,
+            hasher,
             opened: Instant::now(),
             dirty: false,
+            first_seq,
+            records: 0,
+            first_ms: i64::MAX,
+            last_ms: i64::MIN,
         });
         Ok(())
+    }
+}
+
+/// The seal line for a parsed (crashed) segment whose bytes are `bytes`.
+fn seal_line(
+    number: u64,
+    parsed: &ParsedSegment,
+    bytes: &[u8],
+    head: ChainHead,
+    prev_seal: &str,
+    recovered: bool,
+    signer: Option<&SignerKey>,
+) -> Result<Vec<u8>, serde_json::Error> {
+    let records: u64 = parsed
+        .blocks
+        .iter()
+        .map(|b| u64::from(b.header.count))
+        .sum();
+    let seal = Seal {
+        kind: "seal".into(),
+        v: 1,
+        segment: number,
+        first_seq: parsed.header.first_seq,
+        last_seq: head.next_seq - 1,
+        records,
+        first_ms: parsed
+            .blocks
+            .iter()
+            .map(|b| b.header.first_ms)
+            .min()
+            .unwrap_or(0),
+        last_ms: parsed
+            .blocks
+            .iter()
+            .map(|b| b.header.last_ms)
+            .max()
+            .unwrap_or(0),
+        head: hex::encode(head.prev_hash),
+        segment_sha256: hex::encode(Sha256::digest(bytes)),
+        prev_seal: prev_seal.to_owned(),
+        recovered,
+        time: now_rfc3339(),
+        key: signer.map(|k| k.public_hex().to_owned()),
+        sig: "0".repeat(128),
+    };
+    signing::sign_line(&seal, signer)
+}
+
+fn previous_seal_hash(path: &Path) -> Result<String, AuditError> {
+    let bytes = fs::read(path).map_err(io(path))?;
+    let parsed = segment::parse_segment(&bytes).map_err(|source| AuditError::Format {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(parsed
+        .seal
+        .map_or_else(|| ZERO_HEX.to_owned(), |s| signing::line_hash(&s.line)))
+}
+
+/// Reads the checkpoint log: a torn last line (a crash mid-append) is cut off.
+/// Returns the newest line's hash and what it covered.
+fn recover_checkpoints(dir: &Path) -> Result<(String, (u64, u64)), AuditError> {
+    let path = dir.join(CHECKPOINTS);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((ZERO_HEX.to_owned(), (u64::MAX, 0)))
+        }
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    if whole < bytes.len() {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        f.set_len(whole as u64).map_err(io(&path))?;
+        tracing::warn!(path = %path.display(), cut_bytes = bytes.len() - whole, "cut a torn checkpoint line");
+    }
+    match bytes[..whole]
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .last()
+    {
+        Some(line) => {
+            let cp: Checkpoint =
+                serde_json::from_slice(line).map_err(|e| format_err(&path, e.to_string()))?;
+            Ok((signing::line_hash(line), (cp.last_seq, cp.segment_bytes)))
+        }
+        None => Ok((ZERO_HEX.to_owned(), (u64::MAX, 0))),
     }
 }
 
@@ -295,6 +592,15 @@ fn quarantine(path: &Path, bytes: &[u8]) -> Result<PathBuf, AuditError> {
 mod tests {
     use super::*;
 
+    fn opts(max_bytes: u64, max_age: Duration) -> StoreOptions {
+        StoreOptions {
+            max_bytes,
+            max_age,
+            fsync: Fsync::Interval,
+            signer: None,
+        }
+    }
+
     fn append_one(store: &mut SegmentStore, seq: u64) -> [u8; 32] {
         let prev = hex::encode(store.head().prev_hash);
         let mut line = format!(
@@ -315,13 +621,14 @@ mod tests {
     #[test]
     fn rotates_by_size_and_age_and_reopens_at_the_head() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut store, _) = SegmentStore::open(dir.path(), 1, Duration::from_secs(3600)).unwrap();
+        let (mut store, _) =
+            SegmentStore::open(dir.path(), opts(1, Duration::from_secs(3600))).unwrap();
         for seq in 1..=3 {
             append_one(&mut store, seq);
         }
         assert_eq!(list_segments(dir.path()).unwrap().len(), 3);
 
-        let (mut store, _) = SegmentStore::open(dir.path(), 1 << 20, Duration::ZERO).unwrap();
+        let (mut store, _) = SegmentStore::open(dir.path(), opts(1 << 20, Duration::ZERO)).unwrap();
         assert_eq!(store.head().next_seq, 4);
         let fourth = append_one(&mut store, 4);
         store.rotate_if_old().unwrap();
@@ -335,5 +642,20 @@ mod tests {
         let p = segment::parse_segment(&fs::read(&segs[4].1).unwrap()).unwrap();
         assert_eq!(p.header.first_seq, 5);
         assert_eq!(p.header.prev_hash, fourth);
+        // Every closed segment carries a seal linking to the one before.
+        let seals: Vec<_> = segs
+            .iter()
+            .map(|(_, path)| {
+                segment::parse_segment(&fs::read(path).unwrap())
+                    .unwrap()
+                    .seal
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(seals[0].seal.prev_seal, ZERO_HEX);
+        for w in seals.windows(2) {
+            assert_eq!(w[1].seal.prev_seal, signing::line_hash(&w[0].line));
+        }
+        assert_eq!(seals[3].seal.records, 1);
     }
 }

@@ -1,28 +1,57 @@
-//! Verifying a trail: every frame checksum, every record hash, every chain link, and
-//! `seq` and segment-number continuity. The first break is reported precisely.
+//! Verifying a trail: every frame checksum, record hash and chain link; `seq` and
+//! segment-number continuity; every seal (its fields, the segment's SHA-256, its link to
+//! the previous seal, its signature); every checkpoint (its link, its signature) and that
+//! the newest checkpoint matches the trail's bytes and chain. The first break is named.
 
-use std::{fs, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    path::Path,
+};
 
+use ed25519_dalek::VerifyingKey;
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
-use crate::{reader, segment, AuditError};
+use crate::{
+    reader, segment,
+    signing::{self, Checkpoint, SigCheck, ZERO_HEX},
+    store::CHECKPOINTS,
+    AuditError,
+};
 
 /// A trail that holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct VerifyReport {
     pub segments: usize,
+    /// Exchange records (events not included).
     pub records: u64,
+    /// Event records (recovery and the like).
+    pub events: u64,
     pub bytes: u64,
     /// Hex hash of the newest record, if any.
     pub head: Option<String>,
     pub last_seq: Option<u64>,
+    pub seals: usize,
+    pub checkpoints: usize,
+    /// Public keys that signed seals or checkpoints.
+    pub keys: BTreeSet<String>,
+    /// Seals and checkpoints without a signature.
+    pub unsigned: usize,
+    /// Whether signatures were checked against a trusted key (`--pubkey`).
+    pub trusted: bool,
+    /// Records after the newest checkpoint: intact, but not yet covered by one (a live
+    /// trail between checkpoints, or a crash not yet followed by a restart).
+    pub uncovered: u64,
+    /// Recovery events in the chain (crashes repaired at start-up).
+    pub recoveries: u64,
 }
 
 /// Where and how the trail breaks.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("segment {segment}{}: {what}", seq.map(|s| format!(", record seq {s}")).unwrap_or_default())]
+#[error("{segment}{}: {what}", seq.map(|s| format!(", record seq {s}")).unwrap_or_default())]
 pub struct Break {
-    /// File name of the segment.
+    /// File name of the segment (or of the checkpoint log).
     pub segment: String,
     /// The record at fault (or the one expected there).
     pub seq: Option<u64>,
@@ -40,7 +69,17 @@ pub enum VerifyError {
 #[derive(Deserialize)]
 struct Link {
     seq: u64,
+    #[serde(default)]
+    schema: String,
+    #[serde(default)]
+    event: Option<EventKind>,
     chain: LinkChain,
+}
+
+#[derive(Deserialize)]
+struct EventKind {
+    #[serde(rename = "type")]
+    kind: String,
 }
 
 #[derive(Deserialize)]
@@ -48,34 +87,78 @@ struct LinkChain {
     prev: String,
 }
 
-/// Verifies the trail in `dir`. `progress` is called after each segment with
-/// (segments done, segments in all, bytes so far).
+fn broken(segment: &str, seq: Option<u64>, what: impl Into<String>) -> VerifyError {
+    VerifyError::Broken(Break {
+        segment: segment.to_owned(),
+        seq,
+        what: what.into(),
+    })
+}
+
+/// Checks a seal's or checkpoint's signature under the policy; records keys seen.
+fn check_sig(
+    where_: &str,
+    what: &str,
+    line: &[u8],
+    key: Option<&str>,
+    trusted: Option<&VerifyingKey>,
+    report: &mut VerifyReport,
+) -> Result<(), VerifyError> {
+    match signing::check_line(line, key, trusted) {
+        SigCheck::Valid => {
+            if let Some(k) = key {
+                report.keys.insert(k.to_owned());
+            }
+            Ok(())
+        }
+        SigCheck::Unsigned if trusted.is_none() => {
+            report.unsigned += 1;
+            Ok(())
+        }
+        SigCheck::Unsigned => Err(broken(where_, None, format!("{what} is not signed"))),
+        SigCheck::OtherKey(k) => Err(broken(
+            where_,
+            None,
+            format!("{what} is signed by another key ({k})"),
+        )),
+        SigCheck::Invalid => Err(broken(where_, None, format!("{what} has a bad signature"))),
+    }
+}
+
+/// Verifies the trail in `dir`. With `trusted`, every seal and checkpoint must be signed
+/// by that key. `progress` is called after each segment with (done, all, bytes so far).
 pub fn verify_dir(
     dir: &Path,
+    trusted: Option<&VerifyingKey>,
     mut progress: impl FnMut(usize, usize, u64),
 ) -> Result<VerifyReport, VerifyError> {
     let segs = reader::segments(dir)?;
+    let mut report = VerifyReport {
+        trusted: trusted.is_some(),
+        ..VerifyReport::default()
+    };
+    let checkpoints = read_checkpoints(dir, trusted, &mut report)?;
+    let newest_cp = checkpoints.last().cloned();
+    // seq -> head for every checkpoint, checked as the records go by.
+    let mut want_heads: BTreeMap<u64, String> = checkpoints
+        .iter()
+        .filter(|c| c.last_seq > 0)
+        .map(|c| (c.last_seq, c.head.clone()))
+        .collect();
+
     let mut prev = [0u8; 32];
+    let mut prev_seal = ZERO_HEX.to_owned();
     let mut expected_seq = 1u64;
-    let mut records = 0u64;
-    let mut bytes_total = 0u64;
     for (i, seg) in segs.iter().enumerate() {
         let expected_segment = i as u64 + 1;
         let name = seg.name();
-        let broken = |seq: Option<u64>, what: String| {
-            VerifyError::Broken(Break {
-                segment: name.clone(),
-                seq,
-                what,
-            })
-        };
         if seg.number != expected_segment {
             return Err(broken(
+                &name,
                 None,
                 format!(
-                    "segment {} is missing (the trail jumps from {} to {})",
-                    expected_segment,
-                    expected_segment.saturating_sub(1),
+                    "segment {expected_segment} is missing (the trail jumps from {} to {})",
+                    expected_segment - 1,
                     seg.number
                 ),
             ));
@@ -84,11 +167,13 @@ pub fn verify_dir(
             path: seg.path.clone(),
             source,
         })?;
-        bytes_total += bytes.len() as u64;
-        let parsed = segment::parse_segment(&bytes).map_err(|e| broken(None, e.to_string()))?;
+        report.bytes += bytes.len() as u64;
+        let parsed =
+            segment::parse_segment(&bytes).map_err(|e| broken(&name, None, e.to_string()))?;
         let h = &parsed.header;
         if h.segment != seg.number {
             return Err(broken(
+                &name,
                 None,
                 format!(
                     "header says segment {} but the file is named for {}",
@@ -97,20 +182,20 @@ pub fn verify_dir(
             ));
         }
         if h.prev_hash != prev {
-            return Err(broken(
-                None,
-                "header's previous hash does not match the end of the previous segment".into(),
-            ));
+            return Err(broken(&name, None, "header's previous hash does not match the end of the previous segment (a segment was removed, swapped or replaced)"));
         }
         if h.first_seq != expected_seq {
             return Err(broken(
+                &name,
                 Some(expected_seq),
                 format!("header says the segment starts at seq {}", h.first_seq),
             ));
         }
+        let mut in_segment = 0u64;
         for block in &parsed.blocks {
             if block.header.first_seq != expected_seq {
                 return Err(broken(
+                    &name,
                     Some(expected_seq),
                     format!(
                         "block at byte {} says it starts at seq {}",
@@ -122,25 +207,48 @@ pub fn verify_dir(
             for line in block.lines() {
                 n += 1;
                 let hash = segment::check_line_hash(line)
-                    .map_err(|w| broken(Some(expected_seq), w.to_owned()))?;
+                    .map_err(|w| broken(&name, Some(expected_seq), w))?;
                 let link: Link = serde_json::from_slice(line).map_err(|e| {
-                    broken(Some(expected_seq), format!("record is not valid JSON: {e}"))
+                    broken(
+                        &name,
+                        Some(expected_seq),
+                        format!("record is not valid JSON: {e}"),
+                    )
                 })?;
                 if link.seq != expected_seq {
-                    return Err(broken(Some(expected_seq), format!("found seq {} where seq {} belongs (a record was removed, inserted or reordered)", link.seq, expected_seq)));
+                    return Err(broken(&name, Some(expected_seq), format!("found seq {} where seq {expected_seq} belongs (a record was removed, inserted or reordered)", link.seq)));
                 }
                 if link.chain.prev != hex::encode(prev) {
                     return Err(broken(
+                        &name,
                         Some(expected_seq),
-                        "chain.prev does not match the previous record's hash".into(),
+                        "chain.prev does not match the previous record's hash",
                     ));
+                }
+                if let Some(want) = want_heads.remove(&expected_seq) {
+                    if want != hex::encode(hash) {
+                        return Err(broken(
+                            &name,
+                            Some(expected_seq),
+                            "a checkpoint names a different hash for this record",
+                        ));
+                    }
+                }
+                if link.schema == crate::record::EVENT_SCHEMA {
+                    report.events += 1;
+                    if link.event.is_some_and(|e| e.kind == "recovery") {
+                        report.recoveries += 1;
+                    }
+                } else {
+                    report.records += 1;
                 }
                 prev = hash;
                 expected_seq += 1;
-                records += 1;
+                in_segment += 1;
             }
             if n != block.header.count {
                 return Err(broken(
+                    &name,
                     Some(expected_seq),
                     format!(
                         "block at byte {} says it holds {} records but holds {n}",
@@ -149,16 +257,136 @@ pub fn verify_dir(
                 ));
             }
         }
-        if let Some(e) = parsed.tail_error {
-            return Err(broken(Some(expected_seq), e.to_string()));
+        if let Some(e) = &parsed.tail_error {
+            return Err(broken(
+                &name,
+                Some(expected_seq),
+                format!("{e} (the segment is damaged or truncated)"),
+            ));
         }
-        progress(i + 1, segs.len(), bytes_total);
+        let newest = i + 1 == segs.len();
+        match &parsed.seal {
+            Some(s) => {
+                let seal = &s.seal;
+                let covered = &bytes[..s.offset as usize];
+                let mismatch = if seal.segment != seg.number {
+                    Some("names another segment")
+                } else if seal.first_seq != h.first_seq
+                    || seal.last_seq != expected_seq - 1
+                    || seal.records != in_segment
+                {
+                    Some("does not match the segment's records")
+                } else if seal.head != hex::encode(prev) {
+                    Some("names a different chain head")
+                } else if seal.segment_sha256 != hex::encode(Sha256::digest(covered)) {
+                    Some("does not match the segment's bytes")
+                } else if seal.prev_seal != prev_seal {
+                    Some("does not link to the previous segment's seal")
+                } else {
+                    None
+                };
+                if let Some(m) = mismatch {
+                    return Err(broken(&name, None, format!("seal {m}")));
+                }
+                check_sig(
+                    &name,
+                    "seal",
+                    &s.line,
+                    seal.key.as_deref(),
+                    trusted,
+                    &mut report,
+                )?;
+                prev_seal = signing::line_hash(&s.line);
+                report.seals += 1;
+            }
+            None if !newest => {
+                return Err(broken(&name, None, "segment has no seal but is not the newest (it was truncated, or a newer segment was added)"));
+            }
+            None => {}
+        }
+        if let Some(cp) = newest_cp.as_ref().filter(|c| c.segment == seg.number) {
+            let prefix = bytes.get(..cp.segment_bytes as usize).ok_or_else(|| {
+                broken(&name, None, format!("the newest checkpoint covers {} bytes of this segment but it holds {} (truncated)", cp.segment_bytes, bytes.len()))
+            })?;
+            if hex::encode(Sha256::digest(prefix)) != cp.segment_sha256 {
+                return Err(broken(
+                    &name,
+                    None,
+                    "the newest checkpoint does not match this segment's bytes",
+                ));
+            }
+        }
+        progress(i + 1, segs.len(), report.bytes);
     }
-    Ok(VerifyReport {
-        segments: segs.len(),
-        records,
-        bytes: bytes_total,
-        head: (records > 0).then(|| hex::encode(prev)),
-        last_seq: (records > 0).then(|| expected_seq - 1),
-    })
+    let last_seq = expected_seq - 1;
+    if let Some(cp) = &newest_cp {
+        let newest_segment = segs.last().map_or(0, |s| s.number);
+        if cp.segment > newest_segment || cp.last_seq > last_seq {
+            return Err(broken(
+                CHECKPOINTS,
+                None,
+                format!(
+                    "the newest checkpoint covers segment {} up to seq {}, but the trail ends at segment {newest_segment}, seq {last_seq} (segments or records were deleted)",
+                    cp.segment, cp.last_seq
+                ),
+            ));
+        }
+        if let Some((seq, _)) = want_heads.into_iter().next() {
+            return Err(broken(
+                CHECKPOINTS,
+                Some(seq),
+                "a checkpoint names a record the trail does not hold",
+            ));
+        }
+        report.uncovered = last_seq - cp.last_seq;
+    } else {
+        if trusted.is_some() && !segs.is_empty() {
+            return Err(broken(
+                CHECKPOINTS,
+                None,
+                "there is no checkpoint (the log was deleted?)",
+            ));
+        }
+        report.uncovered = last_seq;
+    }
+    report.segments = segs.len();
+    report.head = (last_seq > 0).then(|| hex::encode(prev));
+    report.last_seq = (last_seq > 0).then_some(last_seq);
+    Ok(report)
+}
+
+fn read_checkpoints(
+    dir: &Path,
+    trusted: Option<&VerifyingKey>,
+    report: &mut VerifyReport,
+) -> Result<Vec<Checkpoint>, VerifyError> {
+    let path = dir.join(CHECKPOINTS);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(AuditError::Io { path, source }.into()),
+    };
+    let mut out = Vec::new();
+    let mut prev = ZERO_HEX.to_owned();
+    for (i, line) in bytes
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .enumerate()
+    {
+        let at = format!("{CHECKPOINTS} line {}", i + 1);
+        let cp: Checkpoint = serde_json::from_slice(line)
+            .map_err(|e| broken(&at, None, format!("not a checkpoint: {e}")))?;
+        if cp.prev != prev {
+            return Err(broken(
+                &at,
+                None,
+                "does not link to the previous checkpoint (a checkpoint was removed or edited)",
+            ));
+        }
+        check_sig(&at, "checkpoint", line, cp.key.as_deref(), trusted, report)?;
+        prev = signing::line_hash(line);
+        out.push(cp);
+    }
+    report.checkpoints = out.len();
+    Ok(out)
 }

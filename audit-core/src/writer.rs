@@ -22,9 +22,11 @@ use crate::{
     assemble::Assembler,
     exchange::Exchange,
     fingerprint::{self, Fingerprinter},
+    record::{self, Chain, EventRecord, EventTime},
     redact::Redactor,
     segment,
-    store::{ChainHead, Recovery, SegmentStore},
+    signing::SignerKey,
+    store::{ChainHead, Recovery, SegmentStore, StoreOptions},
     AuditError,
 };
 
@@ -114,6 +116,7 @@ pub struct WriterConfig {
     pub queue_capacity: usize,
     pub decode_limit: usize,
     pub fsync_interval: Duration,
+    pub checkpoint_interval: Duration,
 }
 
 impl From<&custody_config::Audit> for WriterConfig {
@@ -125,6 +128,7 @@ impl From<&custody_config::Audit> for WriterConfig {
             // Compressed captures may expand; allow a generous but finite factor.
             decode_limit: a.capture_max_bytes.saturating_mul(8),
             fsync_interval: Duration::from_millis(a.fsync_interval_ms.max(1)),
+            checkpoint_interval: Duration::from_secs(a.checkpoint_interval_secs.max(1)),
         }
     }
 }
@@ -142,8 +146,24 @@ impl AuditWriter {
     pub fn start(config: &custody_config::Config) -> Result<Self, AuditError> {
         let audit = &config.audit;
         let wc = WriterConfig::from(audit);
-        let (store, recovery) =
-            SegmentStore::open(&audit.dir, wc.segment_max_bytes, wc.segment_max_age)?;
+        let signer = audit
+            .signing_key
+            .as_deref()
+            .map(SignerKey::load)
+            .transpose()?;
+        match &signer {
+            Some(k) => tracing::info!(public_key = k.public_hex(), "seals and checkpoints are signed"),
+            None => tracing::warn!(
+                "[audit] signing_key is not set: seals and checkpoints are NOT signed; the trail is a hash chain only, which an attacker with write access can recompute"
+            ),
+        }
+        let options = StoreOptions {
+            max_bytes: wc.segment_max_bytes,
+            max_age: wc.segment_max_age,
+            fsync: audit.fsync,
+            signer,
+        };
+        let (store, recovery) = SegmentStore::open(&audit.dir, options)?;
         let key_path = audit
             .fingerprint_key_file
             .clone()
@@ -174,8 +194,13 @@ impl AuditWriter {
             stats: stats.clone(),
             fsync_interval: wc.fsync_interval,
             last_sync: Instant::now(),
+            checkpoint_interval: wc.checkpoint_interval,
+            last_checkpoint: Instant::now(),
             retry_at: None,
         };
+        if let Some(event) = recovery_event(&recovery) {
+            worker.add_event(event);
+        }
         let thread = std::thread::Builder::new()
             .name("custody-writer".into())
             .spawn(move || worker.run(rx, stop_rx))
@@ -254,7 +279,27 @@ struct Worker {
     stats: Arc<AuditStats>,
     fsync_interval: Duration,
     last_sync: Instant,
+    checkpoint_interval: Duration,
+    last_checkpoint: Instant,
     retry_at: Option<Instant>,
+}
+
+/// The event that tells a repaired crash apart from tampering.
+fn recovery_event(r: &Recovery) -> Option<serde_json::Value> {
+    let name = |p: &std::path::Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+    if r.cut.is_none() && r.sealed.is_none() {
+        return None;
+    }
+    Some(serde_json::json!({
+        "type": "recovery",
+        "cut": r.cut.as_ref().map(|c| serde_json::json!({
+            "segment": name(&c.segment),
+            "bytes": c.bytes,
+            "quarantine": name(&c.quarantine),
+            "reason": c.reason,
+        })),
+        "sealed_segment": r.sealed.as_deref().and_then(name),
+    }))
 }
 
 impl Worker {
@@ -285,6 +330,12 @@ impl Worker {
             if self.last_sync.elapsed() >= self.fsync_interval {
                 self.sync();
             }
+            if self.last_checkpoint.elapsed() >= self.checkpoint_interval && self.batch.count == 0 {
+                if let Err(e) = self.store.checkpoint() {
+                    tracing::error!(error = %e, "checkpoint failed");
+                }
+                self.last_checkpoint = Instant::now();
+            }
             if let Err(e) = self.store.rotate_if_old() {
                 tracing::error!(error = %e, "segment rotation failed");
             }
@@ -297,7 +348,7 @@ impl Worker {
                 "audit writer stopping with records it could not write"
             );
         }
-        self.store.close_segment()?;
+        self.store.close()?;
         Ok(WriterSummary {
             head: self.store.head(),
             written: self.stats.written.load(Ordering::Relaxed),
@@ -310,7 +361,34 @@ impl Worker {
             tracing::error!(seq, "record assembly panicked; writing a minimal record");
             self.fallback_line(ex, seq)
         });
-        let Some((mut line, ms)) = line else { return };
+        if let Some((line, ms)) = line {
+            self.push_line(line, seq, ms);
+        }
+    }
+
+    /// Chains an event into the trail, like a record.
+    fn add_event(&mut self, event: serde_json::Value) {
+        let seq = self.batch.head.next_seq;
+        let e = EventRecord {
+            schema: record::EVENT_SCHEMA.to_owned(),
+            id: uuid::Uuid::now_v7().to_string(),
+            seq,
+            time: EventTime {
+                start: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            },
+            event,
+            chain: Chain {
+                prev: hex::encode(self.batch.head.prev_hash),
+                hash: "0".repeat(64),
+            },
+        };
+        match serde_json::to_vec(&e) {
+            Ok(line) => self.push_line(line, seq, crate::store::now_ms()),
+            Err(err) => tracing::error!(error = %err, "event did not serialize"),
+        }
+    }
+
+    fn push_line(&mut self, mut line: Vec<u8>, seq: u64, ms: i64) {
         let Some(hash) = segment::seal_line(&mut line) else {
             tracing::error!(seq, "record did not end with its chain member; skipped");
             return;

@@ -14,7 +14,7 @@ pub mod schema;
 
 pub use error::ConfigError;
 pub use redaction::{Alphabet, CustomRule, Mode, Redaction, BUILTIN_ENTITIES};
-pub use schema::{Audit, Config, Listen, Provider, Route, Upstream, UpstreamUrl};
+pub use schema::{Audit, Config, Fsync, Listen, Provider, Route, Upstream, UpstreamUrl};
 
 /// The embedded default configuration, printed by `custody config default`.
 pub const DEFAULT_TOML: &str = include_str!("../default.toml");

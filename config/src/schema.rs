@@ -65,8 +65,28 @@ pub struct Audit {
     /// File holding the secret for `client.key_id` fingerprints (HMAC-SHA-256).
     /// Unset: `<dir>/fingerprint.key`, generated on first start.
     pub fingerprint_key_file: Option<PathBuf>,
-    /// Longest time a written block may wait for fsync.
+    /// When written blocks are fsynced: `interval` (at most `fsync_interval_ms` after
+    /// being written), `always` (every block), `never` (left to the OS; seals and
+    /// checkpoints are still synced).
+    pub fsync: Fsync,
+    /// Longest time a written block may wait for fsync under `fsync = "interval"`.
     pub fsync_interval_ms: u64,
+    /// Ed25519 private key (hex seed, from `custody keygen`) that signs seals and
+    /// checkpoints. Unset: statements are unsigned and the trail is a hash chain only.
+    pub signing_key: Option<PathBuf>,
+    /// A signed checkpoint of the live segment is written at least this often while
+    /// records arrive, and at shutdown.
+    pub checkpoint_interval_secs: u64,
+}
+
+/// `[audit] fsync`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fsync {
+    #[default]
+    Interval,
+    Always,
+    Never,
 }
 
 impl Default for Audit {
@@ -78,7 +98,10 @@ impl Default for Audit {
             queue_capacity: 4096,
             capture_max_bytes: 16 * 1024 * 1024,
             fingerprint_key_file: None,
+            fsync: Fsync::Interval,
             fsync_interval_ms: 100,
+            signing_key: None,
+            checkpoint_interval_secs: 10,
         }
     }
 }
@@ -250,7 +273,7 @@ impl Config {
             }
         }
         let a = &self.audit;
-        let positive: [(&str, u64); 5] = [
+        let positive: [(&str, u64); 6] = [
             ("audit.segment_max_bytes", a.segment_max_bytes),
             ("audit.segment_max_age_secs", a.segment_max_age_secs),
             ("audit.queue_capacity", a.queue_capacity as u64),
@@ -259,6 +282,7 @@ impl Config {
                 "upstream.connect_timeout_secs",
                 self.upstream.connect_timeout_secs,
             ),
+            ("audit.checkpoint_interval_secs", a.checkpoint_interval_secs),
         ];
         for (key, value) in positive {
             if value == 0 {

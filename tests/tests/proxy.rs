@@ -119,7 +119,7 @@ async fn plain_json_is_forwarded_byte_for_byte_and_recorded() {
     assert_eq!(r["chain"]["hash"].as_str().unwrap().len(), 64);
     let bytes = all_audit_bytes(&done.audit_dir());
     assert!(!contains(&bytes, "sk-test-credential-0123456789abcdef"));
-    custody_audit::verify::verify_dir(&done.audit_dir(), |_, _, _| {}).unwrap();
+    custody_audit::verify::verify_dir(&done.audit_dir(), None, |_, _, _| {}).unwrap();
 }
 
 #[tokio::test]

@@ -52,7 +52,7 @@ fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
 }
 
 fn broken(dir: &Path) -> String {
-    match verify_dir(dir, |_, _, _| {}) {
+    match verify_dir(dir, None, |_, _, _| {}) {
         Err(VerifyError::Broken(b)) => b.to_string(),
         other => panic!("verify should fail, got {other:?}"),
     }
@@ -95,7 +95,7 @@ async fn the_chain_runs_across_segments_and_restarts() {
     let done = trail_with(4, true).await;
     let dir = done.audit_dir();
     assert_eq!(segments(&dir).len(), 4);
-    let report = verify_dir(&dir, |_, _, _| {}).unwrap();
+    let report = verify_dir(&dir, None, |_, _, _| {}).unwrap();
     assert_eq!((report.records, report.segments), (4, 4));
     for pair in done.records.windows(2) {
         assert_eq!(pair[1]["chain"]["prev"], pair[0]["chain"]["hash"]);
@@ -146,7 +146,7 @@ async fn a_torn_tail_is_cut_aside_and_the_chain_continues() {
     assert_eq!(aside.len(), 1);
     assert_eq!(fs::read(&aside[0]).unwrap(), &block[..30]);
     assert_eq!(done.seqs(), vec![1, 2, 3, 4]);
-    assert_eq!(verify_dir(&dir, |_, _, _| {}).unwrap().records, 4);
+    assert_eq!(verify_dir(&dir, None, |_, _, _| {}).unwrap().records, 4);
 }
 
 #[tokio::test]
@@ -202,7 +202,7 @@ async fn verify_catches_removed_and_reordered_records_and_missing_segments() {
     rewrite(&seg, |lines| lines.swap(0, 1));
     assert!(broken(&dir).contains("seq 1"));
     fs::write(&seg, &original).unwrap();
-    verify_dir(&dir, |_, _, _| {}).unwrap();
+    verify_dir(&dir, None, |_, _, _| {}).unwrap();
 
     let done = trail_with(3, true).await;
     let dir = done.audit_dir();

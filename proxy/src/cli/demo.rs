@@ -27,7 +27,13 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let upstream = format!("http://{mock}")
         .parse()
         .map_err(|e: String| anyhow::anyhow!(e))?;
-    let config = Config::for_test(
+    let keys = dir.with_extension("keys");
+    let (private, public) = if keys.join("demo.key").exists() {
+        (keys.join("demo.key"), keys.join("demo.pub"))
+    } else {
+        custody_audit::signing::keygen(&keys, "demo").context("making a signing key")?
+    };
+    let mut config = Config::for_test(
         &dir,
         vec![Route {
             name: "openai".into(),
@@ -37,6 +43,7 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
             strip_prefix: false,
         }],
     );
+    config.audit.signing_key = Some(private);
     let listener = tokio::net::TcpListener::bind(config.listen.addr).await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -85,11 +92,15 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         }
         ControlFlow::Continue(())
     })?;
-    match verify::verify_dir(&dir, |_, _, _| {}) {
+    let trusted = custody_audit::signing::load_public(&public)?;
+    match verify::verify_dir(&dir, Some(&trusted), |_, _, _| {}) {
         Ok(r) => println!(
-            "\ncustody log verify: ok, {} records in {} segment(s), chain head {}",
+            "\ncustody log verify --pubkey {}: ok, {} records in {} segment(s), {} seal(s) and {} checkpoint(s) signed by that key, chain head {}",
+            public.display(),
             r.records,
             r.segments,
+            r.seals,
+            r.checkpoints,
             r.head.unwrap_or_default()
         ),
         Err(e) => {

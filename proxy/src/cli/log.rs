@@ -13,6 +13,7 @@ use clap::{Args, Subcommand};
 use custody_audit::{
     reader,
     search::{self, Query, StatusFilter},
+    signing,
     verify::{self, VerifyError},
 };
 
@@ -54,10 +55,16 @@ pub enum LogCommand {
     },
     /// Find records, newest first.
     Search(SearchArgs),
-    /// Check every checksum, record hash, chain link and sequence number.
+    /// Check every checksum, record hash, chain link, sequence number, seal and checkpoint.
     Verify {
         #[command(flatten)]
         trail: TrailArgs,
+        /// The trusted public key (`custody keygen`): every seal and checkpoint must be signed by it.
+        #[arg(long)]
+        pubkey: Option<PathBuf>,
+        /// Accept records written after the newest checkpoint (a live trail between checkpoints).
+        #[arg(long)]
+        allow_uncovered_tail: bool,
     },
 }
 
@@ -184,30 +191,62 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        LogCommand::Verify { trail } => {
+        LogCommand::Verify {
+            trail,
+            pubkey,
+            allow_uncovered_tail,
+        } => {
             let dir = trail.dir()?;
-            let result = verify::verify_dir(&dir, |done, all, bytes| {
+            let trusted = pubkey.as_deref().map(signing::load_public).transpose()?;
+            let result = verify::verify_dir(&dir, trusted.as_ref(), |done, all, bytes| {
                 if all >= 10 {
                     eprintln!("verified {done}/{all} segments ({} MiB)", bytes >> 20);
                 }
             });
-            match result {
-                Ok(r) => {
-                    println!(
-                        "ok: {} records in {} segments ({} bytes) verified; chain head {}",
-                        r.records,
-                        r.segments,
-                        r.bytes,
-                        r.head.as_deref().unwrap_or("(empty trail)")
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
+            let r = match result {
+                Ok(r) => r,
                 Err(VerifyError::Broken(b)) => {
                     eprintln!("custody: verify FAILED in {}: {b}", dir.display());
-                    Ok(ExitCode::from(1))
+                    return Ok(ExitCode::from(1));
                 }
-                Err(VerifyError::Audit(e)) => Err(e.into()),
+                Err(VerifyError::Audit(e)) => return Err(e.into()),
+            };
+            println!(
+                "records: {} (+{} events) in {} segments, {} bytes; chain head {}",
+                r.records,
+                r.events,
+                r.segments,
+                r.bytes,
+                r.head.as_deref().unwrap_or("(empty trail)")
+            );
+            println!(
+                "seals: {}, checkpoints: {}, unsigned: {}",
+                r.seals, r.checkpoints, r.unsigned
+            );
+            match (&pubkey, r.keys.is_empty()) {
+                (Some(p), _) => println!("signatures: all checked against {}", p.display()),
+                (None, true) => println!("signatures: none (signing is off: the trail is a hash chain only)"),
+                (None, false) => println!(
+                    "signatures: valid under the key(s) they name ({}), not checked against a trusted key: pass --pubkey",
+                    r.keys.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
             }
+            if r.recoveries > 0 {
+                println!(
+                    "recoveries: {} crash(es) repaired at start-up, recorded in the chain",
+                    r.recoveries
+                );
+            }
+            if r.uncovered > 0 && !allow_uncovered_tail {
+                eprintln!(
+                    "custody: verify FAILED in {}: {} record(s) after the newest checkpoint are not covered by it (a live trail? verify after the next checkpoint, or pass --allow-uncovered-tail)",
+                    dir.display(),
+                    r.uncovered
+                );
+                return Ok(ExitCode::from(1));
+            }
+            println!("ok");
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -38,6 +38,13 @@ enum Command {
         #[command(subcommand)]
         command: log::LogCommand,
     },
+    /// Make an Ed25519 key pair for signing seals and checkpoints: DIR/NAME.key (0600) and DIR/NAME.pub.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "custody")]
+        name: String,
+    },
     /// Redact standard input to standard output, line by line, with the configured rules.
     Redact {
         #[arg(long)]
@@ -117,6 +124,18 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Log { command } => log::run(command),
+        Command::Keygen { out, name } => {
+            let (private, public) = custody_audit::signing::keygen(&out, &name)?;
+            println!(
+                "private key: {} (set [audit] signing_key to it; keep it secret)",
+                private.display()
+            );
+            println!(
+                "public key:  {} (give it to reviewers: custody log verify --pubkey)",
+                public.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Redact { config, report } => redact::run(config.as_ref(), report),
         Command::Demo { dir } => runtime()?.block_on(demo::run(dir)),
         Command::MockProvider { listen } => runtime()?.block_on(async {

@@ -562,8 +562,7 @@ fn recover_checkpoints(dir: &Path) -> Result<(String, (u64, u64)), AuditError> {
     }
     match bytes[..whole]
         .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .last()
+        .rfind(|l| !l.is_empty())
     {
         Some(line) => {
             let cp: Checkpoint =

@@ -115,12 +115,12 @@ async fn a_torn_tail_is_cut_aside_and_the_chain_continues() {
     let dir = done.audit_dir();
     let seg = segments(&dir)[0].clone();
     let good = fs::read(&seg).unwrap();
-    // A crash mid-write: half of a block at the end.
+    // Bytes half-written after the seal (a crash while a newer writer appended).
     let block = &good[good.len() - 60..];
     let mut torn = good.clone();
     torn.extend_from_slice(&block[..30]);
     fs::write(&seg, &torn).unwrap();
-    assert!(broken(&dir).contains("torn"));
+    assert!(broken(&dir).contains("after the seal"));
 
     let up = MockUpstream::start(|_, _| respond(200, &[], "{}")).await;
     let custody = Custody::start_in(
@@ -145,8 +145,11 @@ async fn a_torn_tail_is_cut_aside_and_the_chain_continues() {
         .collect();
     assert_eq!(aside.len(), 1);
     assert_eq!(fs::read(&aside[0]).unwrap(), &block[..30]);
-    assert_eq!(done.seqs(), vec![1, 2, 3, 4]);
-    assert_eq!(verify_dir(&dir, None, |_, _, _| {}).unwrap().records, 4);
+    // The cut is itself recorded in the chain, before the new record.
+    assert_eq!(done.seqs(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(done.records[3]["event"]["cut"]["bytes"], 30);
+    let r = verify_dir(&dir, None, |_, _, _| {}).unwrap();
+    assert_eq!((r.records, r.events, r.recoveries), (4, 1, 1));
 }
 
 #[tokio::test]

@@ -25,6 +25,9 @@ class Stack:
     def __init__(self, tmp: pathlib.Path):
         self.mock, mock_addr = _spawn(["mock-provider"])
         self.audit_dir = tmp / "audit"
+        keys = tmp / "keys"
+        subprocess.run([BIN, "keygen", "--out", str(keys)], check=True, capture_output=True)
+        self.pubkey = keys / "custody.pub"
         config = tmp / "custody.toml"
         config.write_text(
             f"""
@@ -33,6 +36,7 @@ addr = "127.0.0.1:0"
 
 [audit]
 dir = "{self.audit_dir}"
+signing_key = "{keys / 'custody.key'}"
 
 [[route]]
 name = "openai"

@@ -165,9 +165,11 @@ def test_zz_trail_holds_every_exchange(stack):
     assert msgs[1]["gen_ai"]["usage"]["output_tokens"] > 0
     assert len({r["client"]["key_id"] for r in records}) == 2
 
-    verify = stack.cli("log", "verify", "--dir", str(stack.audit_dir))
+    verify = stack.cli("log", "verify", "--dir", str(stack.audit_dir), "--pubkey", str(stack.pubkey))
     assert verify.returncode == 0, verify.stderr
-    assert "ok: 9 records" in verify.stdout
+    assert "records: 9 (+0 events) in 1 segments" in verify.stdout, verify.stdout
+    assert "signatures: all checked against" in verify.stdout, verify.stdout
+    assert verify.stdout.endswith("ok\n"), verify.stdout
 
     for path in stack.audit_dir.iterdir():
         raw = path.read_bytes()

@@ -267,3 +267,131 @@ fn redact_keeps_lines_and_reports_counts() {
         serde_json::json!({"CODENAME": 1, "CREDIT_CARD": 1, "EMAIL_ADDRESS": 1, "PHONE_NUMBER": 1})
     );
 }
+
+#[test]
+fn kill_9_under_load_loses_nothing_on_disk_and_verifies_after_restart() {
+    use std::sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    };
+    let (mut mock, mock_addr) = spawn_listening(&["mock-provider"]);
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit");
+    let keys = dir.path().join("keys");
+    assert!(custody(&["keygen", "--out", keys.to_str().unwrap()])
+        .status
+        .success());
+    let config = dir.path().join("custody.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\naddr = \"127.0.0.1:0\"\n[audit]\ndir = \"{}\"\nfsync = \"always\"\nsigning_key = \"{}\"\n[[route]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n",
+            audit.display(),
+            keys.join("custody.key").display()
+        ),
+    )
+    .unwrap();
+    let (mut serve, addr) = spawn_listening(&["serve", "--config", config.to_str().unwrap()]);
+
+    // Load from four clients until the trail holds at least 40 records, then kill -9.
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, done, addr) = (stop.clone(), done.clone(), addr.clone());
+            std::thread::spawn(move || {
+                for _ in 0..5_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let Ok(mut s) = TcpStream::connect(&addr) else { break };
+                    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"load"}]}"#;
+                    let req = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                    if s.write_all(req.as_bytes()).is_err() {
+                        break;
+                    }
+                    let mut out = String::new();
+                    if s.read_to_string(&mut out).is_ok() && out.starts_with("HTTP/1.1 200") {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let d = audit.to_str().unwrap();
+    let mut polls = 0;
+    let before: Vec<serde_json::Value> = loop {
+        polls += 1;
+        assert!(polls < 20_000, "the trail never reached 40 records");
+        let o = custody(&["log", "export", "--dir", d]);
+        let lines: Vec<serde_json::Value> = stdout(&o)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() >= 40 {
+            break lines;
+        }
+    };
+    assert!(Command::new("kill")
+        .args(["-KILL", &serve.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let _ = serve.wait();
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+
+    // Restart: the crash is repaired and recorded; then a clean stop.
+    let (mut serve, addr) = spawn_listening(&["serve", "--config", config.to_str().unwrap()]);
+    assert!(http_post(
+        &addr,
+        "/v1/chat/completions",
+        "",
+        r#"{"model":"after","messages":[]}"#
+    )
+    .starts_with("HTTP/1.1 200"));
+    assert!(Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    assert!(serve.wait().unwrap().success());
+    mock.kill().unwrap();
+    let _ = mock.wait();
+
+    let after: Vec<serde_json::Value> = stdout(&custody(&["log", "export", "--dir", d]))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: std::collections::HashSet<&str> =
+        after.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    for r in &before {
+        assert!(
+            ids.contains(r["id"].as_str().unwrap()),
+            "record seq {} was on disk before the kill and is gone",
+            r["seq"]
+        );
+    }
+    let seqs: Vec<u64> = after.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=after.len() as u64).collect::<Vec<_>>());
+    assert!(after.iter().any(|r| r["event"]["type"] == "recovery"));
+    assert_eq!(after.last().unwrap()["gen_ai"]["request"]["model"], "after");
+    let pubkey = keys.join("custody.pub");
+    let o = custody(&[
+        "log",
+        "verify",
+        "--dir",
+        d,
+        "--pubkey",
+        pubkey.to_str().unwrap(),
+    ]);
+    let out = stdout(&o);
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("recoveries: 1 crash(es) repaired"), "{out}");
+}

@@ -45,6 +45,14 @@ pub struct Recovery {
     pub sealed: Option<PathBuf>,
 }
 
+/// A sealed segment past retention.
+#[derive(Debug, Clone)]
+pub struct Retired {
+    pub path: PathBuf,
+    pub seal: Seal,
+    pub seal_hash: String,
+}
+
 /// How the store writes.
 pub struct StoreOptions {
     pub max_bytes: u64,
@@ -435,6 +443,57 @@ impl SegmentStore {
         f.sync_data().map_err(io(&path))?;
         self.covered = (last_seq, len);
         Ok(true)
+    }
+
+    /// Sealed segments past retention, oldest first and contiguous from the oldest: all
+    /// sealed, none the newest, each one's newest record older than `max_age_ms` at `now_ms`.
+    pub fn retention_candidates(
+        &self,
+        now_ms: i64,
+        max_age_ms: i64,
+    ) -> Result<Vec<Retired>, AuditError> {
+        let segments = list_segments(&self.dir)?;
+        let newest = self
+            .open
+            .as_ref()
+            .map(|s| s.number)
+            .or(self.newest.as_ref().map(|n| n.0));
+        let mut out = Vec::new();
+        for (number, path) in segments {
+            if Some(number) == newest {
+                break;
+            }
+            let bytes = fs::read(&path).map_err(io(&path))?;
+            let parsed = segment::parse_segment(&bytes).map_err(|source| AuditError::Format {
+                path: path.clone(),
+                source,
+            })?;
+            let Some(seal) = parsed.seal else { break };
+            let newest_ms = if seal.seal.records > 0 {
+                seal.seal.last_ms
+            } else {
+                parsed.header.created_ms
+            };
+            if now_ms - newest_ms < max_age_ms {
+                break;
+            }
+            out.push(Retired {
+                path,
+                seal_hash: signing::line_hash(&seal.line),
+                seal: seal.seal,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Deletes retired segments (after their retention event is written and covered).
+    pub fn delete(&mut self, retired: &[Retired]) -> Result<(), AuditError> {
+        for r in retired {
+            fs::remove_file(&r.path).map_err(io(&r.path))?;
+        }
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))
     }
 
     /// Clean shutdown: seal the open segment and write the final checkpoint.

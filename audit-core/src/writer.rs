@@ -117,6 +117,7 @@ pub struct WriterConfig {
     pub decode_limit: usize,
     pub fsync_interval: Duration,
     pub checkpoint_interval: Duration,
+    pub retention_days: Option<u32>,
 }
 
 impl From<&custody_config::Audit> for WriterConfig {
@@ -129,6 +130,7 @@ impl From<&custody_config::Audit> for WriterConfig {
             decode_limit: a.capture_max_bytes.saturating_mul(8),
             fsync_interval: Duration::from_millis(a.fsync_interval_ms.max(1)),
             checkpoint_interval: Duration::from_secs(a.checkpoint_interval_secs.max(1)),
+            retention_days: a.retention_days,
         }
     }
 }
@@ -196,11 +198,14 @@ impl AuditWriter {
             last_sync: Instant::now(),
             checkpoint_interval: wc.checkpoint_interval,
             last_checkpoint: Instant::now(),
+            retention: wc.retention_days,
+            last_retention: Instant::now(),
             retry_at: None,
         };
         if let Some(event) = recovery_event(&recovery) {
             worker.add_event(event);
         }
+        worker.apply_retention();
         let thread = std::thread::Builder::new()
             .name("custody-writer".into())
             .spawn(move || worker.run(rx, stop_rx))
@@ -281,8 +286,13 @@ struct Worker {
     last_sync: Instant,
     checkpoint_interval: Duration,
     last_checkpoint: Instant,
+    retention: Option<u32>,
+    last_retention: Instant,
     retry_at: Option<Instant>,
 }
+
+/// How often retention looks for expired segments.
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
 /// The event that tells a repaired crash apart from tampering.
 fn recovery_event(r: &Recovery) -> Option<serde_json::Value> {
@@ -339,6 +349,9 @@ impl Worker {
             if let Err(e) = self.store.rotate_if_old() {
                 tracing::error!(error = %e, "segment rotation failed");
             }
+            if self.retention.is_some() && self.last_retention.elapsed() >= RETENTION_EVERY {
+                self.apply_retention();
+            }
         }
         self.retry_at = None;
         self.flush();
@@ -364,6 +377,61 @@ impl Worker {
         if let Some((line, ms)) = line {
             self.push_line(line, seq, ms);
         }
+    }
+
+    /// Deletes sealed segments past retention. The event naming them (with their seal
+    /// hashes) is written, and covered by a checkpoint, before any file is removed, so a
+    /// crash in between leaves extra segments, never an unexplained gap.
+    fn apply_retention(&mut self) {
+        self.last_retention = Instant::now();
+        let Some(days) = self.retention else { return };
+        let max_age = i64::from(days) * 86_400_000;
+        let retired = match self
+            .store
+            .retention_candidates(crate::store::now_ms(), max_age)
+        {
+            Ok(r) if r.is_empty() => return,
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "retention could not read the trail");
+                return;
+            }
+        };
+        let removed: Vec<serde_json::Value> = retired
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "segment": r.path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                    "seal": r.seal_hash,
+                    "first_seq": r.seal.first_seq,
+                    "last_seq": r.seal.last_seq,
+                    "head": r.seal.head,
+                    "last_ms": r.seal.last_ms,
+                })
+            })
+            .collect();
+        self.add_event(
+            serde_json::json!({"type": "retention", "retention_days": days, "removed": removed}),
+        );
+        self.retry_at = None;
+        self.flush();
+        if self.batch.count > 0 {
+            tracing::error!("retention postponed: its event could not be written");
+            return;
+        }
+        if let Err(e) = self
+            .store
+            .checkpoint()
+            .and_then(|_| self.store.delete(&retired))
+        {
+            tracing::error!(error = %e, "retention could not delete expired segments");
+            return;
+        }
+        tracing::info!(
+            segments = retired.len(),
+            retention_days = days,
+            "retention deleted expired segments"
+        );
     }
 
     /// Chains an event into the trail, like a record.

@@ -77,6 +77,10 @@ pub struct Audit {
     /// A signed checkpoint of the live segment is written at least this often while
     /// records arrive, and at shutdown.
     pub checkpoint_interval_secs: u64,
+    /// Sealed segments whose newest record is older than this many days are deleted by
+    /// custody, oldest first, each deletion recorded as an event in the chain. Unset:
+    /// keep everything. `0` deletes every segment as soon as it is sealed.
+    pub retention_days: Option<u32>,
 }
 
 /// `[audit] fsync`
@@ -102,6 +106,7 @@ impl Default for Audit {
             fsync_interval_ms: 100,
             signing_key: None,
             checkpoint_interval_secs: 10,
+            retention_days: None,
         }
     }
 }

@@ -306,3 +306,54 @@ async fn a_crash_is_repaired_recorded_and_told_apart_from_tampering() {
         .unwrap();
     assert!(sealed.seal.recovered);
 }
+
+#[tokio::test]
+async fn retention_deletes_old_segments_and_the_trail_still_verifies() {
+    let t = signed_trail(3).await;
+    let dir = t.dir();
+    let key = t.keys.path().join("test.key");
+    let up = MockUpstream::start(|_, _| respond(200, &[], "{}")).await;
+    let custody = Custody::start_in(
+        t.done.dir,
+        vec![route("openai", "/v1/", &up.url(), Provider::Openai, false)],
+        |c| {
+            c.audit.signing_key = Some(key.clone());
+            c.audit.retention_days = Some(0);
+        },
+    )
+    .await;
+    send(&client(), post(&custody.url("/v1/embeddings"), &[], "{}")).await;
+    let done = custody.stop().await;
+    let names: Vec<String> = custody_audit::reader::segments(&dir)
+        .unwrap()
+        .iter()
+        .map(|s| s.name())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["00000000000000000003.seg", "00000000000000000004.seg"]
+    );
+    let event = done
+        .records
+        .iter()
+        .find(|r| r["event"]["type"] == "retention")
+        .unwrap();
+    assert_eq!(event["event"]["removed"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        event["event"]["removed"][1]["segment"],
+        "00000000000000000002.seg"
+    );
+    let r = verify_dir(&dir, Some(&t.public), |_, _, _| {}).unwrap();
+    assert_eq!((r.retired, r.records, r.events, r.uncovered), (2, 3, 1, 0));
+
+    // Deleting what retention kept is still caught.
+    fs::remove_file(dir.join("00000000000000000003.seg")).unwrap();
+    match verify_dir(&dir, Some(&t.public), |_, _, _| {}) {
+        Err(VerifyError::Broken(b)) => assert!(
+            b.what
+                .contains("segment 3 is missing and no retention event"),
+            "{b}"
+        ),
+        other => panic!("{other:?}"),
+    }
+}

@@ -231,6 +231,9 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
                     r.keys.iter().cloned().collect::<Vec<_>>().join(", ")
                 ),
             }
+            if r.retired > 0 {
+                println!("retention: segments 1 to {} were deleted under the retention policy, as the chain records", r.retired);
+            }
             if r.recoveries > 0 {
                 println!(
                     "recoveries: {} crash(es) repaired at start-up, recorded in the chain",

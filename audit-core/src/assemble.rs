@@ -122,7 +122,7 @@ impl Assembler {
 
         Record {
             schema: record::SCHEMA.to_owned(),
-            id: uuid::Uuid::now_v7().to_string(),
+            id: record_id(ex.started_at),
             seq,
             route: ex.route.as_deref().map(str::to_owned),
             time: Time {
@@ -260,6 +260,23 @@ impl Assembler {
         out.body = Some(recorded);
         out
     }
+}
+
+/// A UUID v7 whose timestamp is the exchange's start, so that `log show ID` can find the
+/// segment from the id alone (segment indexes hold time ranges).
+pub fn record_id(started_at: std::time::SystemTime) -> String {
+    let d = started_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let ts = uuid::Timestamp::from_unix(uuid::NoContext, d.as_secs(), d.subsec_nanos());
+    uuid::Uuid::new_v7(ts).to_string()
+}
+
+/// The Unix-ms timestamp in a UUID v7, if it is one.
+pub fn id_time_ms(id: &str) -> Option<i64> {
+    let u = uuid::Uuid::parse_str(id).ok()?;
+    let (secs, nanos) = u.get_timestamp()?.to_unix();
+    Some(secs as i64 * 1000 + i64::from(nanos / 1_000_000))
 }
 
 fn millis(d: std::time::Duration) -> f64 {

@@ -16,6 +16,7 @@ pub mod error;
 pub mod exchange;
 pub mod fingerprint;
 pub mod genai;
+pub mod index;
 pub mod reader;
 pub mod record;
 pub mod redact;

@@ -76,16 +76,86 @@ pub fn for_each_line(
     Ok(())
 }
 
-/// The record line with this `id`.
+/// Calls `f` with every record line of one segment (lenient on a live, unsealed tail).
+pub fn for_each_line_in(
+    seg: &SegmentRef,
+    mut f: impl FnMut(&[u8]) -> ControlFlow<()>,
+) -> Result<(), AuditError> {
+    let bytes = fs::read(&seg.path).map_err(|source| AuditError::Io {
+        path: seg.path.clone(),
+        source,
+    })?;
+    let parsed = segment::parse_segment(&bytes).map_err(|source| AuditError::Format {
+        path: seg.path.clone(),
+        source,
+    })?;
+    for block in &parsed.blocks {
+        for line in block.lines() {
+            if f(line).is_break() {
+                return Ok(());
+            }
+        }
+    }
+    match parsed.tail_error.filter(|_| parsed.seal.is_some()) {
+        Some(source) => Err(AuditError::Format {
+            path: seg.path.clone(),
+            source,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Reads only the given blocks of a segment (from its index's seek table).
+pub fn read_blocks(
+    path: &Path,
+    blocks: &[&crate::index::BlockEntry],
+) -> Result<Vec<segment::Block>, AuditError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let io = |source| AuditError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = fs::File::open(path).map_err(io)?;
+    let mut out = Vec::with_capacity(blocks.len());
+    for b in blocks {
+        let mut buf = vec![0u8; b.len as usize];
+        f.seek(SeekFrom::Start(b.offset)).map_err(io)?;
+        f.read_exact(&mut buf).map_err(io)?;
+        let (mut block, _) = segment::read_block(&buf, 0).map_err(|source| AuditError::Format {
+            path: path.to_owned(),
+            source,
+        })?;
+        block.offset = b.offset;
+        out.push(block);
+    }
+    Ok(out)
+}
+
+/// The record line with this `id`: the segments whose time range holds the id's
+/// timestamp (UUID v7) are read first.
 pub fn find_by_id(dir: &Path, id: &str) -> Result<Vec<u8>, AuditError> {
     let needle = format!("\"id\":{}", serde_json::Value::String(id.to_owned()));
-    let mut found = None;
-    for_each_line(dir, |_, line| {
-        if memchr::memmem::find(line, needle.as_bytes()).is_some() {
-            found = Some(line.to_vec());
-            return ControlFlow::Break(());
+    let mut segs = segments(dir)?;
+    if let Some(t) = crate::assemble::id_time_ms(id) {
+        // Segments whose index covers the id's time first; unindexed (live) ones next.
+        segs.sort_by_key(|s| match crate::index::load(&s.path) {
+            Some(i) if i.first_ms <= t && t <= i.last_ms => 0,
+            Some(_) => 2,
+            None => 1,
+        });
+    }
+    for seg in &segs {
+        let mut found = None;
+        for_each_line_in(seg, |line| {
+            if memchr::memmem::find(line, needle.as_bytes()).is_some() {
+                found = Some(line.to_vec());
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        })?;
+        if let Some(line) = found {
+            return Ok(line);
         }
-        ControlFlow::Continue(())
-    })?;
-    found.ok_or_else(|| AuditError::NotFound(id.to_owned()))
+    }
+    Err(AuditError::NotFound(id.to_owned()))
 }

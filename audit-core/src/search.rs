@@ -1,10 +1,13 @@
 //! `custody log search`: filters over a trail, newest first.
 
-use std::{collections::VecDeque, ops::ControlFlow, path::Path, time::SystemTime};
+use std::{ops::ControlFlow, path::Path, time::SystemTime};
 
 use serde_json::Value;
 
-use crate::{reader, AuditError};
+use crate::{
+    index::{self, BlockEntry, SegmentIndex},
+    reader, AuditError,
+};
 
 /// A status filter: an exact code (`429`) or a class (`5xx`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +49,8 @@ pub struct Query {
     /// Case-insensitive substring of the stored (redacted) record.
     pub text: Option<String>,
     pub outcome: Option<String>,
+    /// A redaction entity that fired in the record (`EMAIL_ADDRESS`...).
+    pub entity: Option<String>,
     /// Most records returned (the newest ones).
     pub limit: usize,
 }
@@ -61,6 +66,11 @@ impl Query {
         }
         if let Some(want) = &self.key_id {
             if r["client"]["key_id"].as_str() != Some(want) {
+                return false;
+            }
+        }
+        if let Some(want) = &self.entity {
+            if r["redactions"].get(want).is_none() {
                 return false;
             }
         }
@@ -109,29 +119,108 @@ impl Query {
     }
 }
 
-/// The newest `query.limit` matching records, newest first.
+impl Query {
+    /// Whether a segment with this index can hold a match (false skips it unread).
+    pub fn may_match(&self, idx: &SegmentIndex) -> bool {
+        let f = &idx.facts;
+        let ms = |t: SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64)
+        };
+        if idx.first_seq > idx.last_seq && self.text.is_none() {
+            return false;
+        }
+        if self.since.is_some_and(|t| idx.last_ms < ms(t))
+            || self.until.is_some_and(|t| idx.first_ms >= ms(t))
+        {
+            return false;
+        }
+        let has = |set: &std::collections::BTreeSet<String>, want: &Option<String>| {
+            want.as_ref().is_none_or(|w| set.contains(w))
+        };
+        if !has(&f.routes, &self.route)
+            || !has(&f.key_ids, &self.key_id)
+            || !has(&f.outcomes, &self.outcome)
+            || !has(&f.entities, &self.entity)
+        {
+            return false;
+        }
+        if let Some(m) = &self.model {
+            if !f.models.iter().any(|x| x.starts_with(m.as_str())) {
+                return false;
+            }
+        }
+        match self.status {
+            Some(StatusFilter::Exact(c)) => f.statuses.contains(&c),
+            Some(StatusFilter::Class(c)) => f.statuses.iter().any(|s| s / 100 == c),
+            None => true,
+        }
+    }
+
+    /// Whether a block (by its time range) can hold a match.
+    fn block_may_match(&self, b: &BlockEntry) -> bool {
+        let ms = |t: SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64)
+        };
+        !(self.since.is_some_and(|t| b.last_ms < ms(t))
+            || self.until.is_some_and(|t| b.first_ms >= ms(t)))
+    }
+}
+
+/// The newest `query.limit` matching records, newest first. Segments are read newest
+/// first and skipped when their index rules them out; within an indexed segment, only
+/// the blocks whose time range overlaps the query are read.
 pub fn search(dir: &Path, query: &Query) -> Result<Vec<Value>, AuditError> {
     let needle = query.text.as_ref().map(|t| t.to_lowercase());
-    let mut found: VecDeque<Value> = VecDeque::new();
-    reader::for_each_line(dir, |_, line| {
-        if let Some(n) = &needle {
-            // Prefilter on the raw line; JSON escapes make this approximate for non-ASCII.
-            let lower = String::from_utf8_lossy(line).to_lowercase();
-            if !lower.contains(n.as_str()) {
-                return ControlFlow::Continue(());
-            }
+    let limit = query.limit.max(1);
+    let mut found = Vec::new();
+    for seg in reader::segments(dir)?.iter().rev() {
+        let idx = index::load(&seg.path);
+        if idx.as_ref().is_some_and(|i| !query.may_match(i)) {
+            continue;
         }
-        if let Ok(v) = serde_json::from_slice::<Value>(line) {
-            if query.matches(&v) {
-                if found.len() == query.limit.max(1) {
-                    found.pop_front();
+        let mut hits = Vec::new();
+        let mut consider = |line: &[u8]| {
+            if let Some(n) = &needle {
+                // Prefilter on the raw line; JSON escapes make this approximate for non-ASCII.
+                if !String::from_utf8_lossy(line)
+                    .to_lowercase()
+                    .contains(n.as_str())
+                {
+                    return;
                 }
-                found.push_back(v);
+            }
+            if let Ok(v) = serde_json::from_slice::<Value>(line) {
+                if query.matches(&v) {
+                    hits.push(v);
+                }
+            }
+        };
+        match &idx {
+            Some(i) if query.since.is_some() || query.until.is_some() => {
+                let blocks: Vec<&BlockEntry> = i
+                    .blocks
+                    .iter()
+                    .filter(|b| query.block_may_match(b))
+                    .collect();
+                for block in reader::read_blocks(&seg.path, &blocks)? {
+                    block.lines().for_each(&mut consider);
+                }
+            }
+            _ => reader::for_each_line_in(seg, |line| {
+                consider(line);
+                ControlFlow::Continue(())
+            })?,
+        }
+        for v in hits.into_iter().rev() {
+            found.push(v);
+            if found.len() == limit {
+                return Ok(found);
             }
         }
-        ControlFlow::Continue(())
-    })?;
-    Ok(found.into_iter().rev().collect())
+    }
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -167,5 +256,13 @@ mod tests {
             ..Query::default()
         };
         assert!(!q.matches(&r));
+        let q = Query {
+            entity: Some("EMAIL_ADDRESS".into()),
+            ..Query::default()
+        };
+        assert!(!q.matches(&r));
+        let mut with = r.clone();
+        with["redactions"] = serde_json::json!({"EMAIL_ADDRESS": 2});
+        assert!(q.matches(&with));
     }
 }

@@ -325,7 +325,7 @@ fn read_skippable(bytes: &[u8], at: usize) -> Option<(u32, &[u8], usize)> {
     Some((magic, content, at + 8 + len))
 }
 
-fn read_block(bytes: &[u8], at: usize) -> Result<(Block, usize), FormatError> {
+pub fn read_block(bytes: &[u8], at: usize) -> Result<(Block, usize), FormatError> {
     let (magic, content, frame_at) =
         read_skippable(bytes, at).ok_or_else(|| ferr(at, "block header is torn"))?;
     if magic != BLOCK_MAGIC {

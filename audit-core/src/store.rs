@@ -13,6 +13,7 @@ use custody_config::Fsync;
 use sha2::{Digest, Sha256};
 
 use crate::{
+    index::{self, BlockEntry, Facts, SegmentIndex},
     segment::{self, BlockHeader, ParsedSegment, SegmentHeader},
     signing::{self, Checkpoint, Seal, SignerKey, ZERO_HEX},
     AuditError,
@@ -89,6 +90,8 @@ struct OpenSegment {
     records: u64,
     first_ms: i64,
     last_ms: i64,
+    blocks: Vec<BlockEntry>,
+    facts: Facts,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
@@ -243,6 +246,14 @@ impl SegmentStore {
                     f.sync_all().map_err(io(path))?;
                     bytes.extend_from_slice(&frame);
                     prev_seal = signing::line_hash(&line);
+                    if let Ok(reparsed) = segment::parse_segment(&bytes) {
+                        if let Err(e) = index::write(
+                            path,
+                            &index::from_parsed(*number, &reparsed, bytes.len() as u64),
+                        ) {
+                            tracing::warn!(error = %e, "segment index not written");
+                        }
+                    }
                     tracing::warn!(segment = %path.display(), "sealed a segment left open by a crash");
                     recovery.sealed = Some(path.clone());
                 }
@@ -297,6 +308,7 @@ impl SegmentStore {
         time_range: (i64, i64),
         records: &[u8],
         head: ChainHead,
+        facts: &Facts,
     ) -> Result<(), AuditError> {
         let block = BlockHeader::encode_block(
             first_seq,
@@ -319,6 +331,15 @@ impl SegmentStore {
             return Err(io(&seg.path)(e));
         }
         seg.hasher.update(&block);
+        seg.blocks.push(BlockEntry {
+            offset: seg.len,
+            len: block.len() as u64,
+            first_seq,
+            count,
+            first_ms: time_range.0,
+            last_ms: time_range.1,
+        });
+        seg.facts.merge(facts);
         seg.len += block.len() as u64;
         seg.dirty = true;
         seg.records += u64::from(count);
@@ -397,6 +418,21 @@ impl SegmentStore {
         seg.hasher.update(&frame);
         seg.len += frame.len() as u64;
         self.prev_seal = signing::line_hash(&line);
+        let idx = SegmentIndex {
+            v: 1,
+            segment: seg.number,
+            segment_bytes: seg.len,
+            first_seq: seal.first_seq,
+            last_seq: seal.last_seq,
+            first_ms: seal.first_ms,
+            last_ms: seal.last_ms,
+            blocks: std::mem::take(&mut seg.blocks),
+            facts: std::mem::take(&mut seg.facts),
+        };
+        // The index only speeds up search: failing to write it is not fatal.
+        if let Err(e) = index::write(&seg.path, &idx) {
+            tracing::warn!(error = %e, "segment index not written");
+        }
         self.newest = Some((seg.number, seg.len, hex::encode(seg.hasher.finalize())));
         Ok(())
     }
@@ -490,6 +526,7 @@ impl SegmentStore {
     pub fn delete(&mut self, retired: &[Retired]) -> Result<(), AuditError> {
         for r in retired {
             fs::remove_file(&r.path).map_err(io(&r.path))?;
+            let _ = fs::remove_file(index::index_path(&r.path));
         }
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
@@ -538,6 +575,8 @@ impl SegmentStore {
             records: 0,
             first_ms: i64::MAX,
             last_ms: i64::MIN,
+            blocks: Vec::new(),
+            facts: Facts::default(),
         });
         Ok(())
     }
@@ -672,7 +711,9 @@ mod tests {
             next_seq: seq + 1,
             prev_hash: hash,
         };
-        store.append(seq, 1, (0, 0), &line, head).unwrap();
+        store
+            .append(seq, 1, (0, 0), &line, head, &Facts::default())
+            .unwrap();
         hash
     }
 

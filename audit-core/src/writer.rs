@@ -22,6 +22,7 @@ use crate::{
     assemble::Assembler,
     exchange::Exchange,
     fingerprint::{self, Fingerprinter},
+    index::Facts,
     record::{self, Chain, EventRecord, EventTime},
     redact::Redactor,
     segment,
@@ -262,6 +263,8 @@ struct Batch {
     last_ms: i64,
     /// The chain head after the records in `buf`.
     head: ChainHead,
+    /// Searchable values of the records in `buf`, for the segment index.
+    facts: Facts,
 }
 
 impl Batch {
@@ -273,6 +276,7 @@ impl Batch {
             first_ms: i64::MAX,
             last_ms: i64::MIN,
             head,
+            facts: Facts::default(),
         }
     }
 }
@@ -374,8 +378,9 @@ impl Worker {
             tracing::error!(seq, "record assembly panicked; writing a minimal record");
             self.fallback_line(ex, seq)
         });
-        if let Some((line, ms)) = line {
+        if let Some((line, ms, facts)) = line {
             self.push_line(line, seq, ms);
+            self.batch.facts.merge(&facts);
         }
     }
 
@@ -476,8 +481,10 @@ impl Worker {
         };
     }
 
-    fn line(&self, ex: &Exchange, seq: u64) -> Option<(Vec<u8>, i64)> {
+    fn line(&self, ex: &Exchange, seq: u64) -> Option<(Vec<u8>, i64, Facts)> {
         let mut record = self.assembler.assemble(ex, seq);
+        let mut facts = Facts::default();
+        facts.add_record(&record);
         record.chain.prev = hex::encode(self.batch.head.prev_hash);
         record.chain.hash = "0".repeat(64);
         let ms = ex
@@ -485,7 +492,7 @@ impl Worker {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         match serde_json::to_vec(&record) {
-            Ok(v) => Some((v, ms)),
+            Ok(v) => Some((v, ms, facts)),
             Err(e) => {
                 tracing::error!(seq, error = %e, "record did not serialize");
                 None
@@ -493,7 +500,7 @@ impl Worker {
         }
     }
 
-    fn fallback_line(&self, ex: &Exchange, seq: u64) -> Option<(Vec<u8>, i64)> {
+    fn fallback_line(&self, ex: &Exchange, seq: u64) -> Option<(Vec<u8>, i64, Facts)> {
         let v = serde_json::json!({
             "schema": crate::record::SCHEMA,
             "id": uuid::Uuid::now_v7().to_string(),
@@ -503,7 +510,9 @@ impl Worker {
             "error": "record assembly failed; bodies not recorded",
             "chain": {"prev": hex::encode(self.batch.head.prev_hash), "hash": "0".repeat(64)},
         });
-        serde_json::to_vec(&v).ok().map(|l| (l, 0))
+        serde_json::to_vec(&v)
+            .ok()
+            .map(|l| (l, 0, Facts::default()))
     }
 
     fn flush(&mut self) {
@@ -517,6 +526,7 @@ impl Worker {
             (b.first_ms, b.last_ms),
             &b.buf,
             b.head,
+            &b.facts,
         ) {
             Ok(()) => {
                 self.stats

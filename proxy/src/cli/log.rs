@@ -91,6 +91,9 @@ pub struct SearchArgs {
     /// `ok`, `client_cancelled`, `upstream_error`, `upstream_timeout` or `rejected`.
     #[arg(long)]
     outcome: Option<String>,
+    /// Records where this redaction entity fired (`EMAIL_ADDRESS`, `OPENAI_API_KEY`...).
+    #[arg(long)]
+    entity: Option<String>,
     /// Case-insensitive text anywhere in the (redacted) record.
     #[arg(long)]
     text: Option<String>,
@@ -157,6 +160,7 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
                 key_id: a.key_id,
                 text: a.text,
                 outcome: a.outcome,
+                entity: a.entity,
                 limit: a.limit,
             };
             let found = search::search(&a.trail.dir()?, &query)?;

@@ -36,7 +36,7 @@ enum Command {
     /// Read, search and verify the audit trail.
     Log {
         #[command(subcommand)]
-        command: log::LogCommand,
+        command: Box<log::LogCommand>,
     },
     /// Make an Ed25519 key pair for signing seals and checkpoints: DIR/NAME.key (0600) and DIR/NAME.pub.
     Keygen {
@@ -123,7 +123,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             println!("{}: ok ({} routes)", file.display(), c.routes.len());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Log { command } => log::run(command),
+        Command::Log { command } => log::run(*command),
         Command::Keygen { out, name } => {
             let (private, public) = custody_audit::signing::keygen(&out, &name)?;
             println!(

@@ -100,6 +100,16 @@ impl AuditSender {
     pub fn stats(&self) -> &Arc<AuditStats> {
         &self.stats
     }
+
+    /// Waits for room in the queue. For tools and benchmarks on their own threads;
+    /// never on the proxy's runtime, which must not block.
+    pub fn submit_blocking(&self, ex: Exchange) -> bool {
+        let ok = self.tx.send(ex).is_ok();
+        if ok {
+            self.stats.submitted.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
 }
 
 /// What the writer did over its life.
@@ -501,16 +511,30 @@ impl Worker {
     }
 
     fn fallback_line(&self, ex: &Exchange, seq: u64) -> Option<(Vec<u8>, i64, Facts)> {
-        let v = serde_json::json!({
-            "schema": crate::record::SCHEMA,
-            "id": uuid::Uuid::now_v7().to_string(),
-            "seq": seq,
-            "route": ex.route.as_deref(),
-            "outcome": ex.outcome.as_str(),
-            "error": "record assembly failed; bodies not recorded",
-            "chain": {"prev": hex::encode(self.batch.head.prev_hash), "hash": "0".repeat(64)},
-        });
-        serde_json::to_vec(&v)
+        // A struct, not `json!`: `chain` must stay the last member.
+        #[derive(serde::Serialize)]
+        struct Minimal<'a> {
+            schema: &'static str,
+            id: String,
+            seq: u64,
+            route: Option<&'a str>,
+            outcome: &'static str,
+            error: &'static str,
+            chain: Chain,
+        }
+        let m = Minimal {
+            schema: crate::record::SCHEMA,
+            id: crate::assemble::record_id(ex.started_at),
+            seq,
+            route: ex.route.as_deref(),
+            outcome: ex.outcome.as_str(),
+            error: "record assembly failed; bodies not recorded",
+            chain: Chain {
+                prev: hex::encode(self.batch.head.prev_hash),
+                hash: "0".repeat(64),
+            },
+        };
+        serde_json::to_vec(&m)
             .ok()
             .map(|l| (l, 0, Facts::default()))
     }

@@ -1,0 +1,303 @@
+//! The trail at scale: write N realistic records through the real writer (assemble,
+//! redact, chain, compress, append), then report writer records/s, bytes per record,
+//! compression (and what a trained zstd dictionary would add), verify MB/s, and search
+//! latency for a selective and a full-text query.
+//!
+//! `cargo bench -p custody-audit --bench trail` (1,000,000 records; `-- --quick` for 100,000).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    net::SocketAddr,
+    ops::ControlFlow,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use custody_audit::{
+    exchange::{Capture, Exchange, Outcome},
+    reader,
+    search::{search, Query},
+    verify::verify_dir,
+    AuditWriter,
+};
+use custody_config::{Config, Provider, Route};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+
+const WORDS: &[&str] = &[
+    "summarise",
+    "the",
+    "quarterly",
+    "report",
+    "please",
+    "and",
+    "list",
+    "three",
+    "risks",
+    "for",
+    "our",
+    "team",
+    "budget",
+    "timeline",
+    "customer",
+    "invoice",
+    "migration",
+    "database",
+    "latency",
+    "deploy",
+    "rollback",
+    "policy",
+    "contract",
+    "draft",
+    "email",
+    "meeting",
+    "explain",
+    "why",
+    "this",
+    "function",
+    "fails",
+    "with",
+    "error",
+    "code",
+    "rewrite",
+    "shorter",
+    "formal",
+    "translate",
+    "french",
+];
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn words(&mut self, n: usize) -> String {
+        (0..n)
+            .map(|_| WORDS[(self.next() % WORDS.len() as u64) as usize])
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// A pool of multi-turn chat exchanges: each request carries the conversation so far.
+fn pool(n: usize) -> Vec<(Bytes, Bytes)> {
+    let mut r = Rng(0x5eed);
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let mut messages = vec![
+            serde_json::json!({"role": "system", "content": "You are a helpful assistant for the finance team. Answer briefly."}),
+        ];
+        for _ in 0..(1 + r.next() % 6) {
+            let len = 12 + (r.next() % 40) as usize;
+            let user = format!(
+                "{} (ticket {}; contact jane.doe{}@example.com)",
+                r.words(len),
+                r.next() % 100_000,
+                r.next() % 50
+            );
+            messages.push(serde_json::json!({"role": "user", "content": user}));
+            let req = serde_json::json!({"model": "gpt-4o-mini", "temperature": 0.2, "messages": messages});
+            let len = 30 + (r.next() % 120) as usize;
+            let answer = r.words(len);
+            let resp = serde_json::json!({"id": format!("chatcmpl-{}", r.next()), "object": "chat.completion", "created": 1_767_225_600u64, "model": "gpt-4o-mini-2024-07-18",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 40 + r.next() % 900, "completion_tokens": 20 + r.next() % 300, "total_tokens": 1000}});
+            messages.push(serde_json::json!({"role": "assistant", "content": answer}));
+            out.push((Bytes::from(req.to_string()), Bytes::from(resp.to_string())));
+        }
+    }
+    out
+}
+
+fn exchange(req: &Bytes, resp: &Bytes, key: &HeaderValue, start: SystemTime) -> Exchange {
+    let mut headers = HeaderMap::new();
+    headers.insert("authorization", key.clone());
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    let mut ex = Exchange::begin(
+        Method::POST,
+        "/v1/chat/completions".parse().unwrap(),
+        headers,
+        Some(SocketAddr::from(([10, 0, 0, 7], 41000))),
+    );
+    ex.route = Some(Arc::from("openai"));
+    ex.provider = Provider::Openai;
+    ex.upstream_path = Some("/v1/chat/completions".into());
+    ex.started_at = start;
+    ex.status = Some(StatusCode::OK);
+    ex.response_headers
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    ex.ended_at = Some(ex.started + Duration::from_millis(350));
+    ex.outcome = Outcome::Ok;
+    let cap = |b: &Bytes| Capture {
+        chunks: vec![b.clone()],
+        captured: b.len(),
+        total: b.len() as u64,
+        truncated: false,
+        complete: true,
+    };
+    ex.request = cap(req);
+    ex.response = cap(resp);
+    ex
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let n: u64 = if quick { 100_000 } else { 1_000_000 };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("audit");
+    let mut config = Config::for_test(
+        &dir,
+        vec![Route {
+            name: "openai".into(),
+            prefix: "/v1/".into(),
+            upstream: "https://api.openai.com".parse().unwrap(),
+            provider: Provider::Openai,
+            strip_prefix: false,
+        }],
+    );
+    config.audit.segment_max_bytes = 32 << 20;
+    config.audit.queue_capacity = 16_384;
+    let pool = pool(4096);
+    let keys: Vec<HeaderValue> = (0..200)
+        .map(|i| {
+            HeaderValue::from_str(&format!("Bearer sk-bench-key-{i:06}-abcdefghijklmnop")).unwrap()
+        })
+        .collect();
+    // Records spread over 30 days, in order, as a month of traffic would be.
+    let month = Duration::from_secs(30 * 86_400);
+    let t0 = SystemTime::now() - month;
+    let step = month / n as u32;
+
+    let writer = AuditWriter::start(&config).unwrap();
+    let sender = writer.sender();
+    let json_bytes: u64 = pool
+        .iter()
+        .map(|(a, b)| (a.len() + b.len()) as u64)
+        .sum::<u64>()
+        * n
+        / pool.len() as u64;
+    let started = Instant::now();
+    for i in 0..n {
+        let (req, resp) = &pool[(i as usize) % pool.len()];
+        sender.submit_blocking(exchange(
+            req,
+            resp,
+            &keys[(i % 200) as usize],
+            t0 + step * i as u32,
+        ));
+    }
+    drop(sender);
+    let summary = writer.shutdown().unwrap();
+    let write_secs = started.elapsed().as_secs_f64();
+    assert_eq!(summary.written, n);
+
+    let segs = reader::segments(&dir).unwrap();
+    let disk: u64 = segs
+        .iter()
+        .map(|s| std::fs::metadata(&s.path).unwrap().len())
+        .sum();
+    let mut record_bytes = 0u64;
+    let mut sample = Vec::new();
+    reader::for_each_line(&dir, |_, l| {
+        record_bytes += l.len() as u64 + 1;
+        if sample.len() < 20_000 {
+            sample.push(l.to_vec());
+        }
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+
+    // What a dictionary trained on this traffic would give, per 256 KiB block.
+    let dict = zstd::dict::from_samples(&sample[..10_000], 112 * 1024).unwrap();
+    let test: Vec<u8> = sample[10_000..]
+        .iter()
+        .flat_map(|l| l.iter().copied().chain(std::iter::once(b'\n')))
+        .collect();
+    let (mut plain, mut with_dict) = (0usize, 0usize);
+    for block in test.chunks(256 * 1024) {
+        plain += zstd::bulk::compress(block, 3).unwrap().len();
+        with_dict += zstd::bulk::Compressor::with_dictionary(3, &dict)
+            .unwrap()
+            .compress(block)
+            .unwrap()
+            .len();
+    }
+
+    let v0 = Instant::now();
+    let report = verify_dir(&dir, None, |_, _, _| {}).unwrap();
+    let verify_secs = v0.elapsed().as_secs_f64();
+    assert_eq!(report.records, n);
+
+    // Selective: one key id within one hour of the month; full text: a rare string.
+    let mut any = None;
+    reader::for_each_line(&dir, |_, l| {
+        let v: serde_json::Value = serde_json::from_slice(l).unwrap();
+        if v["seq"].as_u64() == Some(n / 2) {
+            any = Some(v);
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    let mid = any.unwrap();
+    let at = humantime::parse_rfc3339(mid["time"]["start"].as_str().unwrap()).unwrap();
+    let selective = Query {
+        key_id: mid["client"]["key_id"].as_str().map(str::to_owned),
+        since: Some(at - Duration::from_secs(1800)),
+        until: Some(at + Duration::from_secs(1800)),
+        limit: 1000,
+        ..Query::default()
+    };
+    let full_text = Query {
+        text: Some(mid["response"]["body"]["id"].as_str().unwrap().to_owned()),
+        limit: 10,
+        ..Query::default()
+    };
+    let time = |q: &Query| {
+        let mut best = f64::MAX;
+        let mut hits = 0;
+        for _ in 0..3 {
+            let t = Instant::now();
+            hits = search(&dir, q).unwrap().len();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        (best * 1000.0, hits)
+    };
+    let (sel_ms, sel_hits) = time(&selective);
+    let (txt_ms, txt_hits) = time(&full_text);
+
+    println!("records                  {n}");
+    println!(
+        "writer                   {:.0} records/s ({:.1} s, one writer thread)",
+        n as f64 / write_secs,
+        write_secs
+    );
+    println!("captured bodies (JSON)   {:.1} MB", json_bytes as f64 / 1e6);
+    println!(
+        "record lines             {:.1} MB ({:.0} bytes/record)",
+        record_bytes as f64 / 1e6,
+        record_bytes as f64 / n as f64
+    );
+    println!(
+        "on disk                  {:.1} MB in {} segments ({:.0} bytes/record)",
+        disk as f64 / 1e6,
+        segs.len(),
+        disk as f64 / n as f64
+    );
+    println!(
+        "compression              {:.1}x vs record lines, {:.1}x vs captured bodies",
+        record_bytes as f64 / disk as f64,
+        json_bytes as f64 / disk as f64
+    );
+    println!("trained dictionary       {:.1}x vs {:.1}x without, per 256 KiB block (112 KiB dictionary, sample of 10,000 records)", test.len() as f64 / with_dict as f64, test.len() as f64 / plain as f64);
+    println!(
+        "verify                   {:.0} MB/s of segment data ({:.1} s)",
+        disk as f64 / 1e6 / verify_secs,
+        verify_secs
+    );
+    println!("search, selective        {sel_ms:.1} ms ({sel_hits} records: one key id, one hour)");
+    println!("search, full text        {txt_ms:.1} ms ({txt_hits} records)");
+}

@@ -47,30 +47,9 @@ pub fn for_each_line(
 ) -> Result<(), AuditError> {
     let segs = segments(dir)?;
     let count = segs.len();
-    for (i, seg) in segs.into_iter().enumerate() {
-        let bytes = fs::read(&seg.path).map_err(|source| AuditError::Io {
-            path: seg.path.clone(),
-            source,
-        })?;
-        let parsed = segment::parse_segment(&bytes).map_err(|source| AuditError::Format {
-            path: seg.path.clone(),
-            source,
-        })?;
-        for block in &parsed.blocks {
-            for line in block.lines() {
-                if f(&seg, line).is_break() {
-                    return Ok(());
-                }
-            }
-        }
-        // The newest segment of a live trail may end in a block being written: what is
-        // whole has been read. Anywhere else a damaged frame is an error.
-        let live_tail = parsed.seal.is_none() && i + 1 == count;
-        if let Some(source) = parsed.tail_error.filter(|_| !live_tail) {
-            return Err(AuditError::Format {
-                path: seg.path.clone(),
-                source,
-            });
+    for (i, seg) in segs.iter().enumerate() {
+        if scan_segment(seg, i + 1 == count, |line| f(seg, line))?.is_break() {
+            break;
         }
     }
     Ok(())
@@ -79,8 +58,19 @@ pub fn for_each_line(
 /// Calls `f` with every record line of one segment (lenient on a live, unsealed tail).
 pub fn for_each_line_in(
     seg: &SegmentRef,
-    mut f: impl FnMut(&[u8]) -> ControlFlow<()>,
+    f: impl FnMut(&[u8]) -> ControlFlow<()>,
 ) -> Result<(), AuditError> {
+    scan_segment(seg, true, f).map(|_| ())
+}
+
+/// One segment's lines. With `may_be_live`, an unsealed segment may end in a block
+/// still being written: what is whole is read and the rest ignored. Anywhere else a
+/// damaged frame is an error.
+fn scan_segment(
+    seg: &SegmentRef,
+    may_be_live: bool,
+    mut f: impl FnMut(&[u8]) -> ControlFlow<()>,
+) -> Result<ControlFlow<()>, AuditError> {
     let bytes = fs::read(&seg.path).map_err(|source| AuditError::Io {
         path: seg.path.clone(),
         source,
@@ -92,16 +82,17 @@ pub fn for_each_line_in(
     for block in &parsed.blocks {
         for line in block.lines() {
             if f(line).is_break() {
-                return Ok(());
+                return Ok(ControlFlow::Break(()));
             }
         }
     }
-    match parsed.tail_error.filter(|_| parsed.seal.is_some()) {
+    let live = may_be_live && parsed.seal.is_none();
+    match parsed.tail_error.filter(|_| !live) {
         Some(source) => Err(AuditError::Format {
             path: seg.path.clone(),
             source,
         }),
-        None => Ok(()),
+        None => Ok(ControlFlow::Continue(())),
     }
 }
 

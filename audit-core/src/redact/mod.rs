@@ -382,22 +382,38 @@ pub fn scrub_literals(v: &mut Value, literals: &[String], entity: &str, counts: 
     if literals.is_empty() {
         return;
     }
+    // Searchers built once per body, not once per string value.
+    let finders: Vec<memchr::memmem::Finder<'_>> = literals
+        .iter()
+        .map(|l| memchr::memmem::Finder::new(l.as_bytes()))
+        .collect();
+    scrub(v, literals, &finders, entity, counts);
+}
+
+fn scrub(
+    v: &mut Value,
+    literals: &[String],
+    finders: &[memchr::memmem::Finder<'_>],
+    entity: &str,
+    counts: &mut Counts,
+) {
     match v {
         Value::String(s) => {
-            for lit in literals {
-                let n = s.matches(lit.as_str()).count() as u64;
-                if n > 0 {
-                    *s = s.replace(lit.as_str(), &format!("[{entity}]"));
-                    counts.add(entity, n);
+            for (lit, finder) in literals.iter().zip(finders) {
+                if finder.find(s.as_bytes()).is_none() {
+                    continue;
                 }
+                let n = finder.find_iter(s.as_bytes()).count() as u64;
+                *s = s.replace(lit.as_str(), &format!("[{entity}]"));
+                counts.add(entity, n);
             }
         }
         Value::Array(items) => items
             .iter_mut()
-            .for_each(|i| scrub_literals(i, literals, entity, counts)),
+            .for_each(|i| scrub(i, literals, finders, entity, counts)),
         Value::Object(map) => map
             .values_mut()
-            .for_each(|i| scrub_literals(i, literals, entity, counts)),
+            .for_each(|i| scrub(i, literals, finders, entity, counts)),
         _ => {}
     }
 }

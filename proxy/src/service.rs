@@ -98,7 +98,9 @@ async fn proxy(
     let inflight = InFlight::new(ex, shared.audit.clone());
 
     parts.uri = uri;
-    // The client picks HTTP/1.1 or HTTP/2 per upstream connection (ALPN).
+    // The client picks HTTP/1.1 or HTTP/2 per upstream connection (ALPN); the response
+    // goes back in the client's own version.
+    let client_version = parts.version;
     parts.version = Version::HTTP_11;
     upstream::rewrite_request_headers(&mut parts.headers, remote);
     let body = TeeBody::new(body, Side::Request, shared.capture_max, inflight.clone());
@@ -111,6 +113,7 @@ async fn proxy(
             let (mut parts, body) = resp.into_parts();
             let head_at = Instant::now();
             upstream::strip_hop_by_hop(&mut parts.headers);
+            parts.version = client_version;
             inflight.update(|ex| {
                 ex.status = Some(parts.status);
                 ex.response_headers = parts.headers.clone();

@@ -4,7 +4,7 @@
 use std::{borrow::Cow, time::Instant};
 
 use http::HeaderMap;
-use serde_json::Value;
+use serde_json::{value::RawValue, Value};
 use sha2::{Digest, Sha256};
 
 use crate::{
@@ -64,9 +64,12 @@ impl Assembler {
             &credentials,
             &mut counts,
             Side::Request,
-            |v| {
+            |p| {
                 if op.is_some() {
-                    genai::request_facts(v, &mut facts);
+                    match p {
+                        Parsed::Value(v) => genai::request_facts(v, &mut facts),
+                        Parsed::Text(t) => genai::request_facts_text(t, &mut facts),
+                    }
                 }
             },
         );
@@ -76,9 +79,12 @@ impl Assembler {
             &credentials,
             &mut counts,
             Side::Response(op),
-            |v| {
+            |p| {
                 if let Some(op) = op {
-                    genai::response_facts(op, v, &mut facts);
+                    match p {
+                        Parsed::Value(v) => genai::response_facts(op, v, &mut facts),
+                        Parsed::Text(t) => genai::response_facts_text(op, t, &mut facts),
+                    }
                 }
             },
         );
@@ -195,8 +201,8 @@ impl Assembler {
         parts.join("&")
     }
 
-    /// Decodes, parses and redacts one body. `inspect` sees the parsed JSON (or the
-    /// reassembled stream) before redaction, for fact extraction.
+    /// Decodes, parses and redacts one body. `inspect` sees the body before redaction, for
+    /// fact extraction: JSON text as sent, or a reassembled stream.
     fn body(
         &self,
         headers: &HeaderMap,
@@ -204,7 +210,7 @@ impl Assembler {
         credentials: &[String],
         counts: &mut Counts,
         side: Side,
-        inspect: impl FnOnce(&Value),
+        inspect: impl FnOnce(Parsed<'_>),
     ) -> Body {
         let content_type = headers
             .get(http::header::CONTENT_TYPE)
@@ -241,24 +247,82 @@ impl Assembler {
         let is_sse = content_type
             .as_deref()
             .is_some_and(|c| c.starts_with("text/event-stream"));
-        let parsed = match side {
+        let recorded: Option<Box<RawValue>> = match side {
             Side::Response(op) if is_sse => {
                 out.streamed = true;
-                op.and_then(|op| genai::reassemble(op, text))
+                let mut v = match op.and_then(|op| genai::reassemble(op, text)) {
+                    Some(mut v) => {
+                        inspect(Parsed::Value(&v));
+                        self.redactor.redact_json(&mut v, counts);
+                        v
+                    }
+                    None => Value::String(self.redactor.redact_str(text, counts).into_owned()),
+                };
+                scrub_literals(&mut v, credentials, "CLIENT_CREDENTIAL", counts);
+                serde_json::value::to_raw_value(&v).ok()
             }
-            _ => serde_json::from_str::<Value>(text).ok(),
+            // JSON is redacted as text, string by string: nothing else of it is rebuilt.
+            _ => match self.redactor.redact_json_text(text, counts) {
+                Some(red) => {
+                    inspect(Parsed::Text(text));
+                    let red = one_line(scrub_text(red, credentials, counts));
+                    RawValue::from_string(red).ok()
+                }
+                None => {
+                    let mut v = Value::String(self.redactor.redact_str(text, counts).into_owned());
+                    scrub_literals(&mut v, credentials, "CLIENT_CREDENTIAL", counts);
+                    serde_json::value::to_raw_value(&v).ok()
+                }
+            },
         };
-        let mut recorded = match parsed {
-            Some(mut v) => {
-                inspect(&v);
-                self.redactor.redact_json(&mut v, counts);
-                v
-            }
-            None => Value::String(self.redactor.redact_str(text, counts).into_owned()),
-        };
-        scrub_literals(&mut recorded, credentials, "CLIENT_CREDENTIAL", counts);
-        out.body = Some(recorded);
+        out.body = recorded;
         out
+    }
+}
+
+/// Pretty-printed JSON on one line: a record is one line of the segment. Raw line
+/// breaks in valid JSON are whitespace between tokens (inside strings they are
+/// escaped), so turning them into spaces changes nothing of the value.
+fn one_line(mut text: String) -> String {
+    if memchr::memchr2(b'\n', b'\r', text.as_bytes()).is_some() {
+        text = text.replace(['\n', '\r'], " ");
+    }
+    text
+}
+
+/// A body handed to fact extraction.
+enum Parsed<'a> {
+    Value(&'a Value),
+    Text(&'a str),
+}
+
+/// Removes client credentials from redacted JSON text. A credential with a character
+/// JSON escapes differently goes through a parse instead of a text replace.
+fn scrub_text(text: String, credentials: &[String], counts: &mut Counts) -> String {
+    if credentials.is_empty() {
+        return text;
+    }
+    let plain = |c: &str| {
+        !c.bytes()
+            .any(|b| b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b))
+    };
+    if credentials.iter().all(|c| plain(c)) {
+        let mut text = text;
+        for c in credentials {
+            let n = text.matches(c.as_str()).count() as u64;
+            if n > 0 {
+                text = text.replace(c.as_str(), "[CLIENT_CREDENTIAL]");
+                counts.add("CLIENT_CREDENTIAL", n);
+            }
+        }
+        return text;
+    }
+    match serde_json::from_str::<Value>(&text) {
+        Ok(mut v) => {
+            scrub_literals(&mut v, credentials, "CLIENT_CREDENTIAL", counts);
+            v.to_string()
+        }
+        Err(_) => text,
     }
 }
 

@@ -120,6 +120,94 @@ pub fn response_facts(op: Operation, body: &Value, facts: &mut GenAiFacts) {
     }
 }
 
+/// The request parameters from JSON text, reading only the fields needed (the
+/// messages are skipped, not built). Falls back to a full parse on odd types.
+pub fn request_facts_text(text: &str, facts: &mut GenAiFacts) {
+    #[derive(serde::Deserialize)]
+    struct Lite {
+        model: Option<String>,
+        stream: Option<bool>,
+        temperature: Option<f64>,
+        top_p: Option<f64>,
+        max_tokens: Option<u64>,
+        max_completion_tokens: Option<u64>,
+        max_output_tokens: Option<u64>,
+    }
+    match serde_json::from_str::<Lite>(text) {
+        Ok(l) => {
+            facts.request_model = l.model;
+            facts.request_stream = l.stream;
+            facts.temperature = l.temperature;
+            facts.top_p = l.top_p;
+            facts.max_tokens = l
+                .max_tokens
+                .or(l.max_completion_tokens)
+                .or(l.max_output_tokens);
+        }
+        Err(_) => {
+            if let Ok(v) = serde_json::from_str::<Value>(text) {
+                request_facts(&v, facts);
+            }
+        }
+    }
+}
+
+/// The response facts from JSON text, reading only the fields needed.
+pub fn response_facts_text(op: Operation, text: &str, facts: &mut GenAiFacts) {
+    #[derive(serde::Deserialize)]
+    struct Choice {
+        finish_reason: Option<String>,
+    }
+    #[derive(serde::Deserialize, Default)]
+    struct Usage {
+        prompt_tokens: Option<u64>,
+        completion_tokens: Option<u64>,
+        input_tokens: Option<u64>,
+        output_tokens: Option<u64>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Lite {
+        model: Option<String>,
+        id: Option<String>,
+        status: Option<String>,
+        stop_reason: Option<String>,
+        #[serde(default)]
+        choices: Vec<Choice>,
+        usage: Option<Usage>,
+    }
+    let Ok(l) = serde_json::from_str::<Lite>(text) else {
+        if let Ok(v) = serde_json::from_str::<Value>(text) {
+            response_facts(op, &v, facts);
+        }
+        return;
+    };
+    facts.response_model = l.model;
+    facts.response_id = l.id;
+    let u = l.usage.unwrap_or_default();
+    match op {
+        Operation::Chat | Operation::TextCompletion => {
+            facts.finish_reasons = l
+                .choices
+                .into_iter()
+                .filter_map(|c| c.finish_reason)
+                .collect();
+            facts.input_tokens = u.prompt_tokens;
+            facts.output_tokens = u.completion_tokens;
+        }
+        Operation::Embeddings => facts.input_tokens = u.prompt_tokens,
+        Operation::Responses => {
+            facts.finish_reasons = l.status.into_iter().collect();
+            facts.input_tokens = u.input_tokens;
+            facts.output_tokens = u.output_tokens;
+        }
+        Operation::Messages => {
+            facts.finish_reasons = l.stop_reason.into_iter().collect();
+            facts.input_tokens = u.input_tokens;
+            facts.output_tokens = u.output_tokens;
+        }
+    }
+}
+
 fn str_at(v: &Value, key: &str) -> Option<String> {
     v.get(key).and_then(Value::as_str).map(str::to_owned)
 }

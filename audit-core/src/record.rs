@@ -8,11 +8,11 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{value::RawValue, Value};
 
 pub const SCHEMA: &str = "custody.record/v1";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
     pub schema: String,
     pub id: String,
@@ -125,12 +125,13 @@ pub struct Usage {
 }
 
 /// A body as recorded.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Body {
-    /// Redacted JSON; a (redacted) string when the body is text but not JSON;
-    /// absent when there was no body or it could not be recorded (see `omitted`).
+    /// Redacted JSON, embedded as the text the client or upstream sent (only string
+    /// values changed); a (redacted) string when the body is text but not JSON; absent
+    /// when there was no body or it could not be recorded (see `omitted`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub body: Option<Value>,
+    pub body: Option<Box<RawValue>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_type: Option<String>,
     /// The response was a stream (SSE) and `body` is its reassembled object.

@@ -950,3 +950,33 @@ async fn configured_redaction_reaches_the_records() {
         "jane@example.com"
     ));
 }
+
+#[tokio::test]
+async fn pretty_printed_json_keeps_its_bytes_upstream_and_one_line_in_the_trail() {
+    let mut up = MockUpstream::start(|_, _| {
+        respond(
+            200,
+            &[("content-type", "application/json")],
+            "{\n  \"id\": \"c\",\n  \"model\": \"m\"\n}\n",
+        )
+    })
+    .await;
+    let custody = Custody::start(vec![openai(&up)]).await;
+    let body = "{\n  \"model\": \"gpt-4o\",\n  \"messages\": [\n    {\"role\": \"user\", \"content\": \"line one\\nmail bob@example.com\"}\n  ]\r\n}\n";
+    let (_, got) = send(
+        &client(),
+        post(&custody.url("/v1/chat/completions"), &[], body),
+    )
+    .await;
+    assert_eq!(got, "{\n  \"id\": \"c\",\n  \"model\": \"m\"\n}\n");
+    assert_eq!(up.next().await.body, body.as_bytes());
+    let done = custody.stop().await;
+    let r = done.one();
+    assert_eq!(
+        r["request"]["body"]["messages"][0]["content"],
+        "line one\nmail [EMAIL_ADDRESS]"
+    );
+    assert_eq!(r["gen_ai"]["request"]["model"], "gpt-4o");
+    assert_eq!(r["response"]["body"]["id"], "c");
+    custody_audit::verify::verify_dir(&done.audit_dir(), None, |_, _, _| {}).unwrap();
+}

@@ -165,13 +165,160 @@ fn check_sig(
     }
 }
 
-/// Verifies the trail in `dir`. With `trusted`, every seal and checkpoint must be signed
-/// by that key. `progress` is called after each segment with (done, all, bytes so far).
-pub fn verify_dir(
-    dir: &Path,
+/// What one segment says about itself, checked on its own (in parallel with others).
+struct SegmentCheck {
+    name: String,
+    bytes: u64,
+    /// From the header: the hash and seq the segment claims to follow on from.
+    prev_hash: [u8; 32],
+    first_seq: u64,
+    /// The last record's hash and the seq after it.
+    head: [u8; 32],
+    next_seq: u64,
+    records: u64,
+    events: u64,
+    recoveries: u64,
+    removed: Vec<Removed>,
+    /// The seal: its `prev_seal` and its own hash.
+    seal: Option<(String, String)>,
+    /// Hashes of the records whose seq a checkpoint names.
+    heads: BTreeMap<u64, [u8; 32]>,
+    keys: BTreeSet<String>,
+    unsigned: usize,
+}
+
+/// Checks a segment against itself: frames, record hashes, chain links and `seq` within
+/// it, the seal's fields and signature, and the newest checkpoint's prefix if it is the
+/// checkpoint's segment. Links to other segments are checked by the caller.
+fn check_segment(
+    seg: &reader::SegmentRef,
+    newest: bool,
     trusted: Option<&VerifyingKey>,
-    mut progress: impl FnMut(usize, usize, u64),
-) -> Result<VerifyReport, VerifyError> {
+    cp_seqs: &BTreeSet<u64>,
+    newest_cp: Option<&Checkpoint>,
+) -> Result<SegmentCheck, VerifyError> {
+    let name = seg.name();
+    let bytes = fs::read(&seg.path).map_err(|source| AuditError::Io {
+        path: seg.path.clone(),
+        source,
+    })?;
+    let parsed = segment::parse_segment(&bytes).map_err(|e| broken(&name, None, e.to_string()))?;
+    let h = &parsed.header;
+    if h.segment != seg.number {
+        return Err(broken(&name, None, format!("header says segment {} but the file is named for {}", h.segment, seg.number)));
+    }
+    let mut sink = VerifyReport::default();
+    let mut c = SegmentCheck {
+        name: name.clone(),
+        bytes: bytes.len() as u64,
+        prev_hash: h.prev_hash,
+        first_seq: h.first_seq,
+        head: h.prev_hash,
+        next_seq: h.first_seq,
+        records: 0,
+        events: 0,
+        recoveries: 0,
+        removed: Vec::new(),
+        seal: None,
+        heads: BTreeMap::new(),
+        keys: BTreeSet::new(),
+        unsigned: 0,
+    };
+    for block in &parsed.blocks {
+        if block.header.first_seq != c.next_seq {
+            return Err(broken(&name, Some(c.next_seq), format!("block at byte {} says it starts at seq {}", block.offset, block.header.first_seq)));
+        }
+        let mut n = 0u32;
+        for line in block.lines() {
+            n += 1;
+            let expected = c.next_seq;
+            let hash = segment::check_line_hash(line).map_err(|w| broken(&name, Some(expected), w))?;
+            let (seq, stated_prev, is_event) = match fast_link(line) {
+                Some(l) => l,
+                None => {
+                    let link: Link = serde_json::from_slice(line)
+                        .map_err(|e| broken(&name, Some(expected), format!("record is not valid JSON: {e}")))?;
+                    let mut p = [0u8; 32];
+                    hex::decode_to_slice(&link.chain.prev, &mut p).map_err(|_| broken(&name, Some(expected), "chain.prev is not hex"))?;
+                    (link.seq, p, link.schema == crate::record::EVENT_SCHEMA)
+                }
+            };
+            if seq != expected {
+                return Err(broken(&name, Some(expected), format!("found seq {seq} where seq {expected} belongs (a record was removed, inserted or reordered)")));
+            }
+            if stated_prev != c.head {
+                return Err(broken(&name, Some(expected), "chain.prev does not match the previous record's hash"));
+            }
+            if cp_seqs.contains(&seq) {
+                c.heads.insert(seq, hash);
+            }
+            if is_event {
+                c.events += 1;
+                let link: Link = serde_json::from_slice(line).map_err(|e| broken(&name, Some(expected), format!("event is not valid JSON: {e}")))?;
+                if let Some(e) = link.event {
+                    match e.kind.as_str() {
+                        "recovery" => c.recoveries += 1,
+                        "retention" => c.removed.extend(e.removed),
+                        _ => {}
+                    }
+                }
+            } else {
+                c.records += 1;
+            }
+            c.head = hash;
+            c.next_seq += 1;
+        }
+        if n != block.header.count {
+            return Err(broken(&name, Some(c.next_seq), format!("block at byte {} says it holds {} records but holds {n}", block.offset, block.header.count)));
+        }
+    }
+    if let Some(e) = &parsed.tail_error {
+        return Err(broken(&name, Some(c.next_seq), format!("{e} (the segment is damaged or truncated)")));
+    }
+    match &parsed.seal {
+        Some(s) => {
+            let seal = &s.seal;
+            let covered = &bytes[..s.offset as usize];
+            let mismatch = if seal.segment != seg.number {
+                Some("names another segment")
+            } else if seal.first_seq != h.first_seq || seal.last_seq + 1 != c.next_seq || seal.records != c.records + c.events {
+                Some("does not match the segment's records")
+            } else if seal.head != hex::encode(c.head) {
+                Some("names a different chain head")
+            } else if seal.segment_sha256 != hex::encode(Sha256::digest(covered)) {
+                Some("does not match the segment's bytes")
+            } else {
+                None
+            };
+            if let Some(m) = mismatch {
+                return Err(broken(&name, None, format!("seal {m}")));
+            }
+            check_sig(&name, "seal", &s.line, seal.key.as_deref(), trusted, &mut sink)?;
+            c.seal = Some((seal.prev_seal.clone(), signing::line_hash(&s.line)));
+        }
+        None if !newest => {
+            return Err(broken(&name, None, "segment has no seal but is not the newest (it was truncated, or a newer segment was added)"));
+        }
+        None => {}
+    }
+    if let Some(cp) = newest_cp.filter(|c| c.segment == seg.number) {
+        let prefix = bytes.get(..cp.segment_bytes as usize).ok_or_else(|| {
+            broken(&name, None, format!("the newest checkpoint covers {} bytes of this segment but it holds {} (truncated)", cp.segment_bytes, bytes.len()))
+        })?;
+        if hex::encode(Sha256::digest(prefix)) != cp.segment_sha256 {
+            return Err(broken(&name, None, "the newest checkpoint does not match this segment's bytes"));
+        }
+    }
+    c.keys = sink.keys;
+    c.unsigned = sink.unsigned;
+    Ok(c)
+}
+
+/// Verifies the trail in `dir`. With `trusted`, every seal and checkpoint must be signed
+/// by that key. Segments are checked on their own in parallel (one thread per core),
+/// then linked in order; the first break in trail order is reported. `progress` is
+/// called after each segment with (done, all, bytes so far).
+pub fn verify_dir(dir: &Path, trusted: Option<&VerifyingKey>, mut progress: impl FnMut(usize, usize, u64)) -> Result<VerifyReport, VerifyError> {
     let segs = reader::segments(dir)?;
     let mut report = VerifyReport {
         trusted: trusted.is_some(),
@@ -179,248 +326,102 @@ pub fn verify_dir(
     };
     let checkpoints = read_checkpoints(dir, trusted, &mut report)?;
     let newest_cp = checkpoints.last().cloned();
-    // seq -> head for every checkpoint, checked as the records go by.
-    let mut want_heads: BTreeMap<u64, String> = checkpoints
-        .iter()
-        .filter(|c| c.last_seq > 0)
-        .map(|c| (c.last_seq, c.head.clone()))
-        .collect();
+    let cp_seqs: BTreeSet<u64> = checkpoints.iter().filter(|c| c.last_seq > 0).map(|c| c.last_seq).collect();
 
+    // Phase 1: every segment on its own, in parallel.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(segs.len().max(1));
+    let mut results: Vec<Option<Result<SegmentCheck, VerifyError>>> = (0..segs.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (segs, cp_seqs, newest_cp) = (&segs, &cp_seqs, newest_cp.as_ref());
+                scope.spawn(move || {
+                    (t..segs.len())
+                        .step_by(threads)
+                        .map(|i| (i, check_segment(&segs[i], i + 1 == segs.len(), trusted, cp_seqs, newest_cp)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for h in handles {
+            if let Ok(done) = h.join() {
+                for (i, r) in done {
+                    results[i] = Some(r);
+                }
+            }
+        }
+    });
+
+    // Phase 2: link the segments in order.
+    let first_number = segs.first().map_or(1, |s| s.number);
     let mut prev = [0u8; 32];
     let mut prev_seal = ZERO_HEX.to_owned();
     let mut expected_seq = 1u64;
-    // A trail whose oldest segments were deleted by retention starts later; the start is
-    // taken on trust here and must be accounted for by a retention event further on.
-    let first_number = segs.first().map_or(1, |s| s.number);
-    let mut gap: Option<(u64, String, String)> = None;
+    let mut heads: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
     let mut removed: BTreeMap<u64, Removed> = BTreeMap::new();
-    for (i, seg) in segs.iter().enumerate() {
+    let mut gap: Option<(u64, [u8; 32], String)> = None;
+    for (i, (seg, result)) in segs.iter().zip(results).enumerate() {
         let expected_segment = first_number + i as u64;
-        let name = seg.name();
         if seg.number != expected_segment {
-            return Err(broken(
-                &name,
-                None,
-                format!(
-                    "segment {expected_segment} is missing (the trail jumps from {} to {})",
-                    expected_segment - 1,
-                    seg.number
-                ),
-            ));
+            return Err(broken(&seg.name(), None, format!("segment {expected_segment} is missing (the trail jumps from {} to {})", expected_segment - 1, seg.number)));
         }
-        let bytes = fs::read(&seg.path).map_err(|source| AuditError::Io {
-            path: seg.path.clone(),
-            source,
-        })?;
-        report.bytes += bytes.len() as u64;
-        let parsed =
-            segment::parse_segment(&bytes).map_err(|e| broken(&name, None, e.to_string()))?;
-        let h = &parsed.header;
+        let c = result.unwrap_or_else(|| Err(AuditError::Writer("a verify thread died".into()).into()))?;
         if i == 0 && first_number > 1 {
-            prev = h.prev_hash;
-            expected_seq = h.first_seq;
-            prev_seal = parsed
-                .seal
-                .as_ref()
-                .map_or_else(|| ZERO_HEX.to_owned(), |s| s.seal.prev_seal.clone());
-            gap = Some((h.first_seq, hex::encode(h.prev_hash), prev_seal.clone()));
-            want_heads.retain(|seq, _| *seq >= h.first_seq);
+            // Oldest segments deleted by retention: the start is taken on trust here and
+            // must be accounted for by a retention event further on.
+            prev = c.prev_hash;
+            expected_seq = c.first_seq;
+            prev_seal = c.seal.as_ref().map_or_else(|| ZERO_HEX.to_owned(), |s| s.0.clone());
+            gap = Some((c.first_seq, c.prev_hash, prev_seal.clone()));
         }
-        if h.segment != seg.number {
-            return Err(broken(
-                &name,
-                None,
-                format!(
-                    "header says segment {} but the file is named for {}",
-                    h.segment, seg.number
-                ),
-            ));
+        if c.prev_hash != prev {
+            return Err(broken(&c.name, None, "header's previous hash does not match the end of the previous segment (a segment was removed, swapped or replaced)"));
         }
-        if h.prev_hash != prev {
-            return Err(broken(&name, None, "header's previous hash does not match the end of the previous segment (a segment was removed, swapped or replaced)"));
+        if c.first_seq != expected_seq {
+            return Err(broken(&c.name, Some(expected_seq), format!("header says the segment starts at seq {}", c.first_seq)));
         }
-        if h.first_seq != expected_seq {
-            return Err(broken(
-                &name,
-                Some(expected_seq),
-                format!("header says the segment starts at seq {}", h.first_seq),
-            ));
-        }
-        let mut in_segment = 0u64;
-        for block in &parsed.blocks {
-            if block.header.first_seq != expected_seq {
-                return Err(broken(
-                    &name,
-                    Some(expected_seq),
-                    format!(
-                        "block at byte {} says it starts at seq {}",
-                        block.offset, block.header.first_seq
-                    ),
-                ));
+        if let Some((seal_prev, seal_hash)) = &c.seal {
+            if *seal_prev != prev_seal {
+                return Err(broken(&c.name, None, "seal does not link to the previous segment's seal"));
             }
-            let mut n = 0u32;
-            for line in block.lines() {
-                n += 1;
-                let hash = segment::check_line_hash(line)
-                    .map_err(|w| broken(&name, Some(expected_seq), w))?;
-                let (seq, stated_prev, is_event) = match fast_link(line) {
-                    Some(l) => l,
-                    None => {
-                        let link: Link = serde_json::from_slice(line).map_err(|e| {
-                            broken(
-                                &name,
-                                Some(expected_seq),
-                                format!("record is not valid JSON: {e}"),
-                            )
-                        })?;
-                        let mut p = [0u8; 32];
-                        hex::decode_to_slice(&link.chain.prev, &mut p).map_err(|_| {
-                            broken(&name, Some(expected_seq), "chain.prev is not hex")
-                        })?;
-                        (link.seq, p, link.schema == crate::record::EVENT_SCHEMA)
-                    }
-                };
-                if seq != expected_seq {
-                    return Err(broken(&name, Some(expected_seq), format!("found seq {seq} where seq {expected_seq} belongs (a record was removed, inserted or reordered)")));
-                }
-                if stated_prev != prev {
-                    return Err(broken(
-                        &name,
-                        Some(expected_seq),
-                        "chain.prev does not match the previous record's hash",
-                    ));
-                }
-                if let Some(want) = want_heads.remove(&expected_seq) {
-                    if want != hex::encode(hash) {
-                        return Err(broken(
-                            &name,
-                            Some(expected_seq),
-                            "a checkpoint names a different hash for this record",
-                        ));
-                    }
-                }
-                if is_event {
-                    report.events += 1;
-                    let link: Link = serde_json::from_slice(line).map_err(|e| {
-                        broken(
-                            &name,
-                            Some(expected_seq),
-                            format!("event is not valid JSON: {e}"),
-                        )
-                    })?;
-                    if let Some(e) = link.event {
-                        match e.kind.as_str() {
-                            "recovery" => report.recoveries += 1,
-                            "retention" => {
-                                for r in e.removed {
-                                    if let Some(n) = segment::parse_segment_file_name(&r.segment) {
-                                        removed.insert(n, r);
-                                    }
-                                }
-                            }
-                            _ => {}
-                        }
-                    }
-                } else {
-                    report.records += 1;
-                }
-                prev = hash;
-                expected_seq += 1;
-                in_segment += 1;
-            }
-            if n != block.header.count {
-                return Err(broken(
-                    &name,
-                    Some(expected_seq),
-                    format!(
-                        "block at byte {} says it holds {} records but holds {n}",
-                        block.offset, block.header.count
-                    ),
-                ));
-            }
+            prev_seal = seal_hash.clone();
+            report.seals += 1;
         }
-        if let Some(e) = &parsed.tail_error {
-            return Err(broken(
-                &name,
-                Some(expected_seq),
-                format!("{e} (the segment is damaged or truncated)"),
-            ));
-        }
-        let newest = i + 1 == segs.len();
-        match &parsed.seal {
-            Some(s) => {
-                let seal = &s.seal;
-                let covered = &bytes[..s.offset as usize];
-                let mismatch = if seal.segment != seg.number {
-                    Some("names another segment")
-                } else if seal.first_seq != h.first_seq
-                    || seal.last_seq != expected_seq - 1
-                    || seal.records != in_segment
-                {
-                    Some("does not match the segment's records")
-                } else if seal.head != hex::encode(prev) {
-                    Some("names a different chain head")
-                } else if seal.segment_sha256 != hex::encode(Sha256::digest(covered)) {
-                    Some("does not match the segment's bytes")
-                } else if seal.prev_seal != prev_seal {
-                    Some("does not link to the previous segment's seal")
-                } else {
-                    None
-                };
-                if let Some(m) = mismatch {
-                    return Err(broken(&name, None, format!("seal {m}")));
-                }
-                check_sig(
-                    &name,
-                    "seal",
-                    &s.line,
-                    seal.key.as_deref(),
-                    trusted,
-                    &mut report,
-                )?;
-                prev_seal = signing::line_hash(&s.line);
-                report.seals += 1;
-            }
-            None if !newest => {
-                return Err(broken(&name, None, "segment has no seal but is not the newest (it was truncated, or a newer segment was added)"));
-            }
-            None => {}
-        }
-        if let Some(cp) = newest_cp.as_ref().filter(|c| c.segment == seg.number) {
-            let prefix = bytes.get(..cp.segment_bytes as usize).ok_or_else(|| {
-                broken(&name, None, format!("the newest checkpoint covers {} bytes of this segment but it holds {} (truncated)", cp.segment_bytes, bytes.len()))
-            })?;
-            if hex::encode(Sha256::digest(prefix)) != cp.segment_sha256 {
-                return Err(broken(
-                    &name,
-                    None,
-                    "the newest checkpoint does not match this segment's bytes",
-                ));
+        prev = c.head;
+        expected_seq = c.next_seq;
+        report.bytes += c.bytes;
+        report.records += c.records;
+        report.events += c.events;
+        report.recoveries += c.recoveries;
+        report.unsigned += c.unsigned;
+        report.keys.extend(c.keys);
+        heads.extend(c.heads);
+        for r in c.removed {
+            if let Some(n) = segment::parse_segment_file_name(&r.segment) {
+                removed.insert(n, r);
             }
         }
         progress(i + 1, segs.len(), report.bytes);
     }
+    let trail_start = gap.as_ref().map_or(1, |g| g.0);
     if let Some((first_seq, head, seal)) = gap {
         let name = segment::segment_file_name(first_number);
-        let missing: Vec<u64> = (1..first_number)
-            .filter(|n| !removed.contains_key(n))
-            .collect();
-        if let Some(n) = missing.first() {
-            return Err(broken(
-                &name,
-                None,
-                format!("segment {n} is missing and no retention event accounts for it"),
-            ));
+        if let Some(n) = (1..first_number).find(|n| !removed.contains_key(n)) {
+            return Err(broken(&name, None, format!("segment {n} is missing and no retention event accounts for it")));
         }
         let last = &removed[&(first_number - 1)];
-        if last.head != head || last.last_seq + 1 != first_seq || last.seal != seal {
-            return Err(broken(
-                &name,
-                None,
-                "the retention event does not match where the remaining trail begins",
-            ));
+        if last.head != hex::encode(head) || last.last_seq + 1 != first_seq || last.seal != seal {
+            return Err(broken(&name, None, "the retention event does not match where the remaining trail begins"));
         }
         report.retired = first_number - 1;
+    }
+    for cp in &checkpoints {
+        if cp.last_seq == 0 || cp.last_seq < trail_start || cp.last_seq >= expected_seq {
+            continue;
+        }
+        if heads.get(&cp.last_seq).map(hex::encode).as_deref() != Some(cp.head.as_str()) {
+            return Err(broken(CHECKPOINTS, Some(cp.last_seq), "a checkpoint names a different hash for this record"));
+        }
     }
     let last_seq = expected_seq - 1;
     if let Some(cp) = &newest_cp {
@@ -435,21 +436,10 @@ pub fn verify_dir(
                 ),
             ));
         }
-        if let Some((seq, _)) = want_heads.into_iter().next() {
-            return Err(broken(
-                CHECKPOINTS,
-                Some(seq),
-                "a checkpoint names a record the trail does not hold",
-            ));
-        }
         report.uncovered = last_seq - cp.last_seq;
     } else {
         if trusted.is_some() && !segs.is_empty() {
-            return Err(broken(
-                CHECKPOINTS,
-                None,
-                "there is no checkpoint (the log was deleted?)",
-            ));
+            return Err(broken(CHECKPOINTS, None, "there is no checkpoint (the log was deleted?)"));
         }
         report.uncovered = last_seq;
     }

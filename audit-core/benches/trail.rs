@@ -3,7 +3,8 @@
 //! compression (and what a trained zstd dictionary would add), verify MB/s, and search
 //! latency for a selective and a full-text query.
 //!
-//! `cargo bench -p custody-audit --bench trail` (1,000,000 records; `-- --quick` for 100,000).
+//! `cargo bench -p custody-audit --bench trail` (1,000,000 records; `-- --quick` for 100,000;
+//! `-- --single-turn` for short one-question chats instead of conversations with history).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -83,14 +84,14 @@ impl Rng {
 }
 
 /// A pool of multi-turn chat exchanges: each request carries the conversation so far.
-fn pool(n: usize) -> Vec<(Bytes, Bytes)> {
+fn pool(n: usize, max_turns: u64) -> Vec<(Bytes, Bytes)> {
     let mut r = Rng(0x5eed);
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let mut messages = vec![
             serde_json::json!({"role": "system", "content": "You are a helpful assistant for the finance team. Answer briefly."}),
         ];
-        for _ in 0..(1 + r.next() % 6) {
+        for _ in 0..(1 + r.next() % max_turns) {
             let len = 12 + (r.next() % 40) as usize;
             let user = format!(
                 "{} (ticket {}; contact jane.doe{}@example.com)",
@@ -145,6 +146,12 @@ fn exchange(req: &Bytes, resp: &Bytes, key: &HeaderValue, start: SystemTime) -> 
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // `--single-turn`: short one-question chats instead of conversations with history.
+    let max_turns = if std::env::args().any(|a| a == "--single-turn") {
+        1
+    } else {
+        6
+    };
     let n: u64 = if quick { 100_000 } else { 1_000_000 };
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("audit");
@@ -160,7 +167,7 @@ fn main() {
     );
     config.audit.segment_max_bytes = 32 << 20;
     config.audit.queue_capacity = 16_384;
-    let pool = pool(4096);
+    let pool = pool(4096, max_turns);
     let keys: Vec<HeaderValue> = (0..200)
         .map(|i| {
             HeaderValue::from_str(&format!("Bearer sk-bench-key-{i:06}-abcdefghijklmnop")).unwrap()

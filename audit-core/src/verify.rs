@@ -205,7 +205,14 @@ fn check_segment(
     let parsed = segment::parse_segment(&bytes).map_err(|e| broken(&name, None, e.to_string()))?;
     let h = &parsed.header;
     if h.segment != seg.number {
-        return Err(broken(&name, None, format!("header says segment {} but the file is named for {}", h.segment, seg.number)));
+        return Err(broken(
+            &name,
+            None,
+            format!(
+                "header says segment {} but the file is named for {}",
+                h.segment, seg.number
+            ),
+        ));
     }
     let mut sink = VerifyReport::default();
     let mut c = SegmentCheck {
@@ -226,20 +233,34 @@ fn check_segment(
     };
     for block in &parsed.blocks {
         if block.header.first_seq != c.next_seq {
-            return Err(broken(&name, Some(c.next_seq), format!("block at byte {} says it starts at seq {}", block.offset, block.header.first_seq)));
+            return Err(broken(
+                &name,
+                Some(c.next_seq),
+                format!(
+                    "block at byte {} says it starts at seq {}",
+                    block.offset, block.header.first_seq
+                ),
+            ));
         }
         let mut n = 0u32;
         for line in block.lines() {
             n += 1;
             let expected = c.next_seq;
-            let hash = segment::check_line_hash(line).map_err(|w| broken(&name, Some(expected), w))?;
+            let hash =
+                segment::check_line_hash(line).map_err(|w| broken(&name, Some(expected), w))?;
             let (seq, stated_prev, is_event) = match fast_link(line) {
                 Some(l) => l,
                 None => {
-                    let link: Link = serde_json::from_slice(line)
-                        .map_err(|e| broken(&name, Some(expected), format!("record is not valid JSON: {e}")))?;
+                    let link: Link = serde_json::from_slice(line).map_err(|e| {
+                        broken(
+                            &name,
+                            Some(expected),
+                            format!("record is not valid JSON: {e}"),
+                        )
+                    })?;
                     let mut p = [0u8; 32];
-                    hex::decode_to_slice(&link.chain.prev, &mut p).map_err(|_| broken(&name, Some(expected), "chain.prev is not hex"))?;
+                    hex::decode_to_slice(&link.chain.prev, &mut p)
+                        .map_err(|_| broken(&name, Some(expected), "chain.prev is not hex"))?;
                     (link.seq, p, link.schema == crate::record::EVENT_SCHEMA)
                 }
             };
@@ -247,14 +268,24 @@ fn check_segment(
                 return Err(broken(&name, Some(expected), format!("found seq {seq} where seq {expected} belongs (a record was removed, inserted or reordered)")));
             }
             if stated_prev != c.head {
-                return Err(broken(&name, Some(expected), "chain.prev does not match the previous record's hash"));
+                return Err(broken(
+                    &name,
+                    Some(expected),
+                    "chain.prev does not match the previous record's hash",
+                ));
             }
             if cp_seqs.contains(&seq) {
                 c.heads.insert(seq, hash);
             }
             if is_event {
                 c.events += 1;
-                let link: Link = serde_json::from_slice(line).map_err(|e| broken(&name, Some(expected), format!("event is not valid JSON: {e}")))?;
+                let link: Link = serde_json::from_slice(line).map_err(|e| {
+                    broken(
+                        &name,
+                        Some(expected),
+                        format!("event is not valid JSON: {e}"),
+                    )
+                })?;
                 if let Some(e) = link.event {
                     match e.kind.as_str() {
                         "recovery" => c.recoveries += 1,
@@ -269,11 +300,22 @@ fn check_segment(
             c.next_seq += 1;
         }
         if n != block.header.count {
-            return Err(broken(&name, Some(c.next_seq), format!("block at byte {} says it holds {} records but holds {n}", block.offset, block.header.count)));
+            return Err(broken(
+                &name,
+                Some(c.next_seq),
+                format!(
+                    "block at byte {} says it holds {} records but holds {n}",
+                    block.offset, block.header.count
+                ),
+            ));
         }
     }
     if let Some(e) = &parsed.tail_error {
-        return Err(broken(&name, Some(c.next_seq), format!("{e} (the segment is damaged or truncated)")));
+        return Err(broken(
+            &name,
+            Some(c.next_seq),
+            format!("{e} (the segment is damaged or truncated)"),
+        ));
     }
     match &parsed.seal {
         Some(s) => {
@@ -281,7 +323,10 @@ fn check_segment(
             let covered = &bytes[..s.offset as usize];
             let mismatch = if seal.segment != seg.number {
                 Some("names another segment")
-            } else if seal.first_seq != h.first_seq || seal.last_seq + 1 != c.next_seq || seal.records != c.records + c.events {
+            } else if seal.first_seq != h.first_seq
+                || seal.last_seq + 1 != c.next_seq
+                || seal.records != c.records + c.events
+            {
                 Some("does not match the segment's records")
             } else if seal.head != hex::encode(c.head) {
                 Some("names a different chain head")
@@ -293,7 +338,14 @@ fn check_segment(
             if let Some(m) = mismatch {
                 return Err(broken(&name, None, format!("seal {m}")));
             }
-            check_sig(&name, "seal", &s.line, seal.key.as_deref(), trusted, &mut sink)?;
+            check_sig(
+                &name,
+                "seal",
+                &s.line,
+                seal.key.as_deref(),
+                trusted,
+                &mut sink,
+            )?;
             c.seal = Some((seal.prev_seal.clone(), signing::line_hash(&s.line)));
         }
         None if !newest => {
@@ -306,7 +358,11 @@ fn check_segment(
             broken(&name, None, format!("the newest checkpoint covers {} bytes of this segment but it holds {} (truncated)", cp.segment_bytes, bytes.len()))
         })?;
         if hex::encode(Sha256::digest(prefix)) != cp.segment_sha256 {
-            return Err(broken(&name, None, "the newest checkpoint does not match this segment's bytes"));
+            return Err(broken(
+                &name,
+                None,
+                "the newest checkpoint does not match this segment's bytes",
+            ));
         }
     }
     c.keys = sink.keys;
@@ -318,7 +374,11 @@ fn check_segment(
 /// by that key. Segments are checked on their own in parallel (one thread per core),
 /// then linked in order; the first break in trail order is reported. `progress` is
 /// called after each segment with (done, all, bytes so far).
-pub fn verify_dir(dir: &Path, trusted: Option<&VerifyingKey>, mut progress: impl FnMut(usize, usize, u64)) -> Result<VerifyReport, VerifyError> {
+pub fn verify_dir(
+    dir: &Path,
+    trusted: Option<&VerifyingKey>,
+    mut progress: impl FnMut(usize, usize, u64),
+) -> Result<VerifyReport, VerifyError> {
     let segs = reader::segments(dir)?;
     let mut report = VerifyReport {
         trusted: trusted.is_some(),
@@ -326,11 +386,18 @@ pub fn verify_dir(dir: &Path, trusted: Option<&VerifyingKey>, mut progress: impl
     };
     let checkpoints = read_checkpoints(dir, trusted, &mut report)?;
     let newest_cp = checkpoints.last().cloned();
-    let cp_seqs: BTreeSet<u64> = checkpoints.iter().filter(|c| c.last_seq > 0).map(|c| c.last_seq).collect();
+    let cp_seqs: BTreeSet<u64> = checkpoints
+        .iter()
+        .filter(|c| c.last_seq > 0)
+        .map(|c| c.last_seq)
+        .collect();
 
     // Phase 1: every segment on its own, in parallel.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(segs.len().max(1));
-    let mut results: Vec<Option<Result<SegmentCheck, VerifyError>>> = (0..segs.len()).map(|_| None).collect();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(segs.len().max(1));
+    let mut results: Vec<Option<Result<SegmentCheck, VerifyError>>> =
+        (0..segs.len()).map(|_| None).collect();
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
@@ -338,7 +405,18 @@ pub fn verify_dir(dir: &Path, trusted: Option<&VerifyingKey>, mut progress: impl
                 scope.spawn(move || {
                     (t..segs.len())
                         .step_by(threads)
-                        .map(|i| (i, check_segment(&segs[i], i + 1 == segs.len(), trusted, cp_seqs, newest_cp)))
+                        .map(|i| {
+                            (
+                                i,
+                                check_segment(
+                                    &segs[i],
+                                    i + 1 == segs.len(),
+                                    trusted,
+                                    cp_seqs,
+                                    newest_cp,
+                                ),
+                            )
+                        })
                         .collect::<Vec<_>>()
                 })
             })
@@ -363,26 +441,46 @@ pub fn verify_dir(dir: &Path, trusted: Option<&VerifyingKey>, mut progress: impl
     for (i, (seg, result)) in segs.iter().zip(results).enumerate() {
         let expected_segment = first_number + i as u64;
         if seg.number != expected_segment {
-            return Err(broken(&seg.name(), None, format!("segment {expected_segment} is missing (the trail jumps from {} to {})", expected_segment - 1, seg.number)));
+            return Err(broken(
+                &seg.name(),
+                None,
+                format!(
+                    "segment {expected_segment} is missing (the trail jumps from {} to {})",
+                    expected_segment - 1,
+                    seg.number
+                ),
+            ));
         }
-        let c = result.unwrap_or_else(|| Err(AuditError::Writer("a verify thread died".into()).into()))?;
+        let c = result
+            .unwrap_or_else(|| Err(AuditError::Writer("a verify thread died".into()).into()))?;
         if i == 0 && first_number > 1 {
             // Oldest segments deleted by retention: the start is taken on trust here and
             // must be accounted for by a retention event further on.
             prev = c.prev_hash;
             expected_seq = c.first_seq;
-            prev_seal = c.seal.as_ref().map_or_else(|| ZERO_HEX.to_owned(), |s| s.0.clone());
+            prev_seal = c
+                .seal
+                .as_ref()
+                .map_or_else(|| ZERO_HEX.to_owned(), |s| s.0.clone());
             gap = Some((c.first_seq, c.prev_hash, prev_seal.clone()));
         }
         if c.prev_hash != prev {
             return Err(broken(&c.name, None, "header's previous hash does not match the end of the previous segment (a segment was removed, swapped or replaced)"));
         }
         if c.first_seq != expected_seq {
-            return Err(broken(&c.name, Some(expected_seq), format!("header says the segment starts at seq {}", c.first_seq)));
+            return Err(broken(
+                &c.name,
+                Some(expected_seq),
+                format!("header says the segment starts at seq {}", c.first_seq),
+            ));
         }
         if let Some((seal_prev, seal_hash)) = &c.seal {
             if *seal_prev != prev_seal {
-                return Err(broken(&c.name, None, "seal does not link to the previous segment's seal"));
+                return Err(broken(
+                    &c.name,
+                    None,
+                    "seal does not link to the previous segment's seal",
+                ));
             }
             prev_seal = seal_hash.clone();
             report.seals += 1;
@@ -407,11 +505,19 @@ pub fn verify_dir(dir: &Path, trusted: Option<&VerifyingKey>, mut progress: impl
     if let Some((first_seq, head, seal)) = gap {
         let name = segment::segment_file_name(first_number);
         if let Some(n) = (1..first_number).find(|n| !removed.contains_key(n)) {
-            return Err(broken(&name, None, format!("segment {n} is missing and no retention event accounts for it")));
+            return Err(broken(
+                &name,
+                None,
+                format!("segment {n} is missing and no retention event accounts for it"),
+            ));
         }
         let last = &removed[&(first_number - 1)];
         if last.head != hex::encode(head) || last.last_seq + 1 != first_seq || last.seal != seal {
-            return Err(broken(&name, None, "the retention event does not match where the remaining trail begins"));
+            return Err(broken(
+                &name,
+                None,
+                "the retention event does not match where the remaining trail begins",
+            ));
         }
         report.retired = first_number - 1;
     }
@@ -420,7 +526,11 @@ pub fn verify_dir(dir: &Path, trusted: Option<&VerifyingKey>, mut progress: impl
             continue;
         }
         if heads.get(&cp.last_seq).map(hex::encode).as_deref() != Some(cp.head.as_str()) {
-            return Err(broken(CHECKPOINTS, Some(cp.last_seq), "a checkpoint names a different hash for this record"));
+            return Err(broken(
+                CHECKPOINTS,
+                Some(cp.last_seq),
+                "a checkpoint names a different hash for this record",
+            ));
         }
     }
     let last_seq = expected_seq - 1;
@@ -439,7 +549,11 @@ pub fn verify_dir(dir: &Path, trusted: Option<&VerifyingKey>, mut progress: impl
         report.uncovered = last_seq - cp.last_seq;
     } else {
         if trusted.is_some() && !segs.is_empty() {
-            return Err(broken(CHECKPOINTS, None, "there is no checkpoint (the log was deleted?)"));
+            return Err(broken(
+                CHECKPOINTS,
+                None,
+                "there is no checkpoint (the log was deleted?)",
+            ));
         }
         report.uncovered = last_seq;
     }

@@ -153,6 +153,23 @@ pub fn one_stream(
     (tx, handler)
 }
 
+/// An upstream that answers every request with a small chat completion.
+pub async fn chat_upstream() -> MockUpstream {
+    MockUpstream::start(|_, _| {
+        respond(
+            200,
+            &[("content-type", "application/json")],
+            r#"{"id":"x","model":"m","choices":[]}"#,
+        )
+    })
+    .await
+}
+
+/// The `openai` route on `/v1/` to this upstream.
+pub fn openai_route(up: &MockUpstream) -> Route {
+    route("openai", "/v1/", &up.url(), Provider::Openai, false)
+}
+
 pub fn route(
     name: &str,
     prefix: &str,

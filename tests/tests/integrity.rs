@@ -13,7 +13,6 @@ use custody_audit::{
     signing::{self, keygen},
     verify::{verify_dir, VerifyError, VerifyReport},
 };
-use custody_config::Provider;
 use custody_tests::*;
 use ed25519_dalek::VerifyingKey;
 
@@ -24,6 +23,21 @@ struct Trail {
 }
 
 impl Trail {
+    /// Starts custody again on this trail, signing with its key.
+    async fn restart(
+        self,
+        up: &MockUpstream,
+        tweak: impl FnOnce(&mut custody_config::Config),
+    ) -> (Custody, tempfile::TempDir, VerifyingKey) {
+        let key = self.keys.path().join("test.key");
+        let custody = Custody::start_in(self.done.dir, vec![openai_route(up)], |c| {
+            c.audit.signing_key = Some(key);
+            tweak(c);
+        })
+        .await;
+        (custody, self.keys, self.public)
+    }
+
     fn dir(&self) -> PathBuf {
         self.done.audit_dir()
     }
@@ -53,15 +67,8 @@ impl Trail {
 async fn signed_trail(segments: usize) -> Trail {
     let keys = tempfile::tempdir().unwrap();
     let (private, public) = keygen(keys.path(), "test").unwrap();
-    let up = MockUpstream::start(|_, _| {
-        respond(
-            200,
-            &[("content-type", "application/json")],
-            r#"{"id":"x","model":"m","choices":[]}"#,
-        )
-    })
-    .await;
-    let routes = || vec![route("openai", "/v1/", &up.url(), Provider::Openai, false)];
+    let up = chat_upstream().await;
+    let routes = || vec![openai_route(&up)];
     let sign = |c: &mut custody_config::Config| c.audit.signing_key = Some(private.clone());
     let mut custody = Custody::start_with(routes(), sign).await;
     let c = client();
@@ -278,19 +285,11 @@ async fn a_crash_is_repaired_recorded_and_told_apart_from_tampering() {
     fs::write(&seg, &crashed).unwrap();
     assert!(t.broken().contains(".seg"));
 
-    let key = t.keys.path().join("test.key");
-    let up = MockUpstream::start(|_, _| respond(200, &[], "{}")).await;
-    let custody = Custody::start_in(
-        t.done.dir,
-        vec![route("openai", "/v1/", &up.url(), Provider::Openai, false)],
-        |c| {
-            c.audit.signing_key = Some(key.clone());
-        },
-    )
-    .await;
+    let up = chat_upstream().await;
+    let (custody, _keys, public) = t.restart(&up, |_| {}).await;
     send(&client(), post(&custody.url("/v1/embeddings"), &[], "{}")).await;
     let done = custody.stop().await;
-    let r = verify_dir(&dir, Some(&t.public), |_, _, _| {}).unwrap();
+    let r = verify_dir(&dir, Some(&public), |_, _, _| {}).unwrap();
     assert_eq!(
         (r.records, r.events, r.recoveries, r.uncovered),
         (3, 1, 1, 0)
@@ -311,17 +310,13 @@ async fn a_crash_is_repaired_recorded_and_told_apart_from_tampering() {
 async fn retention_deletes_old_segments_and_the_trail_still_verifies() {
     let t = signed_trail(3).await;
     let dir = t.dir();
-    let key = t.keys.path().join("test.key");
-    let up = MockUpstream::start(|_, _| respond(200, &[], "{}")).await;
-    let custody = Custody::start_in(
-        t.done.dir,
-        vec![route("openai", "/v1/", &up.url(), Provider::Openai, false)],
-        |c| {
-            c.audit.signing_key = Some(key.clone());
+    let up = chat_upstream().await;
+    let public = t.public;
+    let (custody, _keys, _) = t
+        .restart(&up, |c| {
             c.audit.retention_days = Some(0);
-        },
-    )
-    .await;
+        })
+        .await;
     send(&client(), post(&custody.url("/v1/embeddings"), &[], "{}")).await;
     let done = custody.stop().await;
     let names: Vec<String> = custody_audit::reader::segments(&dir)
@@ -343,12 +338,12 @@ async fn retention_deletes_old_segments_and_the_trail_still_verifies() {
         event["event"]["removed"][1]["segment"],
         "00000000000000000002.seg"
     );
-    let r = verify_dir(&dir, Some(&t.public), |_, _, _| {}).unwrap();
+    let r = verify_dir(&dir, Some(&public), |_, _, _| {}).unwrap();
     assert_eq!((r.retired, r.records, r.events, r.uncovered), (2, 3, 1, 0));
 
     // Deleting what retention kept is still caught.
     fs::remove_file(dir.join("00000000000000000003.seg")).unwrap();
-    match verify_dir(&dir, Some(&t.public), |_, _, _| {}) {
+    match verify_dir(&dir, Some(&public), |_, _, _| {}) {
         Err(VerifyError::Broken(b)) => assert!(
             b.what
                 .contains("segment 3 is missing and no retention event"),

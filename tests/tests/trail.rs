@@ -14,15 +14,8 @@ use custody_tests::*;
 /// A trail of `requests` records. With `restart_each`, custody is restarted before every
 /// request, and a restart always opens a new segment: one segment per record.
 async fn trail_with(requests: usize, restart_each: bool) -> Stopped {
-    let up = MockUpstream::start(|_, _| {
-        respond(
-            200,
-            &[("content-type", "application/json")],
-            r#"{"id":"x","model":"m","choices":[]}"#,
-        )
-    })
-    .await;
-    let routes = || vec![route("openai", "/v1/", &up.url(), Provider::Openai, false)];
+    let up = chat_upstream().await;
+    let routes = || vec![openai_route(&up)];
     let mut custody = Custody::start(routes()).await;
     let c = client();
     for i in 0..requests {

@@ -317,6 +317,62 @@ pub fn parse_segment(bytes: &[u8]) -> Result<ParsedSegment, FormatError> {
     })
 }
 
+/// A segment's frames, located without decompressing anything.
+#[derive(Debug)]
+pub struct Frames {
+    pub header: SegmentHeader,
+    /// Each block header with the offset of its frame.
+    pub blocks: Vec<(u64, BlockHeader)>,
+    pub seal: Option<SealFrame>,
+}
+
+/// Walks a segment's frames by their headers alone, for verification that trusts a
+/// signed seal's SHA-256 over the bytes.
+pub fn scan_frames(bytes: &[u8]) -> Result<Frames, FormatError> {
+    let (magic, content, mut at) =
+        read_skippable(bytes, 0).ok_or_else(|| ferr(0, "segment header is missing or torn"))?;
+    if magic != SEGMENT_MAGIC {
+        return Err(ferr(0, "segment does not start with a segment header"));
+    }
+    let header = SegmentHeader::decode(content).map_err(|w| ferr(8, w))?;
+    let mut blocks = Vec::new();
+    let mut seal = None;
+    while at < bytes.len() {
+        if seal.is_some() {
+            return Err(ferr(at, "data after the seal"));
+        }
+        let (magic, content, next) =
+            read_skippable(bytes, at).ok_or_else(|| ferr(at, "frame is torn"))?;
+        match magic {
+            SEAL_MAGIC => {
+                let s = serde_json::from_slice::<crate::signing::Seal>(content)
+                    .map_err(|e| ferr(at + 8, format!("seal is not readable: {e}")))?;
+                seal = Some(SealFrame {
+                    line: content.to_vec(),
+                    seal: s,
+                    offset: at as u64,
+                });
+                at = next;
+            }
+            BLOCK_MAGIC => {
+                let h = BlockHeader::decode(content).map_err(|w| ferr(at + 8, w))?;
+                let end = next + h.frame_len as usize;
+                if end > bytes.len() {
+                    return Err(ferr(next, "block frame is torn"));
+                }
+                blocks.push((at as u64, h));
+                at = end;
+            }
+            other => return Err(ferr(at, format!("unexpected frame magic {other:#010x}"))),
+        }
+    }
+    Ok(Frames {
+        header,
+        blocks,
+        seal,
+    })
+}
+
 fn read_skippable(bytes: &[u8], at: usize) -> Option<(u32, &[u8], usize)> {
     let head = bytes.get(at..at + 8)?;
     let magic = u32_at(head, 0);

@@ -352,3 +352,34 @@ async fn retention_deletes_old_segments_and_the_trail_still_verifies() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn fast_verify_checks_sealed_segments_through_their_signed_digest() {
+    use custody_audit::verify::{verify_dir_with, Depth};
+    let fast = |t: &Trail| verify_dir_with(&t.dir(), Some(&t.public), Depth::Fast, |_, _, _| {});
+    let t = signed_trail(3).await;
+    let r = fast(&t).unwrap();
+    assert!(r.fast);
+    assert_eq!((r.records, r.segments, r.seals), (6, 3, 3));
+    // A flipped byte inside a compressed frame of a middle segment.
+    let seg = t.segments()[1].clone();
+    let mut bytes = fs::read(&seg).unwrap();
+    let at = segment::parse_segment(&bytes).unwrap().blocks[0].offset as usize + 60;
+    bytes[at] ^= 1;
+    fs::write(&seg, &bytes).unwrap();
+    assert!(matches!(fast(&t), Err(VerifyError::Broken(b)) if b.what.contains("bytes")));
+
+    // A forged segment (re-chained, re-sealed without the key), and a deleted one.
+    let t = signed_trail(3).await;
+    forge(&t.segments()[0], |lines| {
+        lines.remove(0);
+    });
+    assert!(
+        matches!(fast(&t), Err(VerifyError::Broken(b)) if b.segment.contains("00000000000000000001"))
+    );
+    let t = signed_trail(3).await;
+    fs::remove_file(&t.segments()[1]).unwrap();
+    assert!(
+        matches!(fast(&t), Err(VerifyError::Broken(b)) if b.what.contains("segment 2 is missing"))
+    );
+}

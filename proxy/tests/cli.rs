@@ -394,4 +394,24 @@ fn kill_9_under_load_loses_nothing_on_disk_and_verifies_after_restart() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(out.contains("recoveries: 1 crash(es) repaired"), "{out}");
+    let o = custody(&[
+        "log",
+        "verify",
+        "--dir",
+        d,
+        "--pubkey",
+        pubkey.to_str().unwrap(),
+        "--fast",
+    ]);
+    assert!(
+        o.status.success() && stdout(&o).contains("mode: fast"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(
+        !custody(&["log", "verify", "--dir", d, "--fast"])
+            .status
+            .success(),
+        "--fast needs --pubkey"
+    );
 }

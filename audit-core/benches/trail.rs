@@ -196,12 +196,13 @@ fn main() {
     let started = Instant::now();
     for i in 0..n {
         let (req, resp) = &pool[(i as usize) % pool.len()];
-        sender.submit_blocking(exchange(
-            req,
-            resp,
-            &keys[(i % 200) as usize],
-            t0 + step * i as u32,
-        ));
+        // Spin rather than block on a full queue, as the proxy never blocks: a blocked
+        // producer would cost the writer a wake-up per record.
+        let mut ex = exchange(req, resp, &keys[(i % 200) as usize], t0 + step * i as u32);
+        while let Err(back) = sender.try_submit(ex) {
+            ex = back;
+            std::thread::yield_now();
+        }
     }
     drop(sender);
     let summary = writer.shutdown().unwrap();

@@ -199,7 +199,7 @@ fn main() {
         // Spin rather than block on a full queue, as the proxy never blocks: a blocked
         // producer would cost the writer a wake-up per record.
         let mut ex = exchange(req, resp, &keys[(i % 200) as usize], t0 + step * i as u32);
-        while let Err(back) = sender.try_submit(ex) {
+        while let Some(back) = sender.try_submit(ex) {
             ex = back;
             std::thread::yield_now();
         }

@@ -103,13 +103,13 @@ impl AuditSender {
 
     /// Hands an exchange over if there is room, giving it back otherwise; nothing is
     /// counted as dropped. For callers with their own policy for a full queue.
-    pub fn try_submit(&self, ex: Exchange) -> Result<(), Exchange> {
+    pub fn try_submit(&self, ex: Exchange) -> Option<Exchange> {
         match self.tx.try_send(ex) {
             Ok(()) => {
                 self.stats.submitted.fetch_add(1, Ordering::Relaxed);
-                Ok(())
+                None
             }
-            Err(TrySendError::Full(ex)) | Err(TrySendError::Disconnected(ex)) => Err(ex),
+            Err(TrySendError::Full(ex)) | Err(TrySendError::Disconnected(ex)) => Some(ex),
         }
     }
 

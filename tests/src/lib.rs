@@ -320,6 +320,18 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// A segment file parsed, with its record lines (for tests that tamper with it).
+pub fn segment_lines(path: &Path) -> (custody_audit::segment::ParsedSegment, Vec<Vec<u8>>) {
+    let bytes = std::fs::read(path).unwrap();
+    let parsed = custody_audit::segment::parse_segment(&bytes).unwrap();
+    let lines = parsed
+        .blocks
+        .iter()
+        .flat_map(|b| b.lines().map(<[u8]>::to_vec).collect::<Vec<_>>())
+        .collect();
+    (parsed, lines)
+}
+
 pub fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack
         .windows(needle.len())

@@ -161,13 +161,7 @@ async fn swapping_two_segments_is_caught() {
 /// hashes and chain links, and a new seal that is consistent but unsigned (the attacker
 /// has no private key): the best an attacker with write access can do.
 fn forge(path: &Path, edit: impl FnOnce(&mut Vec<Vec<u8>>)) {
-    let bytes = fs::read(path).unwrap();
-    let parsed = segment::parse_segment(&bytes).unwrap();
-    let mut lines: Vec<Vec<u8>> = parsed
-        .blocks
-        .iter()
-        .flat_map(|b| b.lines().map(<[u8]>::to_vec).collect::<Vec<_>>())
-        .collect();
+    let (parsed, mut lines) = segment_lines(path);
     edit(&mut lines);
     // Re-chain from the header's previous hash.
     let mut prev = parsed.header.prev_hash;

@@ -54,13 +54,7 @@ fn broken(dir: &Path) -> String {
 /// Rewrites a segment's records through `edit`, with fresh, valid checksums and framing:
 /// what an attacker with write access and the format spec can do.
 fn rewrite(path: &Path, edit: impl FnOnce(&mut Vec<Vec<u8>>)) {
-    let bytes = fs::read(path).unwrap();
-    let parsed = segment::parse_segment(&bytes).unwrap();
-    let mut lines: Vec<Vec<u8>> = parsed
-        .blocks
-        .iter()
-        .flat_map(|b| b.lines().map(<[u8]>::to_vec).collect::<Vec<_>>())
-        .collect();
+    let (parsed, mut lines) = segment_lines(path);
     edit(&mut lines);
     let mut out = parsed.header.encode();
     let mut raw = Vec::new();

@@ -64,13 +64,13 @@ impl Assembler {
             &credentials,
             &mut counts,
             Side::Request,
-            |p| {
-                if op.is_some() {
-                    match p {
-                        Parsed::Value(v) => genai::request_facts(v, &mut facts),
-                        Parsed::Text(t) => genai::request_facts_text(t, &mut facts),
-                    }
+            |p| match (op, p) {
+                (None, _) => false,
+                (Some(_), Parsed::Value(v)) => {
+                    genai::request_facts(v, &mut facts);
+                    false
                 }
+                (Some(_), Parsed::Text(t)) => genai::request_facts_text(t, &mut facts),
             },
         );
         let resp_body = self.body(
@@ -79,13 +79,13 @@ impl Assembler {
             &credentials,
             &mut counts,
             Side::Response(op),
-            |p| {
-                if let Some(op) = op {
-                    match p {
-                        Parsed::Value(v) => genai::response_facts(op, v, &mut facts),
-                        Parsed::Text(t) => genai::response_facts_text(op, t, &mut facts),
-                    }
+            |p| match (op, p) {
+                (None, _) => false,
+                (Some(op), Parsed::Value(v)) => {
+                    genai::response_facts(op, v, &mut facts);
+                    false
                 }
+                (Some(op), Parsed::Text(t)) => genai::response_facts_text(op, t, &mut facts),
             },
         );
 
@@ -202,7 +202,8 @@ impl Assembler {
     }
 
     /// Decodes, parses and redacts one body. `inspect` sees the body before redaction, for
-    /// fact extraction: JSON text as sent, or a reassembled stream.
+    /// fact extraction (JSON text as sent, or a reassembled stream), and says whether it
+    /// read the text as JSON, which spares the redactor a validating pass.
     fn body(
         &self,
         headers: &HeaderMap,
@@ -210,7 +211,7 @@ impl Assembler {
         credentials: &[String],
         counts: &mut Counts,
         side: Side,
-        inspect: impl FnOnce(Parsed<'_>),
+        inspect: impl FnOnce(Parsed<'_>) -> bool,
     ) -> Body {
         let content_type = headers
             .get(http::header::CONTENT_TYPE)
@@ -262,18 +263,26 @@ impl Assembler {
                 serde_json::value::to_raw_value(&v).ok()
             }
             // JSON is redacted as text, string by string: nothing else of it is rebuilt.
-            _ => match self.redactor.redact_json_text(text, counts) {
-                Some(red) => {
-                    inspect(Parsed::Text(text));
-                    let red = one_line(scrub_text(red, credentials, counts));
-                    RawValue::from_string(red).ok()
+            _ => {
+                // Reading the facts also proves the text is JSON: no second validating pass.
+                let redacted = if inspect(Parsed::Text(text)) {
+                    self.redactor.redact_valid_json_text(text, counts)
+                } else {
+                    self.redactor.redact_json_text(text, counts)
+                };
+                match redacted {
+                    Some(red) => {
+                        let red = one_line(scrub_text(red, credentials, counts));
+                        RawValue::from_string(red).ok()
+                    }
+                    None => {
+                        let mut v =
+                            Value::String(self.redactor.redact_str(text, counts).into_owned());
+                        scrub_literals(&mut v, credentials, "CLIENT_CREDENTIAL", counts);
+                        serde_json::value::to_raw_value(&v).ok()
+                    }
                 }
-                None => {
-                    let mut v = Value::String(self.redactor.redact_str(text, counts).into_owned());
-                    scrub_literals(&mut v, credentials, "CLIENT_CREDENTIAL", counts);
-                    serde_json::value::to_raw_value(&v).ok()
-                }
-            },
+            }
         };
         out.body = recorded;
         out

@@ -122,7 +122,8 @@ pub fn response_facts(op: Operation, body: &Value, facts: &mut GenAiFacts) {
 
 /// The request parameters from JSON text, reading only the fields needed (the
 /// messages are skipped, not built). Falls back to a full parse on odd types.
-pub fn request_facts_text(text: &str, facts: &mut GenAiFacts) {
+/// Returns whether the text was read as JSON (then it is known to be valid).
+pub fn request_facts_text(text: &str, facts: &mut GenAiFacts) -> bool {
     #[derive(serde::Deserialize)]
     struct Lite {
         model: Option<String>,
@@ -143,17 +144,21 @@ pub fn request_facts_text(text: &str, facts: &mut GenAiFacts) {
                 .max_tokens
                 .or(l.max_completion_tokens)
                 .or(l.max_output_tokens);
+            true
         }
-        Err(_) => {
-            if let Ok(v) = serde_json::from_str::<Value>(text) {
+        Err(_) => match serde_json::from_str::<Value>(text) {
+            Ok(v) => {
                 request_facts(&v, facts);
+                true
             }
-        }
+            Err(_) => false,
+        },
     }
 }
 
 /// The response facts from JSON text, reading only the fields needed.
-pub fn response_facts_text(op: Operation, text: &str, facts: &mut GenAiFacts) {
+/// Returns whether the text was read as JSON (then it is known to be valid).
+pub fn response_facts_text(op: Operation, text: &str, facts: &mut GenAiFacts) -> bool {
     #[derive(serde::Deserialize)]
     struct Choice {
         finish_reason: Option<String>,
@@ -176,10 +181,13 @@ pub fn response_facts_text(op: Operation, text: &str, facts: &mut GenAiFacts) {
         usage: Option<Usage>,
     }
     let Ok(l) = serde_json::from_str::<Lite>(text) else {
-        if let Ok(v) = serde_json::from_str::<Value>(text) {
-            response_facts(op, &v, facts);
-        }
-        return;
+        return match serde_json::from_str::<Value>(text) {
+            Ok(v) => {
+                response_facts(op, &v, facts);
+                true
+            }
+            Err(_) => false,
+        };
     };
     facts.response_model = l.model;
     facts.response_id = l.id;
@@ -206,6 +214,7 @@ pub fn response_facts_text(op: Operation, text: &str, facts: &mut GenAiFacts) {
             facts.output_tokens = u.output_tokens;
         }
     }
+    true
 }
 
 fn str_at(v: &Value, key: &str) -> Option<String> {

@@ -362,21 +362,42 @@ fn check_segment(
         }
         None => {}
     }
-    if let Some(cp) = newest_cp.filter(|c| c.segment == seg.number) {
-        let prefix = bytes.get(..cp.segment_bytes as usize).ok_or_else(|| {
-            broken(&name, None, format!("the newest checkpoint covers {} bytes of this segment but it holds {} (truncated)", cp.segment_bytes, bytes.len()))
-        })?;
-        if hex::encode(Sha256::digest(prefix)) != cp.segment_sha256 {
-            return Err(broken(
-                &name,
-                None,
-                "the newest checkpoint does not match this segment's bytes",
-            ));
-        }
-    }
+    check_newest_checkpoint(&name, seg.number, &bytes, newest_cp)?;
     c.keys = sink.keys;
     c.unsigned = sink.unsigned;
     Ok(c)
+}
+
+/// If the newest checkpoint is about this segment, its first `segment_bytes` bytes must
+/// hash to what the checkpoint says.
+fn check_newest_checkpoint(
+    name: &str,
+    number: u64,
+    bytes: &[u8],
+    newest_cp: Option<&Checkpoint>,
+) -> Result<(), VerifyError> {
+    let Some(cp) = newest_cp.filter(|c| c.segment == number) else {
+        return Ok(());
+    };
+    let prefix = bytes.get(..cp.segment_bytes as usize).ok_or_else(|| {
+        broken(
+            name,
+            None,
+            format!(
+                "the newest checkpoint covers {} bytes of this segment but it holds {} (truncated)",
+                cp.segment_bytes,
+                bytes.len()
+            ),
+        )
+    })?;
+    if hex::encode(Sha256::digest(prefix)) != cp.segment_sha256 {
+        return Err(broken(
+            name,
+            None,
+            "the newest checkpoint does not match this segment's bytes",
+        ));
+    }
+    Ok(())
 }
 
 /// The fast path for a sealed segment: its frames are walked without decompressing, and
@@ -450,22 +471,7 @@ fn check_sealed_fast(
     let mut head = [0u8; 32];
     hex::decode_to_slice(&seal.head, &mut head)
         .map_err(|_| broken(name, None, "seal head is not hex"))?;
-    if let Some(cp) = newest_cp.filter(|c| c.segment == seg.number) {
-        let prefix = bytes.get(..cp.segment_bytes as usize).ok_or_else(|| {
-            broken(
-                name,
-                None,
-                "the newest checkpoint covers more than this segment holds (truncated)",
-            )
-        })?;
-        if hex::encode(Sha256::digest(prefix)) != cp.segment_sha256 {
-            return Err(broken(
-                name,
-                None,
-                "the newest checkpoint does not match this segment's bytes",
-            ));
-        }
-    }
+    check_newest_checkpoint(name, seg.number, bytes, newest_cp)?;
     let mut heads = BTreeMap::new();
     heads.insert(seal.last_seq, head);
     Ok(Some(SegmentCheck {

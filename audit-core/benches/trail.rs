@@ -4,7 +4,8 @@
 //! latency for a selective and a full-text query.
 //!
 //! `cargo bench -p custody-audit --bench trail` (1,000,000 records; `-- --quick` for 100,000;
-//! `-- --single-turn` for short one-question chats instead of conversations with history).
+//! `-- --single-turn` for short one-question chats instead of conversations with history;
+//! `-- --writer-only` to stop after the writer, for profiling it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -208,6 +209,13 @@ fn main() {
     let summary = writer.shutdown().unwrap();
     let write_secs = started.elapsed().as_secs_f64();
     assert_eq!(summary.written, n);
+    if std::env::args().any(|a| a == "--writer-only") {
+        println!(
+            "writer                   {:.0} records/s",
+            n as f64 / write_secs
+        );
+        return;
+    }
 
     let segs = reader::segments(&dir).unwrap();
     let disk: u64 = segs

@@ -3,7 +3,10 @@
 
 use std::{borrow::Cow, time::Instant};
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
 use serde_json::{value::RawValue, Value};
 use sha2::{Digest, Sha256};
 
@@ -92,9 +95,9 @@ impl Assembler {
         let ms = |t: Option<Instant>| t.map(|t| millis(t.duration_since(ex.started)));
         let rh = &ex.response_headers;
         let request_id = self
-            .header(rh, "x-request-id", &mut counts)
-            .or_else(|| self.header(rh, "request-id", &mut counts));
-        let user_agent = self.header(&ex.request_headers, "user-agent", &mut counts);
+            .header(rh, &X_REQUEST_ID, &mut counts)
+            .or_else(|| self.header(rh, &REQUEST_ID, &mut counts));
+        let user_agent = self.header(&ex.request_headers, &http::header::USER_AGENT, &mut counts);
         let query = ex.uri.query().map(|q| self.query(q, &mut counts));
         let gen_ai = (ex.provider != custody_config::Provider::Generic).then(|| GenAi {
             provider: Name {
@@ -175,13 +178,13 @@ impl Assembler {
     fn credentials(&self, headers: &HeaderMap) -> Vec<String> {
         CREDENTIAL_HEADERS
             .iter()
-            .flat_map(|h| headers.get_all(*h))
+            .flat_map(|h| headers.get_all(h))
             .map(|v| String::from_utf8_lossy(credential_token(v.as_bytes())).into_owned())
             .filter(|t| t.len() >= 8)
             .collect()
     }
 
-    fn header(&self, h: &HeaderMap, name: &str, counts: &mut Counts) -> Option<String> {
+    fn header(&self, h: &HeaderMap, name: &HeaderName, counts: &mut Counts) -> Option<String> {
         h.get(name)
             .and_then(|v| v.to_str().ok())
             .map(|v| self.redactor.redact_str(v, counts).into_owned())
@@ -225,7 +228,7 @@ impl Assembler {
         if cap.total == 0 {
             return out;
         }
-        let raw = cap.to_vec();
+        let raw = cap.contiguous();
         let omit = |out: &mut Body, why: String, bytes: &[u8]| {
             out.omitted = Some(why);
             out.sha256 = Some(hex::encode(Sha256::digest(bytes)));
@@ -234,7 +237,7 @@ impl Assembler {
             Ok(d) => d,
             // A truncated compressed body cannot be decoded; say so, keep the hash.
             Err(e) => {
-                omit(&mut out, e.to_string(), &cap.to_vec());
+                omit(&mut out, e.to_string(), &cap.contiguous());
                 return out;
             }
         };

@@ -1,6 +1,6 @@
 //! Undoing `Content-Encoding` on captured bodies, before anything parses them.
 
-use std::io::Read;
+use std::{borrow::Cow, io::Read};
 
 use http::HeaderMap;
 
@@ -21,11 +21,11 @@ pub enum DecodeError {
 
 /// Decodes `body` per the `Content-Encoding` header (a list, applied in order),
 /// refusing to expand past `limit` bytes (a decompression bomb stops here).
-pub fn decode_body(
+pub fn decode_body<'a>(
     headers: &HeaderMap,
-    body: Vec<u8>,
+    body: Cow<'a, [u8]>,
     limit: usize,
-) -> Result<Vec<u8>, DecodeError> {
+) -> Result<Cow<'a, [u8]>, DecodeError> {
     let mut body = body;
     let encodings: Vec<String> = headers
         .get_all(http::header::CONTENT_ENCODING)
@@ -37,7 +37,7 @@ pub fn decode_body(
         .collect();
     // Encodings are listed in the order they were applied; undo them in reverse.
     for enc in encodings.iter().rev() {
-        body = decode_one(enc, &body, limit)?;
+        body = Cow::Owned(decode_one(enc, &body, limit)?);
     }
     Ok(body)
 }
@@ -96,23 +96,37 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gz.write_all(&plain).unwrap();
         let gz = gz.finish().unwrap();
-        assert_eq!(decode_body(&headers("gzip"), gz, 1 << 20).unwrap(), plain);
+        assert_eq!(
+            decode_body(&headers("gzip"), Cow::Owned(gz), 1 << 20).unwrap(),
+            plain
+        );
 
         let mut zl = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
         zl.write_all(&plain).unwrap();
         assert_eq!(
-            decode_body(&headers("deflate"), zl.finish().unwrap(), 1 << 20).unwrap(),
+            decode_body(
+                &headers("deflate"),
+                Cow::Owned(zl.finish().unwrap()),
+                1 << 20
+            )
+            .unwrap(),
             plain
         );
 
         let mut br = Vec::new();
         brotli::BrotliCompress(&mut &plain[..], &mut br, &Default::default()).unwrap();
-        assert_eq!(decode_body(&headers("br"), br, 1 << 20).unwrap(), plain);
+        assert_eq!(
+            decode_body(&headers("br"), Cow::Owned(br), 1 << 20).unwrap(),
+            plain
+        );
 
         let zs = zstd::encode_all(&plain[..], 3).unwrap();
-        assert_eq!(decode_body(&headers("zstd"), zs, 1 << 20).unwrap(), plain);
         assert_eq!(
-            decode_body(&HeaderMap::new(), plain.clone(), 1 << 20).unwrap(),
+            decode_body(&headers("zstd"), Cow::Owned(zs), 1 << 20).unwrap(),
+            plain
+        );
+        assert_eq!(
+            decode_body(&HeaderMap::new(), Cow::Borrowed(&plain[..]), 1 << 20).unwrap(),
             plain
         );
     }
@@ -122,12 +136,12 @@ mod tests {
         let zeros = vec![0u8; 1 << 20];
         let zs = zstd::encode_all(&zeros[..], 3).unwrap();
         assert!(matches!(
-            decode_body(&headers("zstd"), zs, 1000),
+            decode_body(&headers("zstd"), Cow::Owned(zs), 1000),
             Err(DecodeError::TooLarge { .. })
         ));
-        assert!(decode_body(&headers("gzip"), b"not gzip".to_vec(), 1000).is_err());
+        assert!(decode_body(&headers("gzip"), Cow::Borrowed(b"not gzip"), 1000).is_err());
         assert!(matches!(
-            decode_body(&headers("compress"), vec![1], 10),
+            decode_body(&headers("compress"), Cow::Borrowed(&[1]), 10),
             Err(DecodeError::Unsupported(_))
         ));
     }

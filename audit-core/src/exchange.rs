@@ -78,7 +78,17 @@ impl Capture {
         }
     }
 
-    /// The captured bytes as one contiguous buffer (on the writer thread).
+    /// The captured bytes as one contiguous buffer (on the writer thread); borrowed when
+    /// the body arrived in one chunk, as most unstreamed bodies do.
+    pub fn contiguous(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self.chunks.as_slice() {
+            [] => std::borrow::Cow::Borrowed(&[]),
+            [one] => std::borrow::Cow::Borrowed(one),
+            _ => std::borrow::Cow::Owned(self.to_vec()),
+        }
+    }
+
+    /// The captured bytes, copied into one buffer.
     pub fn to_vec(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.captured);
         for c in &self.chunks {

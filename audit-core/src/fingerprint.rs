@@ -8,13 +8,18 @@ use std::{
 };
 
 use hmac::{Hmac, Mac};
+use http::HeaderName;
 use sha2::Sha256;
 
 use crate::AuditError;
 
 /// Request headers that carry client credentials; their values are never recorded.
-pub const CREDENTIAL_HEADERS: [&str; 4] =
-    ["authorization", "x-api-key", "api-key", "x-goog-api-key"];
+pub const CREDENTIAL_HEADERS: [HeaderName; 4] = [
+    http::header::AUTHORIZATION,
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("api-key"),
+    HeaderName::from_static("x-goog-api-key"),
+];
 
 /// HMAC-SHA-256 keyed with the deployment secret.
 #[derive(Clone)]

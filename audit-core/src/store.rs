@@ -266,7 +266,7 @@ impl SegmentStore {
             break;
         }
         let (last_checkpoint, covered) = recover_checkpoints(dir)?;
-        let mut compressor = zstd::bulk::Compressor::new(3).map_err(io(dir))?;
+        let mut compressor = zstd::bulk::Compressor::new(1).map_err(io(dir))?;
         compressor.include_checksum(true).map_err(io(dir))?;
         compressor.include_contentsize(true).map_err(io(dir))?;
         Ok((

@@ -164,6 +164,7 @@ fn main() {
             upstream: "https://api.openai.com".parse().unwrap(),
             provider: Provider::Openai,
             strip_prefix: false,
+            upstream_key_env: None,
         }],
     );
     config.audit.segment_max_bytes = 32 << 20;

@@ -4,9 +4,6 @@
 use std::{borrow::Cow, time::Instant};
 
 use http::{HeaderMap, HeaderName};
-
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
 use serde_json::{value::RawValue, Value};
 use sha2::{Digest, Sha256};
 
@@ -15,12 +12,17 @@ use crate::{
     exchange::{Capture, Exchange},
     fingerprint::{credential_token, Fingerprinter, CREDENTIAL_HEADERS},
     genai::{self, GenAiFacts, Operation},
+    lineage::{self, Lineage, LineageHasher},
     record::{
-        self, Body, Chain, Client, GenAi, GenAiRequest, GenAiResponse, Http, Name, Record, Time,
-        Usage,
+        self, Body, Chain, Client, Completion, ConfigRef, Conversation, GenAi, GenAiRequest,
+        GenAiResponse, Http, InputTokens, Name, OutputTokens, Prompt, Record, Session, Template,
+        Time, Trace, Usage,
     },
     redact::{scrub_literals, Counts, Redactor},
 };
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
 
 /// Query parameters that carry credentials (Gemini's `key`, Azure's `api-key`...).
 const CREDENTIAL_PARAMS: [&str; 5] = ["key", "api-key", "api_key", "access_token", "token"];
@@ -32,34 +34,83 @@ enum Side {
     Response(Option<Operation>),
 }
 
+/// The request headers that carry lineage (`[lineage]`).
+#[derive(Debug, Clone)]
+pub struct LineageHeaders {
+    pub session: HeaderName,
+    pub prompt_id: HeaderName,
+    pub prompt_version: HeaderName,
+}
+
+impl LineageHeaders {
+    pub fn from_config(l: &custody_config::Lineage) -> Self {
+        // Validation checked these are header names; fall back to the defaults anyway.
+        let name = |s: &str, d: &'static str| {
+            HeaderName::from_bytes(s.as_bytes()).unwrap_or(HeaderName::from_static(d))
+        };
+        Self {
+            session: name(&l.session_header, "x-session-id"),
+            prompt_id: name(&l.prompt_id_header, "x-prompt-id"),
+            prompt_version: name(&l.prompt_version_header, "x-prompt-version"),
+        }
+    }
+}
+
 /// Builds records; holds the automata and keys, built once.
 pub struct Assembler {
     redactor: Redactor,
     fingerprinter: Fingerprinter,
+    lineage: LineageHasher,
+    headers: LineageHeaders,
+    /// `source` as JSON, the same on every record.
+    source: Option<Box<RawValue>>,
     /// Largest decoded body accepted (a compressed body may expand; beyond this it is omitted).
     decode_limit: usize,
 }
 
+/// What assembly learned beyond the record, for the writer's conversation index.
+#[derive(Debug, Default)]
+pub struct Learned {
+    pub lineage: Lineage,
+    pub response_id: Option<String>,
+    pub previous_response_id: Option<String>,
+}
+
 impl Assembler {
-    pub fn new(redactor: Redactor, fingerprinter: Fingerprinter, decode_limit: usize) -> Self {
+    pub fn new(
+        redactor: Redactor,
+        fingerprinter: Fingerprinter,
+        decode_limit: usize,
+        config: &custody_config::Config,
+    ) -> Self {
+        let lineage = LineageHasher::new(&fingerprinter.derive("custody.lineage/v1"));
         Self {
             redactor,
             fingerprinter,
+            lineage,
+            headers: LineageHeaders::from_config(&config.lineage),
+            source: source_json(&config.source),
             decode_limit,
         }
     }
 
     /// The record for `ex`, with `seq` and `chain` left for the writer to fill in.
-    pub fn assemble(&self, ex: &Exchange, seq: u64) -> Record {
+    pub fn assemble(&self, ex: &Exchange, seq: u64) -> (Record, Learned) {
         let mut counts = Counts::new();
         let credentials = self.credentials(&ex.request_headers);
-        let key_id = credentials
-            .first()
-            .map(|c| self.fingerprinter.key_id(c.as_bytes()));
+        let key_id = match &ex.identity {
+            Some(id) => Some(id.key_id.to_string()),
+            None => credentials
+                .first()
+                .map(|c| self.fingerprinter.key_id(c.as_bytes())),
+        };
 
         let path = ex.upstream_path.as_deref().unwrap_or_else(|| ex.uri.path());
         let op = Operation::detect(ex.provider, path);
+        let path_model = genai::path_model(ex.provider, path);
         let mut facts = GenAiFacts::default();
+        let mut prompt = Vec::new();
+        let mut completion = None;
 
         let req_body = self.body(
             &ex.request_headers,
@@ -67,13 +118,11 @@ impl Assembler {
             &credentials,
             &mut counts,
             Side::Request,
-            |p| match (op, p) {
-                (None, _) => false,
-                (Some(_), Parsed::Value(v)) => {
-                    genai::request_facts(v, &mut facts);
-                    false
+            |v| {
+                if let Some(op) = op {
+                    genai::request_facts(op, v, path_model, &mut facts);
+                    prompt = lineage::prompt_messages(op, v);
                 }
-                (Some(_), Parsed::Text(t)) => genai::request_facts_text(t, &mut facts),
             },
         );
         let resp_body = self.body(
@@ -82,23 +131,57 @@ impl Assembler {
             &credentials,
             &mut counts,
             Side::Response(op),
-            |p| match (op, p) {
-                (None, _) => false,
-                (Some(op), Parsed::Value(v)) => {
+            |v| {
+                if let Some(op) = op {
                     genai::response_facts(op, v, &mut facts);
-                    false
+                    completion = lineage::completion_message(op, v);
                 }
-                (Some(op), Parsed::Text(t)) => genai::response_facts_text(op, t, &mut facts),
             },
         );
+        if facts.request_model.is_none() {
+            facts.request_model = path_model.map(str::to_owned);
+        }
+        let learned = Learned {
+            lineage: Lineage {
+                prefixes: self.lineage.prefixes(&prompt),
+                completion: completion.map(|c| self.lineage.message(&c)),
+            },
+            response_id: facts.response_id.clone(),
+            previous_response_id: facts.previous_response_id.clone(),
+        };
 
         let ms = |t: Option<Instant>| t.map(|t| millis(t.duration_since(ex.started)));
         let rh = &ex.response_headers;
         let request_id = self
             .header(rh, &X_REQUEST_ID, &mut counts)
             .or_else(|| self.header(rh, &REQUEST_ID, &mut counts));
-        let user_agent = self.header(&ex.request_headers, &http::header::USER_AGENT, &mut counts);
+        let qh = &ex.request_headers;
+        let user_agent = self.header(qh, &http::header::USER_AGENT, &mut counts);
+        let session = self
+            .header(qh, &self.headers.session, &mut counts)
+            .map(|id| Session { id });
+        let template_id = self.header(qh, &self.headers.prompt_id, &mut counts);
+        let template_version = self.header(qh, &self.headers.prompt_version, &mut counts);
         let query = ex.uri.query().map(|q| self.query(q, &mut counts));
+        let end_user = facts
+            .end_user
+            .take()
+            .map(|u| self.redactor.redact_str(&u, &mut counts).into_owned());
+        let key_user = ex.identity.as_ref().and_then(|i| i.user.as_deref());
+        let (user, end_user) = match key_user {
+            Some(u) => (Some(u.to_owned()), end_user),
+            None => (end_user, None),
+        };
+        let prompt = (learned.lineage.prompt_hash().is_some()
+            || template_id.is_some()
+            || template_version.is_some())
+        .then(|| Prompt {
+            hash: learned.lineage.prompt_hash().map(hex::encode),
+            template: (template_id.is_some() || template_version.is_some()).then_some(Template {
+                id: template_id,
+                version: template_version,
+            }),
+        });
         let gen_ai = (ex.provider != custody_config::Provider::Generic).then(|| GenAi {
             provider: Name {
                 name: ex.provider.as_str().to_owned(),
@@ -112,7 +195,21 @@ impl Assembler {
                 temperature: facts.temperature,
                 max_tokens: facts.max_tokens,
                 top_p: facts.top_p,
+                top_k: facts.top_k,
+                seed: facts.seed,
+                frequency_penalty: facts.frequency_penalty,
+                presence_penalty: facts.presence_penalty,
+                stop_sequences: facts
+                    .stop_sequences
+                    .iter()
+                    .map(|s| self.redactor.redact_str(s, &mut counts).into_owned())
+                    .collect(),
+                choice_count: facts.choice_count,
+                tool_names: facts.tool_names,
+                output_type: facts.output_type,
+                reasoning_effort: facts.reasoning_effort,
             },
+            conversation: facts.conversation_id.map(|id| Conversation { id }),
             response: (facts.response_model.is_some()
                 || facts.response_id.is_some()
                 || !facts.finish_reasons.is_empty())
@@ -120,16 +217,26 @@ impl Assembler {
                 model: facts.response_model,
                 id: facts.response_id,
                 finish_reasons: facts.finish_reasons,
+                system_fingerprint: facts.system_fingerprint,
             }),
             usage: (facts.input_tokens.is_some() || facts.output_tokens.is_some()).then_some(
                 Usage {
                     input_tokens: facts.input_tokens,
                     output_tokens: facts.output_tokens,
+                    cache_read: facts
+                        .cache_read_tokens
+                        .map(|input_tokens| InputTokens { input_tokens }),
+                    cache_creation: facts
+                        .cache_creation_tokens
+                        .map(|input_tokens| InputTokens { input_tokens }),
+                    reasoning: facts
+                        .reasoning_tokens
+                        .map(|output_tokens| OutputTokens { output_tokens }),
                 },
             ),
         });
 
-        Record {
+        let record = Record {
             schema: record::SCHEMA.to_owned(),
             id: record_id(ex.started_at),
             seq,
@@ -159,8 +266,29 @@ impl Assembler {
             },
             client: Client {
                 key_id,
+                user,
+                team: ex
+                    .identity
+                    .as_ref()
+                    .and_then(|i| i.team.as_deref())
+                    .map(str::to_owned),
+                end_user,
                 addr: ex.client_addr.map(|a| a.to_string()),
             },
+            source: self.source.clone(),
+            trace: ex.trace.map(|t| Trace {
+                id: hex::encode(t.trace_id),
+                span_id: hex::encode(t.span_id),
+                generated: t.generated,
+            }),
+            session,
+            prompt,
+            completion: learned.lineage.completion.map(|h| Completion {
+                hash: hex::encode(h),
+            }),
+            config: ex.config_version.as_ref().map(|v| ConfigRef {
+                version: v.to_string(),
+            }),
             outcome: ex.outcome.as_str().to_owned(),
             error: ex.error.clone(),
             gen_ai,
@@ -168,10 +296,12 @@ impl Assembler {
             response: resp_body,
             redactions: counts.into_map(),
             chain: Chain {
+                conversation_parent: None,
                 prev: String::new(),
                 hash: String::new(),
             },
-        }
+        };
+        (record, learned)
     }
 
     /// Every credential the client presented, as tokens (for fingerprinting and scrubbing).
@@ -214,7 +344,7 @@ impl Assembler {
         credentials: &[String],
         counts: &mut Counts,
         side: Side,
-        inspect: impl FnOnce(Parsed<'_>) -> bool,
+        inspect: impl FnOnce(&Value),
     ) -> Body {
         let content_type = headers
             .get(http::header::CONTENT_TYPE)
@@ -251,12 +381,21 @@ impl Assembler {
         let is_sse = content_type
             .as_deref()
             .is_some_and(|c| c.starts_with("text/event-stream"));
+        // Gemini streams without `alt=sse` send one JSON array, chunk by chunk.
+        let json_array_stream = matches!(side, Side::Response(Some(Operation::GenerateContent)))
+            && !is_sse
+            && text.trim_start().starts_with('[');
         let recorded: Option<Box<RawValue>> = match side {
-            Side::Response(op) if is_sse => {
+            Side::Response(op) if is_sse || json_array_stream => {
                 out.streamed = true;
-                let mut v = match op.and_then(|op| genai::reassemble(op, text)) {
+                let reassembled = if is_sse {
+                    op.and_then(|op| genai::reassemble(op, text))
+                } else {
+                    genai::reassemble_json_array(text)
+                };
+                let mut v = match reassembled {
                     Some(mut v) => {
-                        inspect(Parsed::Value(&v));
+                        inspect(&v);
                         self.redactor.redact_json(&mut v, counts);
                         v
                     }
@@ -267,11 +406,14 @@ impl Assembler {
             }
             // JSON is redacted as text, string by string: nothing else of it is rebuilt.
             _ => {
-                // Reading the facts also proves the text is JSON: no second validating pass.
-                let redacted = if inspect(Parsed::Text(text)) {
-                    self.redactor.redact_valid_json_text(text, counts)
-                } else {
-                    self.redactor.redact_json_text(text, counts)
+                // The parse for the facts also proves the text is JSON: no second
+                // validating pass.
+                let redacted = match serde_json::from_str::<Value>(text) {
+                    Ok(v) => {
+                        inspect(&v);
+                        self.redactor.redact_valid_json_text(text, counts)
+                    }
+                    Err(_) => self.redactor.redact_json_text(text, counts),
                 };
                 match redacted {
                     Some(red) => {
@@ -302,10 +444,27 @@ fn one_line(mut text: String) -> String {
     text
 }
 
-/// A body handed to fact extraction.
-enum Parsed<'a> {
-    Value(&'a Value),
-    Text(&'a str),
+/// `[source]` plus the Kubernetes downward-API environment, as one JSON object.
+fn source_json(config: &std::collections::BTreeMap<String, String>) -> Option<Box<RawValue>> {
+    let mut m: std::collections::BTreeMap<String, String> = [
+        ("k8s.pod.name", "POD_NAME"),
+        ("k8s.namespace.name", "POD_NAMESPACE"),
+        ("k8s.node.name", "NODE_NAME"),
+        ("k8s.serviceaccount.name", "POD_SERVICE_ACCOUNT"),
+    ]
+    .into_iter()
+    .filter_map(|(k, env)| {
+        std::env::var(env)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(|v| (k.to_owned(), v))
+    })
+    .collect();
+    m.extend(config.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if m.is_empty() {
+        return None;
+    }
+    serde_json::value::to_raw_value(&m).ok()
 }
 
 /// Removes client credentials from redacted JSON text. A credential with a character

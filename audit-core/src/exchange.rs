@@ -125,6 +125,29 @@ pub struct Exchange {
     pub outcome: Outcome,
     /// A short, secret-free description of what went wrong, if anything did.
     pub error: Option<String>,
+    /// Who the virtual key says the client is.
+    pub identity: Option<Arc<Identity>>,
+    pub trace: Option<TraceContext>,
+    /// The configuration version in force at admission.
+    pub config_version: Option<Arc<str>>,
+}
+
+/// A client authenticated by a virtual key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub key_id: Arc<str>,
+    pub user: Option<Arc<str>>,
+    pub team: Option<Arc<str>>,
+}
+
+/// The W3C trace context custody sent upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: [u8; 16],
+    /// The parent span of the upstream request.
+    pub span_id: [u8; 8],
+    /// Custody started the trace.
+    pub generated: bool,
 }
 
 impl Exchange {
@@ -155,6 +178,9 @@ impl Exchange {
             response: Capture::default(),
             outcome: Outcome::ClientCancelled,
             error: None,
+            identity: None,
+            trace: None,
+            config_version: None,
         }
     }
 }

@@ -37,6 +37,16 @@ impl Fingerprinter {
         load_or_create_key(path).map(Self::new)
     }
 
+    /// A key for another purpose, derived from the secret (HMAC of `label`).
+    pub fn derive(&self, label: &str) -> Vec<u8> {
+        let mut mac = match Hmac::<Sha256>::new_from_slice(&self.key) {
+            Ok(m) => m,
+            Err(_) => return Vec::new(),
+        };
+        mac.update(label.as_bytes());
+        mac.finalize().into_bytes().to_vec()
+    }
+
     /// `key_` and the first 16 hex digits of HMAC(secret, credential).
     pub fn key_id(&self, credential: &[u8]) -> String {
         // HMAC accepts keys of any length; this cannot fail.

@@ -21,6 +21,14 @@ pub enum Operation {
     Responses,
     /// Anthropic Messages API.
     Messages,
+    /// OpenAI moderations.
+    Moderations,
+    /// OpenAI image generation, edits and variations.
+    Images,
+    /// OpenAI speech, transcriptions and translations.
+    Audio,
+    /// Gemini `generateContent` and `streamGenerateContent`.
+    GenerateContent,
 }
 
 impl Operation {
@@ -28,7 +36,7 @@ impl Operation {
     pub fn detect(provider: Provider, path: &str) -> Option<Self> {
         let path = path.trim_end_matches('/');
         match provider {
-            Provider::Openai => {
+            Provider::Openai | Provider::Azure => {
                 if path.ends_with("/chat/completions") {
                     Some(Self::Chat)
                 } else if path.ends_with("/completions") {
@@ -37,25 +45,57 @@ impl Operation {
                     Some(Self::Embeddings)
                 } else if path.ends_with("/responses") {
                     Some(Self::Responses)
+                } else if path.ends_with("/moderations") {
+                    Some(Self::Moderations)
+                } else if path.contains("/images/") {
+                    Some(Self::Images)
+                } else if path.contains("/audio/") {
+                    Some(Self::Audio)
                 } else {
                     None
                 }
             }
             Provider::Anthropic => path.ends_with("/messages").then_some(Self::Messages),
+            Provider::Gemini => {
+                let method = path.rsplit_once(':').map(|(_, m)| m)?;
+                match method {
+                    "generateContent" | "streamGenerateContent" => Some(Self::GenerateContent),
+                    "embedContent" | "batchEmbedContents" => Some(Self::Embeddings),
+                    _ => None,
+                }
+            }
             Provider::Generic => None,
         }
     }
 
-    /// `gen_ai.operation.name` (OpenTelemetry GenAI semantic conventions; the Responses
-    /// API has no name there yet, so it is `responses`).
+    /// `gen_ai.operation.name` (OpenTelemetry GenAI semantic conventions where they
+    /// name one; the Responses API, moderations, images and audio have none yet).
     pub fn name(self) -> &'static str {
         match self {
             Self::Chat | Self::Messages => "chat",
             Self::TextCompletion => "text_completion",
             Self::Embeddings => "embeddings",
             Self::Responses => "responses",
+            Self::Moderations => "moderations",
+            Self::Images => "images",
+            Self::Audio => "audio",
+            Self::GenerateContent => "generate_content",
         }
     }
+}
+
+/// The model a path names: Azure's deployment, Gemini's model.
+pub fn path_model(provider: Provider, path: &str) -> Option<&str> {
+    match provider {
+        Provider::Azure => path
+            .split_once("/deployments/")
+            .and_then(|(_, rest)| rest.split('/').next()),
+        Provider::Gemini => path
+            .split_once("/models/")
+            .and_then(|(_, rest)| rest.split(':').next()),
+        _ => None,
+    }
+    .filter(|m| !m.is_empty())
 }
 
 /// The `gen_ai` facts of one exchange.
@@ -66,155 +106,168 @@ pub struct GenAiFacts {
     pub temperature: Option<f64>,
     pub max_tokens: Option<u64>,
     pub top_p: Option<f64>,
+    pub top_k: Option<f64>,
+    pub seed: Option<i64>,
+    pub frequency_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub stop_sequences: Vec<String>,
+    pub choice_count: Option<u64>,
+    pub tool_names: Vec<String>,
+    pub output_type: Option<String>,
+    pub reasoning_effort: Option<String>,
+    /// The end user the application named (`user`, `metadata.user_id`, `safety_identifier`).
+    pub end_user: Option<String>,
+    /// Responses API `conversation` or `previous_response_id`.
+    pub conversation_id: Option<String>,
+    pub previous_response_id: Option<String>,
     pub response_model: Option<String>,
     pub response_id: Option<String>,
+    pub system_fingerprint: Option<String>,
     pub finish_reasons: Vec<String>,
     pub input_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
+    pub cache_read_tokens: Option<u64>,
+    pub cache_creation_tokens: Option<u64>,
+    pub reasoning_tokens: Option<u64>,
 }
 
-/// Reads the request parameters custody records.
-pub fn request_facts(body: &Value, facts: &mut GenAiFacts) {
-    facts.request_model = str_at(body, "model");
+/// Reads the request parameters custody records. `path_model` is the model a path
+/// names (Azure deployment, Gemini model), used when the body names none.
+pub fn request_facts(
+    op: Operation,
+    body: &Value,
+    path_model: Option<&str>,
+    facts: &mut GenAiFacts,
+) {
+    facts.request_model = str_at(body, "model").or_else(|| path_model.map(str::to_owned));
     facts.request_stream = body.get("stream").and_then(Value::as_bool);
+    if op == Operation::GenerateContent {
+        let g = body.get("generationConfig").unwrap_or(&Value::Null);
+        facts.temperature = g.get("temperature").and_then(Value::as_f64);
+        facts.top_p = g.get("topP").and_then(Value::as_f64);
+        facts.top_k = g.get("topK").and_then(Value::as_f64);
+        facts.seed = g.get("seed").and_then(Value::as_i64);
+        facts.max_tokens = g.get("maxOutputTokens").and_then(Value::as_u64);
+        facts.choice_count = g.get("candidateCount").and_then(Value::as_u64);
+        facts.frequency_penalty = g.get("frequencyPenalty").and_then(Value::as_f64);
+        facts.presence_penalty = g.get("presencePenalty").and_then(Value::as_f64);
+        facts.stop_sequences = strings(g.get("stopSequences"));
+        facts.output_type = str_at(g, "responseMimeType");
+        facts.reasoning_effort = g
+            .get("thinkingConfig")
+            .and_then(|t| t.get("thinkingBudget"))
+            .map(|b| format!("budget:{b}"));
+        facts.tool_names = array(body.get("tools"))
+            .flat_map(|t| array(t.get("functionDeclarations")))
+            .filter_map(|f| str_at(f, "name"))
+            .collect();
+        return;
+    }
     facts.temperature = body.get("temperature").and_then(Value::as_f64);
     facts.top_p = body.get("top_p").and_then(Value::as_f64);
+    facts.top_k = body.get("top_k").and_then(Value::as_f64);
+    facts.seed = body.get("seed").and_then(Value::as_i64);
+    facts.frequency_penalty = body.get("frequency_penalty").and_then(Value::as_f64);
+    facts.presence_penalty = body.get("presence_penalty").and_then(Value::as_f64);
+    facts.choice_count = body.get("n").and_then(Value::as_u64);
     facts.max_tokens = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
         .iter()
         .find_map(|k| body.get(*k).and_then(Value::as_u64));
+    facts.stop_sequences = match body.get("stop").or_else(|| body.get("stop_sequences")) {
+        Some(Value::String(s)) => vec![s.clone()],
+        other => strings(other),
+    };
+    // Chat: {"type":"function","function":{"name"}}; Responses and Anthropic: {"name"}.
+    facts.tool_names = array(body.get("tools"))
+        .filter_map(|t| {
+            str_at(t, "name").or_else(|| t.get("function").and_then(|f| str_at(f, "name")))
+        })
+        .collect();
+    facts.output_type = body
+        .get("response_format")
+        .or_else(|| body.get("text").and_then(|t| t.get("format")))
+        .and_then(|f| str_at(f, "type"));
+    facts.reasoning_effort = str_at(body, "reasoning_effort")
+        .or_else(|| body.get("reasoning").and_then(|r| str_at(r, "effort")))
+        .or_else(|| {
+            body.get("thinking")
+                .and_then(|t| t.get("budget_tokens"))
+                .map(|b| format!("budget:{b}"))
+        });
+    facts.end_user = str_at(body, "user")
+        .or_else(|| str_at(body, "safety_identifier"))
+        .or_else(|| body.get("metadata").and_then(|m| str_at(m, "user_id")));
+    facts.previous_response_id = str_at(body, "previous_response_id");
+    facts.conversation_id = match body.get("conversation") {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(c) => str_at(c, "id"),
+        None => None,
+    }
+    .or_else(|| facts.previous_response_id.clone());
 }
 
 /// Reads the response facts from a (plain or reassembled) response object.
 pub fn response_facts(op: Operation, body: &Value, facts: &mut GenAiFacts) {
-    facts.response_model = str_at(body, "model");
-    facts.response_id = str_at(body, "id");
-    let usage = body.get("usage");
-    let u = |k: &str| usage.and_then(|u| u.get(k)).and_then(Value::as_u64);
+    facts.response_model = str_at(body, "model").or_else(|| str_at(body, "modelVersion"));
+    facts.response_id = str_at(body, "id").or_else(|| str_at(body, "responseId"));
+    facts.system_fingerprint = str_at(body, "system_fingerprint");
+    let usage = body.get("usage").unwrap_or(&Value::Null);
+    let u = |k: &str| usage.get(k).and_then(Value::as_u64);
+    let deep = |a: &str, b: &str| usage.get(a).and_then(|d| d.get(b)).and_then(Value::as_u64);
     match op {
         Operation::Chat | Operation::TextCompletion => {
-            facts.finish_reasons = body
-                .get("choices")
-                .and_then(Value::as_array)
-                .map(|cs| {
-                    cs.iter()
-                        .filter_map(|c| str_at(c, "finish_reason"))
-                        .collect()
-                })
-                .unwrap_or_default();
+            facts.finish_reasons = array(body.get("choices"))
+                .filter_map(|c| str_at(c, "finish_reason"))
+                .collect();
             facts.input_tokens = u("prompt_tokens");
             facts.output_tokens = u("completion_tokens");
+            facts.cache_read_tokens = deep("prompt_tokens_details", "cached_tokens");
+            facts.reasoning_tokens = deep("completion_tokens_details", "reasoning_tokens");
         }
-        Operation::Embeddings => {
-            facts.input_tokens = u("prompt_tokens");
+        Operation::Embeddings | Operation::Images => {
+            facts.input_tokens = u("prompt_tokens").or_else(|| u("input_tokens"));
+            facts.output_tokens = u("output_tokens");
+        }
+        Operation::Moderations | Operation::Audio => {
+            facts.input_tokens = u("input_tokens");
+            facts.output_tokens = u("output_tokens");
         }
         Operation::Responses => {
             facts.finish_reasons = str_at(body, "status").into_iter().collect();
             facts.input_tokens = u("input_tokens");
             facts.output_tokens = u("output_tokens");
+            facts.cache_read_tokens = deep("input_tokens_details", "cached_tokens");
+            facts.reasoning_tokens = deep("output_tokens_details", "reasoning_tokens");
         }
         Operation::Messages => {
             facts.finish_reasons = str_at(body, "stop_reason").into_iter().collect();
             facts.input_tokens = u("input_tokens");
             facts.output_tokens = u("output_tokens");
+            facts.cache_read_tokens = u("cache_read_input_tokens");
+            facts.cache_creation_tokens = u("cache_creation_input_tokens");
         }
-    }
-}
-
-/// The request parameters from JSON text, reading only the fields needed (the
-/// messages are skipped, not built). Falls back to a full parse on odd types.
-/// Returns whether the text was read as JSON (then it is known to be valid).
-pub fn request_facts_text(text: &str, facts: &mut GenAiFacts) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Lite {
-        model: Option<String>,
-        stream: Option<bool>,
-        temperature: Option<f64>,
-        top_p: Option<f64>,
-        max_tokens: Option<u64>,
-        max_completion_tokens: Option<u64>,
-        max_output_tokens: Option<u64>,
-    }
-    match serde_json::from_str::<Lite>(text) {
-        Ok(l) => {
-            facts.request_model = l.model;
-            facts.request_stream = l.stream;
-            facts.temperature = l.temperature;
-            facts.top_p = l.top_p;
-            facts.max_tokens = l
-                .max_tokens
-                .or(l.max_completion_tokens)
-                .or(l.max_output_tokens);
-            true
-        }
-        Err(_) => match serde_json::from_str::<Value>(text) {
-            Ok(v) => {
-                request_facts(&v, facts);
-                true
-            }
-            Err(_) => false,
-        },
-    }
-}
-
-/// The response facts from JSON text, reading only the fields needed.
-/// Returns whether the text was read as JSON (then it is known to be valid).
-pub fn response_facts_text(op: Operation, text: &str, facts: &mut GenAiFacts) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Choice {
-        finish_reason: Option<String>,
-    }
-    #[derive(serde::Deserialize, Default)]
-    struct Usage {
-        prompt_tokens: Option<u64>,
-        completion_tokens: Option<u64>,
-        input_tokens: Option<u64>,
-        output_tokens: Option<u64>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Lite {
-        model: Option<String>,
-        id: Option<String>,
-        status: Option<String>,
-        stop_reason: Option<String>,
-        #[serde(default)]
-        choices: Vec<Choice>,
-        usage: Option<Usage>,
-    }
-    let Ok(l) = serde_json::from_str::<Lite>(text) else {
-        return match serde_json::from_str::<Value>(text) {
-            Ok(v) => {
-                response_facts(op, &v, facts);
-                true
-            }
-            Err(_) => false,
-        };
-    };
-    facts.response_model = l.model;
-    facts.response_id = l.id;
-    let u = l.usage.unwrap_or_default();
-    match op {
-        Operation::Chat | Operation::TextCompletion => {
-            facts.finish_reasons = l
-                .choices
-                .into_iter()
-                .filter_map(|c| c.finish_reason)
+        Operation::GenerateContent => {
+            facts.finish_reasons = array(body.get("candidates"))
+                .filter_map(|c| str_at(c, "finishReason"))
                 .collect();
-            facts.input_tokens = u.prompt_tokens;
-            facts.output_tokens = u.completion_tokens;
-        }
-        Operation::Embeddings => facts.input_tokens = u.prompt_tokens,
-        Operation::Responses => {
-            facts.finish_reasons = l.status.into_iter().collect();
-            facts.input_tokens = u.input_tokens;
-            facts.output_tokens = u.output_tokens;
-        }
-        Operation::Messages => {
-            facts.finish_reasons = l.stop_reason.into_iter().collect();
-            facts.input_tokens = u.input_tokens;
-            facts.output_tokens = u.output_tokens;
+            let m = body.get("usageMetadata").unwrap_or(&Value::Null);
+            let g = |k: &str| m.get(k).and_then(Value::as_u64);
+            facts.input_tokens = g("promptTokenCount");
+            facts.output_tokens = g("candidatesTokenCount");
+            facts.cache_read_tokens = g("cachedContentTokenCount");
+            facts.reasoning_tokens = g("thoughtsTokenCount");
         }
     }
-    true
+}
+
+fn array(v: Option<&Value>) -> impl Iterator<Item = &Value> {
+    v.and_then(Value::as_array).into_iter().flatten()
+}
+
+fn strings(v: Option<&Value>) -> Vec<String> {
+    array(v)
+        .filter_map(|s| s.as_str().map(str::to_owned))
+        .collect()
 }
 
 fn str_at(v: &Value, key: &str) -> Option<String> {
@@ -235,8 +288,92 @@ pub fn reassemble(op: Operation, body: &str) -> Option<Value> {
         Operation::Chat | Operation::TextCompletion => openai_choices(op, datas),
         Operation::Responses => responses(&events),
         Operation::Messages => anthropic(datas),
-        Operation::Embeddings => None,
+        Operation::GenerateContent => gemini(datas),
+        Operation::Embeddings | Operation::Moderations | Operation::Images | Operation::Audio => {
+            None
+        }
     }
+}
+
+/// Gemini's stream without `alt=sse`: one JSON array of response chunks, sent piece by
+/// piece. Reads the chunks that arrived whole (a cut stream keeps them) and merges them.
+pub fn reassemble_json_array(body: &str) -> Option<Value> {
+    let mut chunks = Vec::new();
+    let mut rest = body.trim_start().strip_prefix('[')?;
+    loop {
+        rest = rest.trim_start_matches(|c: char| c.is_whitespace() || c == ',');
+        if rest.is_empty() || rest.starts_with(']') {
+            break;
+        }
+        let mut it = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
+        match it.next() {
+            Some(Ok(v)) => {
+                chunks.push(v);
+                rest = &rest[it.byte_offset()..];
+            }
+            _ => break,
+        }
+    }
+    gemini(chunks.into_iter())
+}
+
+/// Merges Gemini response chunks: text parts joined per candidate, the rest from the
+/// latest chunk that has it.
+fn gemini(datas: impl Iterator<Item = Value>) -> Option<Value> {
+    let mut out = Map::new();
+    let mut candidates: BTreeMap<u64, (Map<String, Value>, Vec<Value>)> = BTreeMap::new();
+    let mut seen = false;
+    for d in datas {
+        seen = true;
+        let Value::Object(d) = d else { continue };
+        for (k, v) in &d {
+            if k != "candidates" {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+        for c in array(d.get("candidates")) {
+            let idx = c.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let (cand, parts) = candidates.entry(idx).or_default();
+            if let Value::Object(c) = c {
+                for (k, v) in c {
+                    if k != "content" {
+                        cand.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+            let content = c.get("content");
+            if let Some(r) = content.and_then(|c| c.get("role")) {
+                cand.insert("role".into(), r.clone());
+            }
+            for p in array(content.and_then(|c| c.get("parts"))) {
+                let text = p.get("text").and_then(Value::as_str);
+                let last_text = parts.last_mut().filter(|l: &&mut Value| {
+                    l.get("text").is_some() && l.as_object().map_or(0, Map::len) == 1
+                });
+                match (text, last_text, p.as_object().map_or(0, Map::len)) {
+                    (Some(t), Some(Value::Object(l)), 1) => {
+                        let joined =
+                            format!("{}{t}", l.get("text").and_then(Value::as_str).unwrap_or(""));
+                        l.insert("text".into(), Value::String(joined));
+                    }
+                    _ => parts.push(p.clone()),
+                }
+            }
+        }
+    }
+    if !seen {
+        return None;
+    }
+    let candidates: Vec<Value> = candidates
+        .into_values()
+        .map(|(mut cand, parts)| {
+            let role = cand.remove("role").unwrap_or_else(|| json!("model"));
+            cand.insert("content".into(), json!({"role": role, "parts": parts}));
+            Value::Object(cand)
+        })
+        .collect();
+    out.insert("candidates".into(), Value::Array(candidates));
+    Some(Value::Object(out))
 }
 
 #[derive(Default)]

@@ -24,6 +24,9 @@ pub struct Facts {
     pub statuses: BTreeSet<u16>,
     pub outcomes: BTreeSet<String>,
     pub entities: BTreeSet<String>,
+    /// `client.user` and `client.end_user` (absent in indexes written before them).
+    #[serde(default)]
+    pub users: BTreeSet<String>,
 }
 
 impl Facts {
@@ -38,6 +41,8 @@ impl Facts {
         self.statuses.extend(r.http.status);
         self.outcomes.insert(r.outcome.clone());
         self.entities.extend(r.redactions.keys().cloned());
+        self.users.extend(r.client.user.iter().cloned());
+        self.users.extend(r.client.end_user.iter().cloned());
     }
 
     /// The same from a stored record (for segments indexed after the fact).
@@ -56,6 +61,8 @@ impl Facts {
         if let Some(m) = v["redactions"].as_object() {
             self.entities.extend(m.keys().cloned());
         }
+        self.users.extend(s(&v["client"]["user"]));
+        self.users.extend(s(&v["client"]["end_user"]));
     }
 
     pub fn merge(&mut self, o: &Facts) {
@@ -65,6 +72,7 @@ impl Facts {
         self.statuses.extend(o.statuses.iter().copied());
         self.outcomes.extend(o.outcomes.iter().cloned());
         self.entities.extend(o.entities.iter().cloned());
+        self.users.extend(o.users.iter().cloned());
     }
 }
 

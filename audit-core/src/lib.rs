@@ -11,12 +11,14 @@
 #![forbid(unsafe_code)]
 
 pub mod assemble;
+pub mod config_event;
 pub mod decode;
 pub mod error;
 pub mod exchange;
 pub mod fingerprint;
 pub mod genai;
 pub mod index;
+pub mod lineage;
 pub mod reader;
 pub mod record;
 pub mod redact;
@@ -29,5 +31,5 @@ pub mod verify;
 pub mod writer;
 
 pub use error::AuditError;
-pub use exchange::{Capture, Exchange, Outcome};
-pub use writer::{AuditSender, AuditStats, AuditWriter};
+pub use exchange::{Capture, Exchange, Identity, Outcome, TraceContext};
+pub use writer::{AuditSender, AuditStats, AuditWriter, ConfigHandle};

@@ -22,6 +22,21 @@ pub struct Record {
     pub time: Time,
     pub http: Http,
     pub client: Client,
+    /// Where the traffic came from: `[source]` and the Kubernetes downward API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Box<RawValue>>,
+    /// W3C trace context of the exchange.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<Trace>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<Session>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<Prompt>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion: Option<Completion>,
+    /// The configuration in force when the exchange was admitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ConfigRef>,
     pub outcome: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -71,8 +86,67 @@ pub struct Client {
     /// Keyed fingerprint of the credential the client presented; never the credential.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
+    /// The virtual key's user, else the end user the request named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
+    /// The end user the request named (`user`, `metadata.user_id`) when a virtual key
+    /// already gave `user`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addr: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trace {
+    /// 32 hex digits.
+    pub id: String,
+    /// The span the upstream request belongs to: the caller's (from its `traceparent`)
+    /// or, when custody started the trace, the one custody sent.
+    pub span_id: String,
+    /// Custody started the trace: the request carried no valid `traceparent`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub generated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    pub id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prompt {
+    /// Keyed hash of the prompt's messages before redaction (see `docs/record.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<Template>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Template {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    /// Keyed hash of the answer (first choice) before redaction.
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigRef {
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conversation {
+    pub id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +155,8 @@ pub struct GenAi {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation: Option<Name>,
     pub request: GenAiRequest,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<Conversation>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response: Option<GenAiResponse>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -104,6 +180,27 @@ pub struct GenAiRequest {
     pub max_tokens: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop_sequences: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub choice_count: Option<u64>,
+    /// Names of the tools offered to the model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_names: Vec<String>,
+    /// `response_format` / `text.format` / `responseMimeType`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_type: Option<String>,
+    /// `reasoning_effort`, `reasoning.effort`, or `budget:N` for thinking budgets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_effort: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -114,6 +211,8 @@ pub struct GenAiResponse {
     pub id: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub finish_reasons: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_fingerprint: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -122,6 +221,25 @@ pub struct Usage {
     pub input_tokens: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_tokens: Option<u64>,
+    /// `gen_ai.usage.cache_read.input_tokens`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_read: Option<InputTokens>,
+    /// `gen_ai.usage.cache_creation.input_tokens`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_creation: Option<InputTokens>,
+    /// `gen_ai.usage.reasoning.output_tokens`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<OutputTokens>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct InputTokens {
+    pub input_tokens: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OutputTokens {
+    pub output_tokens: u64,
 }
 
 /// A body as recorded.
@@ -150,6 +268,10 @@ pub struct Body {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Chain {
+    /// The id of the record whose prompt and answer this request continues (its
+    /// history starts with them, or it names that record's response id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_parent: Option<String>,
     /// Hex SHA-256 of the previous record (64 zeros before the first record of a trail).
     pub prev: String,
     /// Hex SHA-256 of this record's line with this field set to 64 zeros.

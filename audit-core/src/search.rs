@@ -51,6 +51,16 @@ pub struct Query {
     pub outcome: Option<String>,
     /// A redaction entity that fired in the record (`EMAIL_ADDRESS`...).
     pub entity: Option<String>,
+    /// `client.user` or `client.end_user`.
+    pub user: Option<String>,
+    pub team: Option<String>,
+    /// `prompt.hash`: every output produced from one prompt.
+    pub prompt_hash: Option<String>,
+    pub session: Option<String>,
+    /// `trace.id`.
+    pub trace: Option<String>,
+    /// Search the trail's events (config, recovery, retention) instead of its records.
+    pub events: bool,
     /// Most records returned (the newest ones).
     pub limit: usize,
 }
@@ -59,6 +69,27 @@ impl Query {
     /// Whether a parsed record matches (the text filter is applied on the raw line).
     pub fn matches(&self, r: &Value) -> bool {
         let s = |v: &Value| v.as_str().map(str::to_owned);
+        let is_event = r["schema"].as_str() == Some(crate::record::EVENT_SCHEMA);
+        if is_event != self.events {
+            return false;
+        }
+        let eq = |v: &Value, want: &Option<String>| {
+            want.as_deref().is_none_or(|w| v.as_str() == Some(w))
+        };
+        if !eq(&r["prompt"]["hash"], &self.prompt_hash)
+            || !eq(&r["session"]["id"], &self.session)
+            || !eq(&r["trace"]["id"], &self.trace)
+            || !eq(&r["client"]["team"], &self.team)
+        {
+            return false;
+        }
+        if let Some(want) = &self.user {
+            if r["client"]["user"].as_str() != Some(want)
+                && r["client"]["end_user"].as_str() != Some(want)
+            {
+                return false;
+            }
+        }
         if let Some(want) = &self.route {
             if r["route"].as_str() != Some(want) {
                 return false;
@@ -142,6 +173,7 @@ impl Query {
             || !has(&f.key_ids, &self.key_id)
             || !has(&f.outcomes, &self.outcome)
             || !has(&f.entities, &self.entity)
+            || !has(&f.users, &self.user)
         {
             return false;
         }
@@ -221,6 +253,73 @@ pub fn search(dir: &Path, query: &Query) -> Result<Vec<Value>, AuditError> {
         }
     }
     Ok(found)
+}
+
+/// The conversation a record belongs to, oldest first: its ancestors (each record's
+/// `chain.conversation_parent`, found by id) and every later record that descends from
+/// any of them (a forward scan from the first turn's time; regenerated answers branch).
+pub fn conversation(dir: &Path, id: &str) -> Result<Vec<Value>, AuditError> {
+    let parse = |line: &[u8]| {
+        serde_json::from_slice::<Value>(line)
+            .map_err(|e| AuditError::Writer(format!("record {id} is not JSON: {e}")))
+    };
+    let mut turn = parse(&reader::find_by_id(dir, id)?)?;
+    let mut ancestors = Vec::new();
+    // Parents are older records; the bound only guards against a forged cycle.
+    for _ in 0..100_000 {
+        let parent = turn["chain"]["conversation_parent"]
+            .as_str()
+            .map(str::to_owned);
+        ancestors.push(turn);
+        let Some(p) = parent else { break };
+        match reader::find_by_id(dir, &p) {
+            Ok(line) => turn = parse(&line)?,
+            // Retention may have removed the start of a long conversation.
+            Err(AuditError::NotFound(_)) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    ancestors.reverse();
+    let root = ancestors[0].clone();
+    let mut members: std::collections::HashSet<String> = ancestors
+        .iter()
+        .filter_map(|r| r["id"].as_str().map(str::to_owned))
+        .collect();
+    let root_ms = root["id"].as_str().and_then(crate::assemble::id_time_ms);
+    let mut out = Vec::new();
+    for seg in reader::segments(dir)? {
+        if let (Some(t), Some(i)) = (root_ms, index::load(&seg.path)) {
+            if i.last_ms < t {
+                continue;
+            }
+        }
+        reader::for_each_line_in(&seg, |line| {
+            if memchr::memmem::find(line, b"\"conversation_parent\":").is_none()
+                && memchr::memmem::find(line, root["id"].to_string().as_bytes()).is_none()
+            {
+                return ControlFlow::Continue(());
+            }
+            if let Ok(v) = serde_json::from_slice::<Value>(line) {
+                let id = v["id"].as_str().unwrap_or_default().to_owned();
+                let parent = v["chain"]["conversation_parent"].as_str();
+                if members.contains(&id) || parent.is_some_and(|p| members.contains(p)) {
+                    members.insert(id);
+                    out.push(v);
+                }
+            }
+            ControlFlow::Continue(())
+        })?;
+    }
+    // Ancestors older than the first segment read (or behind an unindexed one) first.
+    let seen: std::collections::HashSet<&str> =
+        out.iter().filter_map(|r| r["id"].as_str()).collect();
+    let mut all: Vec<Value> = ancestors
+        .iter()
+        .filter(|a| !a["id"].as_str().is_some_and(|i| seen.contains(i)))
+        .cloned()
+        .collect();
+    all.extend(out);
+    Ok(all)
 }
 
 #[cfg(test)]

@@ -9,20 +9,22 @@ use std::{
     panic::{catch_unwind, AssertUnwindSafe},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     thread::JoinHandle,
     time::{Duration, Instant, UNIX_EPOCH},
 };
 
-use crossbeam_channel::{bounded, select, Receiver, Sender, TryRecvError, TrySendError};
+use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender, TryRecvError, TrySendError};
 use custody_config::Mode;
 
 use crate::{
     assemble::Assembler,
+    config_event::Snapshot,
     exchange::Exchange,
     fingerprint::{self, Fingerprinter},
     index::Facts,
+    lineage::ConversationIndex,
     record::{self, Chain, EventRecord, EventTime},
     redact::Redactor,
     segment,
@@ -164,6 +166,69 @@ pub struct AuditWriter {
     stop: Option<Sender<()>>,
     thread: Option<JoinHandle<Result<WriterSummary, AuditError>>>,
     recovery: Recovery,
+    config: ConfigHandle,
+}
+
+/// Changes the writer takes between records.
+enum Control {
+    Reload {
+        assembler: Box<Assembler>,
+        conversation_index_size: usize,
+        event: serde_json::Value,
+    },
+}
+
+/// Applies configuration reloads to the writer; cheap to clone.
+#[derive(Clone)]
+pub struct ConfigHandle {
+    control: Sender<Control>,
+    fingerprinter: Fingerprinter,
+    current: Arc<Mutex<(Snapshot, custody_config::Config)>>,
+}
+
+impl ConfigHandle {
+    /// The version of the configuration in force.
+    pub fn version(&self) -> String {
+        self.current
+            .lock()
+            .map(|c| c.0.version.clone())
+            .unwrap_or_default()
+    }
+
+    /// Hands a new configuration to the writer: new redaction rules, lineage headers and
+    /// source from the next record on, and a `config` event in the chain naming what
+    /// changed. `[audit]` cannot change without a restart. Returns the new version.
+    pub fn reload(&self, config: &custody_config::Config) -> Result<String, AuditError> {
+        let mut current = self
+            .current
+            .lock()
+            .map_err(|_| AuditError::Writer("configuration state poisoned".into()))?;
+        if current.1.audit != config.audit {
+            return Err(AuditError::Writer(
+                "[audit] cannot change on reload; restart custody to apply it".into(),
+            ));
+        }
+        let wc = WriterConfig::from(&config.audit);
+        let assembler = Assembler::new(
+            redactor_for(config)?,
+            self.fingerprinter.clone(),
+            wc.decode_limit,
+            config,
+        );
+        let snapshot = Snapshot::of(config, &self.fingerprinter);
+        let event = snapshot.event("reload", Some(&current.0));
+        self.control
+            .send(Control::Reload {
+                assembler: Box::new(assembler),
+                conversation_index_size: config.lineage.conversation_index_size,
+                event,
+            })
+            .map_err(|_| AuditError::Writer("the writer has stopped".into()))?;
+        snapshot.store_last(&config.audit.dir);
+        let version = snapshot.version.clone();
+        *current = (snapshot, config.clone());
+        Ok(version)
+    }
 }
 
 impl AuditWriter {
@@ -195,11 +260,24 @@ impl AuditWriter {
             .unwrap_or_else(|| audit.dir.join("fingerprint.key"));
         let fingerprinter = Fingerprinter::load_or_create(&key_path)?;
         let redactor = redactor_for(config)?;
+        let assembler = Assembler::new(redactor, fingerprinter.clone(), wc.decode_limit, config);
+        let snapshot = Snapshot::of(config, &fingerprinter);
+        let start_event = snapshot.event("start", Snapshot::load_last(&audit.dir).as_ref());
+        snapshot.store_last(&audit.dir);
+        let (control_tx, control_rx) = unbounded();
+        let handle = ConfigHandle {
+            control: control_tx,
+            fingerprinter,
+            current: Arc::new(Mutex::new((snapshot, config.clone()))),
+        };
         Self::start_with(
             store,
             recovery,
-            Assembler::new(redactor, fingerprinter, wc.decode_limit),
+            assembler,
             wc,
+            config.lineage.conversation_index_size,
+            start_event,
+            (handle, control_rx),
         )
     }
 
@@ -208,6 +286,9 @@ impl AuditWriter {
         recovery: Recovery,
         assembler: Assembler,
         wc: WriterConfig,
+        conversation_index_size: usize,
+        start_event: serde_json::Value,
+        (config, control): (ConfigHandle, Receiver<Control>),
     ) -> Result<Self, AuditError> {
         let (tx, rx) = bounded(wc.queue_capacity);
         let (stop_tx, stop_rx) = bounded(1);
@@ -216,6 +297,7 @@ impl AuditWriter {
             batch: Batch::new(store.head()),
             store,
             assembler,
+            conversations: ConversationIndex::new(conversation_index_size),
             stats: stats.clone(),
             fsync_interval: wc.fsync_interval,
             last_sync: Instant::now(),
@@ -228,17 +310,24 @@ impl AuditWriter {
         if let Some(event) = recovery_event(&recovery) {
             worker.add_event(event);
         }
+        worker.add_event(start_event);
         worker.apply_retention();
         let thread = std::thread::Builder::new()
             .name("custody-writer".into())
-            .spawn(move || worker.run(rx, stop_rx))
+            .spawn(move || worker.run(rx, stop_rx, control))
             .map_err(|e| AuditError::Writer(format!("cannot start thread: {e}")))?;
         Ok(Self {
             sender: AuditSender { tx, stats },
             stop: Some(stop_tx),
             thread: Some(thread),
             recovery,
+            config,
         })
+    }
+
+    /// Reloads and the version in force.
+    pub fn config(&self) -> ConfigHandle {
+        self.config.clone()
     }
 
     pub fn sender(&self) -> AuditSender {
@@ -306,6 +395,7 @@ impl Batch {
 struct Worker {
     store: SegmentStore,
     assembler: Assembler,
+    conversations: ConversationIndex,
     batch: Batch,
     stats: Arc<AuditStats>,
     fsync_interval: Duration,
@@ -343,6 +433,7 @@ impl Worker {
         &mut self,
         rx: Receiver<Exchange>,
         stop: Receiver<()>,
+        control: Receiver<Control>,
     ) -> Result<WriterSummary, AuditError> {
         let tick = self.fsync_interval;
         let mut taken = 0u32;
@@ -352,12 +443,18 @@ impl Worker {
                 Ok(ex) => {
                     self.add(&ex);
                     taken = taken.wrapping_add(1);
-                    // Under sustained load the queue never empties: look for a stop now and then.
-                    if taken % 256 == 0 && !matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
-                        while let Ok(ex) = rx.try_recv() {
-                            self.add(&ex);
+                    // Under sustained load the queue never empties: look for a stop and
+                    // reloads now and then.
+                    if taken % 256 == 0 {
+                        while let Ok(c) = control.try_recv() {
+                            self.apply(c);
                         }
-                        break;
+                        if !matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
+                            while let Ok(ex) = rx.try_recv() {
+                                self.add(&ex);
+                            }
+                            break;
+                        }
                     }
                 }
                 Err(TryRecvError::Disconnected) => break,
@@ -366,6 +463,7 @@ impl Worker {
                         Ok(ex) => self.add(&ex),
                         Err(_) => break,
                     },
+                    recv(control) -> c => if let Ok(c) = c { self.apply(c) },
                     recv(stop) -> _ => {
                         while let Ok(ex) = rx.try_recv() {
                             self.add(&ex);
@@ -408,6 +506,20 @@ impl Worker {
             head: self.store.head(),
             written: self.stats.written.load(Ordering::Relaxed),
         })
+    }
+
+    fn apply(&mut self, control: Control) {
+        match control {
+            Control::Reload {
+                assembler,
+                conversation_index_size,
+                event,
+            } => {
+                self.assembler = *assembler;
+                self.conversations.set_capacity(conversation_index_size);
+                self.add_event(event);
+            }
+        }
     }
 
     fn add(&mut self, ex: &Exchange) {
@@ -489,6 +601,7 @@ impl Worker {
             },
             event,
             chain: Chain {
+                conversation_parent: None,
                 prev: hex::encode(self.batch.head.prev_hash),
                 hash: "0".repeat(64),
             },
@@ -519,8 +632,14 @@ impl Worker {
         };
     }
 
-    fn line(&self, ex: &Exchange, seq: u64) -> Option<(Vec<u8>, i64, Facts)> {
-        let mut record = self.assembler.assemble(ex, seq);
+    fn line(&mut self, ex: &Exchange, seq: u64) -> Option<(Vec<u8>, i64, Facts)> {
+        let (mut record, learned) = self.assembler.assemble(ex, seq);
+        record.chain.conversation_parent = self
+            .conversations
+            .parent(&learned.lineage, learned.previous_response_id.as_deref())
+            .map(str::to_owned);
+        self.conversations
+            .insert(&learned.lineage, learned.response_id.as_deref(), &record.id);
         let mut facts = Facts::default();
         facts.add_record(&record);
         record.chain.prev = hex::encode(self.batch.head.prev_hash);
@@ -558,6 +677,7 @@ impl Worker {
             outcome: ex.outcome.as_str(),
             error: "record assembly failed; bodies not recorded",
             chain: Chain {
+                conversation_parent: None,
                 prev: hex::encode(self.batch.head.prev_hash),
                 hash: "0".repeat(64),
             },

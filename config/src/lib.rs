@@ -14,7 +14,9 @@ pub mod schema;
 
 pub use error::ConfigError;
 pub use redaction::{Alphabet, CustomRule, Mode, Redaction, BUILTIN_ENTITIES};
-pub use schema::{Audit, Config, Fsync, Listen, Provider, Route, Upstream, UpstreamUrl};
+pub use schema::{
+    Audit, Config, Fsync, Lineage, Listen, Provider, Route, Upstream, UpstreamUrl, VirtualKey,
+};
 
 /// The embedded default configuration, printed by `custody config default`.
 pub const DEFAULT_TOML: &str = include_str!("../default.toml");

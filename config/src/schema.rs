@@ -26,6 +26,76 @@ pub struct Config {
     /// Routes by path prefix; a request that matches none gets a 404 from custody.
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
+    /// Virtual keys. None: custody passes clients' own credentials through. Any: every
+    /// request must present one of them, and custody sends the real provider key.
+    #[serde(default, rename = "key")]
+    pub keys: Vec<VirtualKey>,
+    /// Where the traffic comes from, stamped on every record (`source.*`), on top of
+    /// the Kubernetes downward-API environment (`POD_NAME`, `POD_NAMESPACE`,
+    /// `NODE_NAME`, `POD_SERVICE_ACCOUNT`).
+    #[serde(default)]
+    pub source: std::collections::BTreeMap<String, String>,
+    /// Request headers that tie records to sessions and prompt templates.
+    #[serde(default)]
+    pub lineage: Lineage,
+}
+
+/// `[[key]]`: a virtual key a client presents instead of a provider key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualKey {
+    /// Recorded as `client.key_id`; unique, not secret.
+    pub id: String,
+    /// Recorded as `client.user`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Recorded as `client.team`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
+    /// Lowercase hex SHA-256 of the key the client presents (`custody key new` prints
+    /// it), so that the file holds no secret. Exactly one of this and `key_env`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_sha256: Option<String>,
+    /// Environment variable holding the key the client presents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_env: Option<String>,
+    /// Route names this key may use; unset: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<Vec<String>>,
+    /// Models this key may ask for (request `model`, Azure deployment, Gemini model);
+    /// unset: all. Setting it makes custody read the request body before forwarding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+    /// Environment variable holding the provider key sent upstream for this client;
+    /// unset: the route's `upstream_key_env`, else no credential is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_key_env: Option<String>,
+}
+
+/// `[lineage]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Lineage {
+    /// Request header carrying the application's session id (`session.id`).
+    pub session_header: String,
+    /// Request header naming the prompt template (`prompt.template.id`).
+    pub prompt_id_header: String,
+    /// Request header carrying the prompt template's version (`prompt.template.version`).
+    pub prompt_version_header: String,
+    /// Recent conversation turns the writer remembers to link a request to the record
+    /// it continues (`chain.conversation_parent`).
+    pub conversation_index_size: usize,
+}
+
+impl Default for Lineage {
+    fn default() -> Self {
+        Self {
+            session_header: "x-session-id".into(),
+            prompt_id_header: "x-prompt-id".into(),
+            prompt_version_header: "x-prompt-version".into(),
+            conversation_index_size: 100_000,
+        }
+    }
 }
 
 /// `[listen]`
@@ -150,6 +220,10 @@ pub struct Route {
     /// Remove `prefix` from the path before forwarding (`/anthropic/v1/messages` -> `/v1/messages`).
     #[serde(default)]
     pub strip_prefix: bool,
+    /// Environment variable holding the provider key sent upstream for clients with a
+    /// virtual key that names none of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_key_env: Option<String>,
 }
 
 /// The API family behind a route; it decides how the writer parses exchanges.
@@ -160,6 +234,10 @@ pub enum Provider {
     Openai,
     /// Anthropic's Messages API.
     Anthropic,
+    /// Azure OpenAI (`/openai/deployments/{deployment}/...?api-version=`, and `/openai/v1/`).
+    Azure,
+    /// Google Gemini API (`/v1beta/models/{model}:generateContent`...).
+    Gemini,
     /// Anything else: recorded as a plain HTTP exchange.
     #[default]
     Generic,
@@ -171,6 +249,8 @@ impl Provider {
         match self {
             Provider::Openai => "openai",
             Provider::Anthropic => "anthropic",
+            Provider::Azure => "azure.ai.openai",
+            Provider::Gemini => "gcp.gemini",
             Provider::Generic => "generic",
         }
     }
@@ -277,6 +357,44 @@ impl Config {
                 return Err(invalid(key("prefix"), "is used by another route"));
             }
         }
+        let mut ids = HashSet::new();
+        for (i, k) in self.keys.iter().enumerate() {
+            let key = |field: &str| format!("key[{i}].{field} (key `{}`)", k.id);
+            if k.id.is_empty() {
+                return Err(invalid(key("id"), "must not be empty"));
+            }
+            if !ids.insert(k.id.as_str()) {
+                return Err(invalid(key("id"), "is used by another key"));
+            }
+            match (&k.key_sha256, &k.key_env) {
+                (Some(h), None) => {
+                    if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(invalid(key("key_sha256"), "must be 64 hex digits"));
+                    }
+                }
+                (None, Some(_)) => {}
+                _ => {
+                    return Err(invalid(
+                        key("key_sha256"),
+                        "exactly one of `key_sha256` and `key_env` is needed",
+                    ))
+                }
+            }
+            for r in k.routes.iter().flatten() {
+                if !names.contains(r.as_str()) {
+                    return Err(invalid(key("routes"), &format!("names no route `{r}`")));
+                }
+            }
+        }
+        for h in [
+            &self.lineage.session_header,
+            &self.lineage.prompt_id_header,
+            &self.lineage.prompt_version_header,
+        ] {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(invalid(format!("lineage: `{h}`"), "is not a header name"));
+            }
+        }
         let a = &self.audit;
         let positive: [(&str, u64); 6] = [
             ("audit.segment_max_bytes", a.segment_max_bytes),
@@ -324,6 +442,9 @@ impl Config {
             upstream: Upstream::default(),
             redaction: crate::Redaction::default(),
             routes,
+            keys: Vec::new(),
+            source: Default::default(),
+            lineage: Lineage::default(),
         }
     }
 }

@@ -15,6 +15,8 @@ pub enum ProxyError {
     Tls(String),
     #[error("route table: {0}")]
     Route(#[from] http::Error),
+    #[error("{what}: {reason}")]
+    Key { what: String, reason: String },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -34,6 +36,10 @@ pub enum Refusal {
     UpstreamTimeout,
     /// The request could not be turned into an upstream request.
     BadRequest,
+    /// Virtual keys are on and the client presented none that is configured.
+    UnknownKey,
+    /// The client's virtual key does not allow this route or model.
+    KeyNotAllowed,
 }
 
 impl Refusal {
@@ -43,6 +49,8 @@ impl Refusal {
             Refusal::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Refusal::BadRequest => StatusCode::BAD_REQUEST,
+            Refusal::UnknownKey => StatusCode::UNAUTHORIZED,
+            Refusal::KeyNotAllowed => StatusCode::FORBIDDEN,
         }
     }
 
@@ -52,6 +60,8 @@ impl Refusal {
             Refusal::UpstreamUnreachable => "upstream_unreachable",
             Refusal::UpstreamTimeout => "upstream_timeout",
             Refusal::BadRequest => "bad_request",
+            Refusal::UnknownKey => "invalid_api_key",
+            Refusal::KeyNotAllowed => "key_not_allowed",
         }
     }
 
@@ -63,6 +73,8 @@ impl Refusal {
             Refusal::UpstreamUnreachable => "custody: the upstream could not be reached",
             Refusal::UpstreamTimeout => "custody: the upstream did not answer in time",
             Refusal::BadRequest => "custody: the request could not be forwarded",
+            Refusal::UnknownKey => "custody: missing or unknown API key",
+            Refusal::KeyNotAllowed => "custody: this API key may not use this route or model",
         }
     }
 
@@ -71,13 +83,39 @@ impl Refusal {
         let v = match provider {
             Provider::Anthropic => serde_json::json!({
                 "type": "error",
-                "error": {"type": self.code(), "message": self.message()},
+                "error": {"type": self.anthropic_type(), "message": self.message()},
+            }),
+            Provider::Gemini => serde_json::json!({
+                "error": {"code": self.status().as_u16(), "message": self.message(), "status": self.grpc_status()},
             }),
             _ => serde_json::json!({
                 "error": {"message": self.message(), "type": "custody_error", "param": null, "code": self.code()},
             }),
         };
         Bytes::from(v.to_string())
+    }
+
+    /// Anthropic's error `type` for the status.
+    fn anthropic_type(self) -> &'static str {
+        match self {
+            Refusal::NoRoute => "not_found_error",
+            Refusal::UnknownKey => "authentication_error",
+            Refusal::KeyNotAllowed => "permission_error",
+            Refusal::BadRequest => "invalid_request_error",
+            Refusal::UpstreamUnreachable | Refusal::UpstreamTimeout => "api_error",
+        }
+    }
+
+    /// Google's canonical status name for the status.
+    fn grpc_status(self) -> &'static str {
+        match self {
+            Refusal::NoRoute => "NOT_FOUND",
+            Refusal::UnknownKey => "UNAUTHENTICATED",
+            Refusal::KeyNotAllowed => "PERMISSION_DENIED",
+            Refusal::BadRequest => "INVALID_ARGUMENT",
+            Refusal::UpstreamUnreachable => "UNAVAILABLE",
+            Refusal::UpstreamTimeout => "DEADLINE_EXCEEDED",
+        }
     }
 
     /// Response headers for the refusal.

@@ -9,12 +9,14 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod keys;
 pub mod mock;
 pub mod route;
 pub mod server;
 pub mod service;
 pub mod tee;
+pub mod trace;
 pub mod upstream;
 
 pub use error::ProxyError;
-pub use server::{run, RunSummary};
+pub use server::{run, run_with_reloads, ReloadRequest, RunSummary};

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use custody_config::{Provider, Route};
 use http::{uri::PathAndQuery, Uri};
 
+use crate::{keys::Secret, ProxyError};
+
 /// One route, ready for the hot path.
 #[derive(Debug)]
 pub struct Target {
@@ -15,11 +17,14 @@ pub struct Target {
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     base_path: String,
+    /// Provider key for virtual-key clients whose key names none.
+    pub upstream_key: Option<Secret>,
 }
 
 impl Target {
     /// The upstream URI for a client request path and query, and the path as forwarded.
-    pub fn upstream_uri(&self, uri: &Uri) -> Result<(Uri, String), http::Error> {
+    /// `drop_key` removes a `key` query parameter (a virtual key must not travel on).
+    pub fn upstream_uri(&self, uri: &Uri, drop_key: bool) -> Result<(Uri, String), http::Error> {
         let path = uri.path();
         let rest = if self.strip_prefix {
             // Keep the slash that separates: "/anthropic/v1/x" with prefix "/anthropic/" -> "/v1/x".
@@ -33,7 +38,11 @@ impl Target {
             path.to_owned()
         };
         let forwarded = format!("{}{}", self.base_path, rest);
-        let pq = match uri.query() {
+        let query = match uri.query() {
+            Some(q) if drop_key => crate::keys::query_without_key(q).map(std::borrow::Cow::Owned),
+            q => q.map(std::borrow::Cow::Borrowed),
+        };
+        let pq = match query {
             Some(q) => format!("{forwarded}?{q}"),
             None => forwarded.clone(),
         };
@@ -53,7 +62,7 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(routes: &[Route]) -> Result<Self, http::Error> {
+    pub fn new(routes: &[Route]) -> Result<Self, ProxyError> {
         let mut targets = routes
             .iter()
             .map(|r| {
@@ -73,9 +82,14 @@ impl Router {
                         .parse::<http::uri::Authority>()
                         .map_err(http::Error::from)?,
                     base_path: r.upstream.base_path().to_owned(),
+                    upstream_key: r
+                        .upstream_key_env
+                        .as_deref()
+                        .map(|e| Secret::from_env(e, &format!("route `{}`", r.name)))
+                        .transpose()?,
                 })
             })
-            .collect::<Result<Vec<_>, http::Error>>()?;
+            .collect::<Result<Vec<_>, ProxyError>>()?;
         targets.sort_by_key(|t| std::cmp::Reverse(t.prefix.len()));
         Ok(Self { targets })
     }
@@ -104,7 +118,7 @@ mod tests {
         let t = r.find("/anthropic/v1/messages").unwrap();
         assert_eq!(&*t.name, "anthropic");
         let (u, fwd) = t
-            .upstream_uri(&"/anthropic/v1/messages?beta=true".parse().unwrap())
+            .upstream_uri(&"/anthropic/v1/messages?beta=true".parse().unwrap(), false)
             .unwrap();
         assert_eq!(
             u.to_string(),

@@ -3,16 +3,19 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use custody_audit::{writer::WriterSummary, AuditWriter};
+use custody_audit::{writer::WriterSummary, AuditWriter, ConfigHandle};
 use custody_config::Config;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
 };
-use tokio::net::TcpListener;
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot},
+};
 
 use crate::{
-    service::{ProxyService, Shared},
+    service::{Active, ProxyService, Shared},
     ProxyError,
 };
 
@@ -24,11 +27,26 @@ pub struct RunSummary {
     pub dropped: u64,
 }
 
+/// A new configuration to apply, and where to say how it went (the new version, or
+/// why it was refused).
+pub type ReloadRequest = (Config, oneshot::Sender<Result<String, String>>);
+
 /// Serves `listener` with `config` until `shutdown` completes, then shuts down in order.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()>,
+) -> Result<RunSummary, ProxyError> {
+    let (_keep, reloads) = mpsc::unbounded_channel();
+    run_with_reloads(listener, config, shutdown, reloads).await
+}
+
+/// [`run`], also applying configurations that arrive on `reloads` (SIGHUP, tests).
+pub async fn run_with_reloads(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: mpsc::UnboundedReceiver<ReloadRequest>,
 ) -> Result<RunSummary, ProxyError> {
     let writer_config = config.clone();
     let writer = tokio::task::spawn_blocking(move || AuditWriter::start(&writer_config))
@@ -38,7 +56,12 @@ pub async fn run(
             source: std::io::Error::other(e.to_string()),
         })??;
     let stats = writer.stats();
-    let shared = Arc::new(Shared::new(&config, writer.sender())?);
+    let config_handle = writer.config();
+    let shared = Arc::new(Shared::new(
+        &config,
+        writer.sender(),
+        &config_handle.version(),
+    )?);
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -50,10 +73,22 @@ pub async fn run(
     // Connection tasks, so that those still open when the grace period ends can be cut
     // (which ends their exchanges and submits their records) before the writer stops.
     let mut connections = tokio::task::JoinSet::new();
+    let mut current = config.clone();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            Some((new, reply)) = reloads.recv() => {
+                let result = reload(&shared, &config_handle, &current, new.clone()).await;
+                match &result {
+                    Ok(version) => {
+                        tracing::info!(version = %version, "configuration reloaded");
+                        current = new;
+                    }
+                    Err(e) => tracing::error!(error = %e, "configuration reload refused; the previous one stays in force"),
+                }
+                let _ = reply.send(result);
+            }
             accepted = listener.accept() => {
                 let (stream, remote) = match accepted {
                     Ok(a) => a,
@@ -109,4 +144,28 @@ pub async fn run(
             .load(std::sync::atomic::Ordering::Relaxed);
     tracing::info!(records = writer.written, dropped, "audit trail closed");
     Ok(RunSummary { writer, dropped })
+}
+
+/// Applies `new` in order: checked first (routes, keys and their environment), then
+/// the writer records the `config` event, then requests admitted from now on use it.
+async fn reload(
+    shared: &Shared,
+    writer: &ConfigHandle,
+    current: &Config,
+    new: Config,
+) -> Result<String, String> {
+    if new.listen != current.listen {
+        return Err("[listen] cannot change on reload; restart custody to apply it".into());
+    }
+    // Resolve keys before anything changes, so a missing variable refuses the reload.
+    Active::new(&new, "").map_err(|e| e.to_string())?;
+    let handle = writer.clone();
+    let for_writer = new.clone();
+    let version = tokio::task::spawn_blocking(move || handle.reload(&for_writer))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let active = Active::new(&new, &version).map_err(|e| e.to_string())?;
+    shared.swap(active);
+    Ok(version)
 }

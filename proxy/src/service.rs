@@ -10,18 +10,21 @@ use std::{
     time::{Duration, Instant},
 };
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use custody_audit::{AuditSender, Capture, Exchange, Outcome};
 use custody_config::{Config, Provider};
 use http::{Request, Response, Version};
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 
 use crate::{
     error::Refusal,
+    keys::{self, KeyTable},
     route::Router,
     tee::{InFlight, Side, TeeBody},
+    trace,
     upstream::{self, Connector},
     ProxyError,
 };
@@ -29,27 +32,55 @@ use crate::{
 /// What custody answers with: the upstream's body, teed, or its own JSON error.
 pub type ProxyBody = Either<TeeBody<Incoming>, Full<Bytes>>;
 
-/// State shared by every connection.
-pub struct Shared {
+/// What goes upstream: the client's body as it streams in, or, when custody had to
+/// read it first (a key restricted to some models), the bytes it read.
+pub type RequestBody = Either<Incoming, Full<Bytes>>;
+
+/// The part of the configuration that a reload replaces, swapped atomically: each
+/// request works with the one it loaded at admission.
+pub struct Active {
     router: Router,
-    client: Client<Connector, TeeBody<Incoming>>,
-    audit: AuditSender,
-    capture_max: usize,
+    keys: KeyTable,
+    version: Arc<str>,
     response_timeout: Duration,
 }
 
-impl Shared {
-    pub fn new(config: &Config, audit: AuditSender) -> Result<Self, ProxyError> {
+impl Active {
+    /// Resolves routes and keys (reading provider keys from the environment).
+    pub fn new(config: &Config, version: &str) -> Result<Self, ProxyError> {
         Ok(Self {
             router: Router::new(&config.routes)?,
+            keys: KeyTable::from_config(config)?,
+            version: Arc::from(version),
+            response_timeout: Duration::from_secs(config.upstream.response_timeout_secs),
+        })
+    }
+}
+
+/// State shared by every connection.
+pub struct Shared {
+    active: ArcSwap<Active>,
+    client: Client<Connector, TeeBody<RequestBody>>,
+    audit: AuditSender,
+    capture_max: usize,
+}
+
+impl Shared {
+    pub fn new(config: &Config, audit: AuditSender, version: &str) -> Result<Self, ProxyError> {
+        Ok(Self {
+            active: ArcSwap::from_pointee(Active::new(config, version)?),
             client: upstream::client(
                 Duration::from_secs(config.upstream.connect_timeout_secs),
                 Duration::from_secs(config.upstream.pool_idle_timeout_secs),
             )?,
             audit,
             capture_max: config.audit.capture_max_bytes,
-            response_timeout: Duration::from_secs(config.upstream.response_timeout_secs),
         })
+    }
+
+    /// Makes `active` the configuration of every request admitted from now on.
+    pub fn swap(&self, active: Active) {
+        self.active.store(Arc::new(active));
     }
 }
 
@@ -77,6 +108,7 @@ async fn proxy(
     remote: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    let active = shared.active.load_full();
     let (mut parts, body) = req.into_parts();
     let mut ex = Exchange::begin(
         parts.method.clone(),
@@ -84,16 +116,75 @@ async fn proxy(
         parts.headers.clone(),
         Some(remote),
     );
-    let Some(target) = shared.router.find(parts.uri.path()) else {
+    ex.config_version = Some(active.version.clone());
+    let Some(target) = active.router.find(parts.uri.path()) else {
         return refuse(ex, &shared.audit, Refusal::NoRoute, Provider::Generic, None);
     };
     ex.route = Some(target.name.clone());
     ex.provider = target.provider;
     let provider = target.provider;
-    let (uri, forwarded) = match target.upstream_uri(&parts.uri) {
+
+    let mut key = None;
+    if active.keys.enabled() {
+        let found = keys::presented(&parts.headers, parts.uri.query())
+            .and_then(|p| active.keys.authenticate(p));
+        let Some(k) = found else {
+            return refuse(ex, &shared.audit, Refusal::UnknownKey, provider, None);
+        };
+        ex.identity = Some(k.identity.clone());
+        if !k.allows_route(&target.name) {
+            let why = format!(
+                "key `{}` may not use route `{}`",
+                k.identity.key_id, target.name
+            );
+            return refuse(
+                ex,
+                &shared.audit,
+                Refusal::KeyNotAllowed,
+                provider,
+                Some(why),
+            );
+        }
+        key = Some(k);
+    }
+    let (uri, forwarded) = match target.upstream_uri(&parts.uri, key.is_some()) {
         Ok(u) => u,
         Err(_) => return refuse(ex, &shared.audit, Refusal::BadRequest, provider, None),
     };
+    let body = match key.filter(|k| k.restricts_models()) {
+        None => Either::Left(body),
+        Some(k) => {
+            let (model, body) =
+                match requested_model(provider, &forwarded, body, shared.capture_max).await {
+                    Ok(m) => m,
+                    Err(why) => {
+                        return refuse(ex, &shared.audit, Refusal::BadRequest, provider, Some(why))
+                    }
+                };
+            if !model.as_deref().is_some_and(|m| k.allows_model(m)) {
+                let why = format!(
+                    "key `{}` may not use model `{}`",
+                    k.identity.key_id,
+                    model.as_deref().unwrap_or("(none named)")
+                );
+                return refuse(
+                    ex,
+                    &shared.audit,
+                    Refusal::KeyNotAllowed,
+                    provider,
+                    Some(why),
+                );
+            }
+            body
+        }
+    };
+    if let Some(k) = key {
+        keys::strip_credentials(&mut parts.headers);
+        if let Some(secret) = k.upstream.as_ref().or(target.upstream_key.as_ref()) {
+            secret.inject(provider, &mut parts.headers);
+        }
+    }
+    ex.trace = Some(trace::propagate(&mut parts.headers));
     ex.upstream_path = Some(forwarded);
     let inflight = InFlight::new(ex, shared.audit.clone());
 
@@ -106,8 +197,8 @@ async fn proxy(
     let body = TeeBody::new(body, Side::Request, shared.capture_max, inflight.clone());
     let upstream_req = Request::from_parts(parts, body);
 
-    let result =
-        tokio::time::timeout(shared.response_timeout, shared.client.request(upstream_req)).await;
+    let timeout = active.response_timeout;
+    let result = tokio::time::timeout(timeout, shared.client.request(upstream_req)).await;
     let (refusal, error) = match result {
         Ok(Ok(resp)) => {
             let (mut parts, body) = resp.into_parts();
@@ -126,11 +217,37 @@ async fn proxy(
         Ok(Err(e)) => (Refusal::UpstreamUnreachable, error_chain(&e)),
         Err(_) => (
             Refusal::UpstreamTimeout,
-            format!("no response head within {:?}", shared.response_timeout),
+            format!("no response head within {timeout:?}"),
         ),
     };
     tracing::warn!(route = %target.name, code = refusal.code(), error = %error, "upstream failed");
     respond_refusal(&inflight, refusal, provider, Some(error))
+}
+
+/// The model a request asks for: from the path (Azure deployment, Gemini model), else
+/// from the JSON body, which is then read whole (up to `limit`) and forwarded as read.
+async fn requested_model(
+    provider: Provider,
+    path: &str,
+    body: Incoming,
+    limit: usize,
+) -> Result<(Option<String>, RequestBody), String> {
+    if let Some(m) = custody_audit::genai::path_model(provider, path) {
+        return Ok((Some(m.to_owned()), Either::Left(body)));
+    }
+    let bytes = http_body_util::Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|e| format!("request body could not be read for the model check: {e}"))?
+        .to_bytes();
+    #[derive(serde::Deserialize)]
+    struct Model {
+        model: Option<String>,
+    }
+    let model = serde_json::from_slice::<Model>(&bytes)
+        .ok()
+        .and_then(|m| m.model);
+    Ok((model, Either::Right(Full::new(bytes))))
 }
 
 /// Answers for custody itself and records the exchange.
@@ -169,7 +286,10 @@ fn respond_refusal(
         cap.complete = true;
         ex.response = cap;
         ex.outcome = match refusal {
-            Refusal::NoRoute | Refusal::BadRequest => Outcome::Rejected,
+            Refusal::NoRoute
+            | Refusal::BadRequest
+            | Refusal::UnknownKey
+            | Refusal::KeyNotAllowed => Outcome::Rejected,
             Refusal::UpstreamTimeout => Outcome::UpstreamTimeout,
             Refusal::UpstreamUnreachable => Outcome::UpstreamError,
         };

@@ -128,11 +128,13 @@ fn serve_records_then_sigterm_exits_cleanly_and_the_log_commands_read_the_trail(
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 3);
-    assert_eq!(lines[0]["seq"], 1);
-    assert_eq!(lines[1]["response"]["streamed"], true);
+    // Export is the whole trail: the start's config event, then the three records.
+    assert_eq!(lines.len(), 4);
+    assert_eq!(lines[0]["event"]["type"], "config");
+    assert_eq!(lines[1]["seq"], 2);
+    assert_eq!(lines[2]["response"]["streamed"], true);
     assert_eq!(
-        lines[1]["response"]["body"]["choices"][0]["message"]["content"]
+        lines[2]["response"]["body"]["choices"][0]["message"]["content"]
             .as_str()
             .unwrap(),
         "Hello from the mock provider. You said: stream please"
@@ -142,7 +144,7 @@ fn serve_records_then_sigterm_exits_cleanly_and_the_log_commands_read_the_trail(
     assert!(o.status.success());
     let out = stdout(&o);
     assert!(
-        out.contains("records: 3 (+0 events) in 1 segments") && out.ends_with("ok\n"),
+        out.contains("records: 3 (+1 events) in 1 segments") && out.ends_with("ok\n"),
         "{out}"
     );
 
@@ -170,7 +172,7 @@ fn serve_records_then_sigterm_exits_cleanly_and_the_log_commands_read_the_trail(
         "--dir",
         d,
         "--key-id",
-        lines[0]["client"]["key_id"].as_str().unwrap(),
+        lines[1]["client"]["key_id"].as_str().unwrap(),
     ]);
     assert_eq!(stdout(&o).lines().count(), 1);
     let o = custody(&["log", "search", "--dir", d, "--limit", "2", "--json"]);
@@ -183,11 +185,11 @@ fn serve_records_then_sigterm_exits_cleanly_and_the_log_commands_read_the_trail(
             .iter()
             .map(|r| r["seq"].as_u64().unwrap())
             .collect::<Vec<_>>(),
-        vec![3, 2],
+        vec![4, 3],
         "newest first"
     );
 
-    let id = lines[2]["id"].as_str().unwrap();
+    let id = lines[3]["id"].as_str().unwrap();
     let o = custody(&["log", "show", id, "--dir", d]);
     assert!(o.status.success());
     assert!(stdout(&o).contains("\"rate-limited\""));

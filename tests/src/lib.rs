@@ -183,6 +183,7 @@ pub fn route(
         upstream: upstream.parse().unwrap(),
         provider,
         strip_prefix,
+        upstream_key_env: None,
     }
 }
 
@@ -191,6 +192,9 @@ pub struct Custody {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
+    reloads: mpsc::UnboundedSender<custody_proxy::ReloadRequest>,
+    /// The configuration custody was started with.
+    pub config: Config,
     task: JoinHandle<Result<custody_proxy::RunSummary, custody_proxy::ProxyError>>,
 }
 
@@ -216,15 +220,32 @@ impl Custody {
         let listener = TcpListener::bind(config.listen.addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(custody_proxy::run(listener, config, async {
-            let _ = stopped.await;
-        }));
+        let (reloads, reload_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(custody_proxy::run_with_reloads(
+            listener,
+            config.clone(),
+            async {
+                let _ = stopped.await;
+            },
+            reload_rx,
+        ));
         Self {
             addr,
             dir,
             stop: Some(stop),
+            reloads,
+            config,
             task,
         }
+    }
+
+    /// Applies a new configuration as SIGHUP does; the new version, or why not.
+    pub async fn reload(&self, config: Config) -> Result<String, String> {
+        let (tx, rx) = oneshot::channel();
+        self.reloads
+            .send((config, tx))
+            .map_err(|_| "custody has stopped".to_owned())?;
+        rx.await.map_err(|_| "custody has stopped".to_owned())?
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -247,10 +268,16 @@ impl Custody {
     pub async fn stop(mut self) -> Stopped {
         self.signal_stop();
         let summary = self.task.await.unwrap().unwrap();
-        let records = records(&self.dir.path().join("audit"));
+        let all = trail(&self.dir.path().join("audit"));
+        let (records, events) = all
+            .iter()
+            .cloned()
+            .partition(|l| l["schema"] == custody_audit::record::SCHEMA);
         Stopped {
             summary,
             records,
+            events,
+            trail: all,
             dir: self.dir,
         }
     }
@@ -258,7 +285,12 @@ impl Custody {
 
 pub struct Stopped {
     pub summary: custody_proxy::RunSummary,
+    /// Exchange records, oldest first.
     pub records: Vec<Value>,
+    /// Event records (config, recovery, retention), oldest first.
+    pub events: Vec<Value>,
+    /// Both, in chain order.
+    pub trail: Vec<Value>,
     pub dir: tempfile::TempDir,
 }
 
@@ -282,8 +314,16 @@ impl Stopped {
     }
 }
 
-/// Every record in the trail, oldest first.
+/// Every exchange record in the trail, oldest first.
 pub fn records(dir: &Path) -> Vec<Value> {
+    trail(dir)
+        .into_iter()
+        .filter(|l| l["schema"] == custody_audit::record::SCHEMA)
+        .collect()
+}
+
+/// Every line of the trail (records and events), oldest first.
+pub fn trail(dir: &Path) -> Vec<Value> {
     let mut out = Vec::new();
     custody_audit::reader::for_each_line(dir, |_, line| {
         out.push(serde_json::from_slice(line).unwrap());

@@ -258,7 +258,8 @@ async fn forged_or_deleted_checkpoints_are_caught() {
     let t = signed_trail(1).await;
     let log = t.dir().join("checkpoints.log");
     let text = fs::read_to_string(&log).unwrap();
-    fs::write(&log, text.replacen("\"last_seq\":2", "\"last_seq\":1", 1)).unwrap();
+    // Seq 1 is the start's config event, then two records.
+    fs::write(&log, text.replacen("\"last_seq\":3", "\"last_seq\":2", 1)).unwrap();
     assert!(t.broken().contains("bad signature"), "{}", t.broken());
     fs::remove_file(&log).unwrap();
     assert!(t.broken().contains("no checkpoint"), "{}", t.broken());
@@ -284,11 +285,16 @@ async fn a_crash_is_repaired_recorded_and_told_apart_from_tampering() {
     send(&client(), post(&custody.url("/v1/embeddings"), &[], "{}")).await;
     let done = custody.stop().await;
     let r = verify_dir(&dir, Some(&public), |_, _, _| {}).unwrap();
+    // Events: the first start's config, the recovery, the restart's config.
     assert_eq!(
         (r.records, r.events, r.recoveries, r.uncovered),
-        (3, 1, 1, 0)
+        (3, 3, 1, 0)
     );
-    let event = &done.records[2];
+    let event = done
+        .events
+        .iter()
+        .find(|e| e["event"]["type"] == "recovery")
+        .unwrap();
     assert_eq!(event["schema"], "custody.event/v1");
     assert_eq!(event["event"]["type"], "recovery");
     assert_eq!(event["event"]["cut"]["bytes"], 30);
@@ -323,7 +329,7 @@ async fn retention_deletes_old_segments_and_the_trail_still_verifies() {
         vec!["00000000000000000003.seg", "00000000000000000004.seg"]
     );
     let event = done
-        .records
+        .events
         .iter()
         .find(|r| r["event"]["type"] == "retention")
         .unwrap();
@@ -333,7 +339,8 @@ async fn retention_deletes_old_segments_and_the_trail_still_verifies() {
         "00000000000000000002.seg"
     );
     let r = verify_dir(&dir, Some(&public), |_, _, _| {}).unwrap();
-    assert_eq!((r.retired, r.records, r.events, r.uncovered), (2, 3, 1, 0));
+    // Events kept: the config events of segments 3 and 4, and the retention event.
+    assert_eq!((r.retired, r.records, r.events, r.uncovered), (2, 3, 3, 0));
 
     // Deleting what retention kept is still caught.
     fs::remove_file(dir.join("00000000000000000003.seg")).unwrap();
@@ -354,7 +361,8 @@ async fn fast_verify_checks_sealed_segments_through_their_signed_digest() {
     let t = signed_trail(3).await;
     let r = fast(&t).unwrap();
     assert!(r.fast);
-    assert_eq!((r.records, r.segments, r.seals), (6, 3, 3));
+    // Sealed segments are counted from their seals: records and events together.
+    assert_eq!((r.records, r.segments, r.seals), (9, 3, 3));
     // A flipped byte inside a compressed frame of a middle segment.
     let seg = t.segments()[1].clone();
     let mut bytes = fs::read(&seg).unwrap();

@@ -80,7 +80,7 @@ async fn plain_json_is_forwarded_byte_for_byte_and_recorded() {
     let done = custody.stop().await;
     let r = done.one();
     assert_eq!(r["schema"], "custody.record/v1");
-    assert_eq!(r["seq"], 1);
+    assert_eq!(r["seq"], 2, "seq 1 is the start config event");
     assert_eq!(r["route"], "openai");
     assert_eq!(r["outcome"], "ok");
     assert_eq!(r["http"]["method"], "POST");
@@ -115,7 +115,10 @@ async fn plain_json_is_forwarded_byte_for_byte_and_recorded() {
         .starts_with("127.0.0.1:"));
     assert!(r["time"]["start"].as_str().unwrap().ends_with('Z'));
     assert!(r["time"]["duration_ms"].as_f64().unwrap() >= r["time"]["ttfb_ms"].as_f64().unwrap());
-    assert_eq!(r["chain"]["prev"], "0".repeat(64));
+    // The trail starts with the config event; the record links to it.
+    assert_eq!(done.trail[0]["event"]["type"], "config");
+    assert_eq!(done.trail[0]["chain"]["prev"], "0".repeat(64));
+    assert_eq!(r["chain"]["prev"], done.trail[0]["chain"]["hash"]);
     assert_eq!(r["chain"]["hash"].as_str().unwrap().len(), 64);
     let bytes = all_audit_bytes(&done.audit_dir());
     assert!(!contains(&bytes, "sk-test-credential-0123456789abcdef"));
@@ -163,7 +166,11 @@ async fn the_same_credential_gets_the_same_key_id_and_others_differ() {
     assert_eq!(ids[0], ids[1]);
     assert_ne!(ids[0], ids[2]);
     assert_eq!(ids[0], ids[3]);
-    assert_eq!(done.seqs(), vec![1, 2, 3, 4]);
+    assert_eq!(
+        done.seqs(),
+        vec![2, 3, 4, 5],
+        "seq 1 is the start config event"
+    );
 }
 
 fn sse_body(events: &[(&str, &str)]) -> String {
@@ -548,7 +555,7 @@ async fn unreachable_upstream_gets_502_and_a_record() {
     let v: Value = serde_json::from_slice(&body).unwrap();
     // In Anthropic's error shape, so its SDK raises a proper error.
     assert_eq!(v["type"], "error");
-    assert_eq!(v["error"]["type"], "upstream_unreachable");
+    assert_eq!(v["error"]["type"], "api_error");
     let done = custody.stop().await;
     let r = done.one();
     assert_eq!(r["outcome"], "upstream_error");

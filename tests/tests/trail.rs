@@ -84,7 +84,7 @@ async fn the_chain_runs_across_segments_and_restarts() {
     assert_eq!(segments(&dir).len(), 4);
     let report = verify_dir(&dir, None, |_, _, _| {}).unwrap();
     assert_eq!((report.records, report.segments), (4, 4));
-    for pair in done.records.windows(2) {
+    for pair in done.trail.windows(2) {
         assert_eq!(pair[1]["chain"]["prev"], pair[0]["chain"]["hash"]);
         assert_eq!(
             pair[1]["seq"].as_u64().unwrap(),
@@ -93,7 +93,8 @@ async fn the_chain_runs_across_segments_and_restarts() {
     }
     // Each segment on its own is a plain zstd stream of JSON lines.
     let first = zstd::stream::decode_all(&fs::read(&segments(&dir)[0]).unwrap()[..]).unwrap();
-    assert_eq!(first.iter().filter(|&&b| b == b'\n').count(), 1);
+    // The start's config event and the record.
+    assert_eq!(first.iter().filter(|&&b| b == b'\n').count(), 2);
 }
 
 #[tokio::test]
@@ -132,11 +133,18 @@ async fn a_torn_tail_is_cut_aside_and_the_chain_continues() {
         .collect();
     assert_eq!(aside.len(), 1);
     assert_eq!(fs::read(&aside[0]).unwrap(), &block[..30]);
-    // The cut is itself recorded in the chain, before the new record.
-    assert_eq!(done.seqs(), vec![1, 2, 3, 4, 5]);
-    assert_eq!(done.records[3]["event"]["cut"]["bytes"], 30);
+    // The cut is itself recorded in the chain, before the restart's config event and
+    // the new record.
+    let seqs: Vec<u64> = done
+        .trail
+        .iter()
+        .map(|l| l["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=7).collect::<Vec<_>>());
+    assert_eq!(done.trail[4]["event"]["cut"]["bytes"], 30);
+    assert_eq!(done.trail[5]["event"]["type"], "config");
     let r = verify_dir(&dir, None, |_, _, _| {}).unwrap();
-    assert_eq!((r.records, r.events, r.recoveries), (4, 1, 1));
+    assert_eq!((r.records, r.events, r.recoveries), (4, 3, 1));
 }
 
 #[tokio::test]
@@ -158,24 +166,25 @@ async fn verify_catches_an_edit_even_with_checksums_recomputed() {
     let dir = done.audit_dir();
     let seg = segments(&dir)[0].clone();
     rewrite(&seg, |lines| {
-        let text = String::from_utf8(lines[1].clone())
+        // Line 0 is the start's config event.
+        let text = String::from_utf8(lines[2].clone())
             .unwrap()
             .replace("\"n\":1", "\"n\":7");
-        lines[1] = text.into_bytes();
+        lines[2] = text.into_bytes();
     });
     let msg = broken(&dir);
-    assert!(msg.contains("seq 2") && msg.contains("chain.hash"), "{msg}");
+    assert!(msg.contains("seq 3") && msg.contains("chain.hash"), "{msg}");
 
     // Re-sealing the edited record's own hash breaks the next link instead.
     rewrite(&seg, |lines| {
-        let mut l = lines[1].clone();
+        let mut l = lines[2].clone();
         let n = l.len();
         l[n - 67..n - 3].copy_from_slice(&[b'0'; 64]);
         segment::seal_line(&mut l).unwrap();
-        lines[1] = l;
+        lines[2] = l;
     });
     let msg = broken(&dir);
-    assert!(msg.contains("seq 3") && msg.contains("chain.prev"), "{msg}");
+    assert!(msg.contains("seq 4") && msg.contains("chain.prev"), "{msg}");
 }
 
 #[tokio::test]
@@ -226,14 +235,16 @@ async fn sealed_segments_are_indexed_and_search_reads_newest_first() {
             .map(|r| r["seq"].as_u64().unwrap())
             .collect::<Vec<_>>()
     };
-    assert_eq!(q(&|_| {}), vec![4, 3, 2]);
+    // Each restart writes a config event first: records are the even seqs.
+    assert_eq!(q(&|_| {}), vec![8, 6, 4]);
     assert_eq!(
         q(
             &|q| q.since =
                 Some(std::time::SystemTime::now() - std::time::Duration::from_secs(3600))
         ),
-        vec![4, 3, 2]
+        vec![8, 6, 4]
     );
+    assert_eq!(q(&|q| q.events = true), vec![7, 5, 3]);
     assert_eq!(
         q(
             &|q| q.since =
@@ -242,12 +253,12 @@ async fn sealed_segments_are_indexed_and_search_reads_newest_first() {
         Vec::<u64>::new()
     );
     assert_eq!(q(&|q| q.route = Some("other".into())), Vec::<u64>::new());
-    assert_eq!(q(&|q| q.text = Some("\"n\":1".into())), vec![2]);
+    assert_eq!(q(&|q| q.text = Some("\"n\":1".into())), vec![4]);
     // `show` by id finds a record in an old segment.
     let first = &done.records[0];
     let line = custody_audit::reader::find_by_id(&dir, first["id"].as_str().unwrap()).unwrap();
     assert_eq!(
         serde_json::from_slice::<serde_json::Value>(&line).unwrap()["seq"],
-        1
+        2
     );
 }

@@ -41,6 +41,7 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
             upstream,
             provider: Provider::Openai,
             strip_prefix: false,
+            upstream_key_env: None,
         }],
     );
     config.audit.signing_key = Some(private);

@@ -54,7 +54,16 @@ pub enum LogCommand {
         trail: TrailArgs,
     },
     /// Find records, newest first.
-    Search(SearchArgs),
+    Search(Box<SearchArgs>),
+    /// Print the conversation a record belongs to, turn by turn, oldest first.
+    Chain {
+        id: String,
+        #[command(flatten)]
+        trail: TrailArgs,
+        /// Whole records as JSON Lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check every checksum, record hash, chain link, sequence number, seal and checkpoint.
     Verify {
         #[command(flatten)]
@@ -101,6 +110,23 @@ pub struct SearchArgs {
     /// Case-insensitive text anywhere in the (redacted) record.
     #[arg(long)]
     text: Option<String>,
+    /// `client.user` (the virtual key's user) or the end user the request named.
+    #[arg(long)]
+    user: Option<String>,
+    #[arg(long)]
+    team: Option<String>,
+    /// Every output produced from one prompt (`prompt.hash`).
+    #[arg(long)]
+    prompt_hash: Option<String>,
+    /// `session.id`.
+    #[arg(long)]
+    session: Option<String>,
+    /// W3C trace id (`trace.id`).
+    #[arg(long)]
+    trace_id: Option<String>,
+    /// The trail's events (config, recovery, retention) instead of its records.
+    #[arg(long)]
+    events: bool,
     #[arg(long, default_value_t = 50)]
     limit: usize,
     /// Whole records as JSON Lines instead of a table.
@@ -165,6 +191,12 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
                 text: a.text,
                 outcome: a.outcome,
                 entity: a.entity,
+                user: a.user,
+                team: a.team,
+                prompt_hash: a.prompt_hash,
+                session: a.session,
+                trace: a.trace_id,
+                events: a.events,
                 limit: a.limit,
             };
             let found = search::search(&a.trail.dir()?, &query)?;
@@ -172,6 +204,15 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
             for r in &found {
                 if a.json {
                     writeln!(out, "{r}")?;
+                } else if a.events {
+                    writeln!(
+                        out,
+                        "{}  {}  seq {}  {}",
+                        r["time"]["start"].as_str().unwrap_or("-"),
+                        r["id"].as_str().unwrap_or("-"),
+                        r["seq"],
+                        r["event"]["type"].as_str().unwrap_or("-"),
+                    )?;
                 } else {
                     let model = r["gen_ai"]["response"]["model"]
                         .as_str()
@@ -179,7 +220,7 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
                         .unwrap_or("-");
                     writeln!(
                         out,
-                        "{}  {}  {:<10} {:>3}  {:<16} {:<28} {:>9.1} ms  {}",
+                        "{}  {}  {:<10} {:>3}  {:<16} {:<28} {:<12} {:>9.1} ms  {}",
                         r["time"]["start"].as_str().unwrap_or("-"),
                         r["id"].as_str().unwrap_or("-"),
                         r["route"].as_str().unwrap_or("-"),
@@ -188,6 +229,7 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
                             .map_or("-".into(), |s| s.to_string()),
                         r["outcome"].as_str().unwrap_or("-"),
                         model,
+                        r["client"]["user"].as_str().unwrap_or("-"),
                         r["time"]["duration_ms"].as_f64().unwrap_or(0.0),
                         r["http"]["path"].as_str().unwrap_or("-"),
                     )?;
@@ -197,6 +239,33 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
             if !a.json {
                 eprintln!("{} record(s)", found.len());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        LogCommand::Chain { id, trail, json } => {
+            let turns = search::conversation(&trail.dir()?, &id)?;
+            let mut out = BufWriter::new(std::io::stdout().lock());
+            for (n, r) in turns.iter().enumerate() {
+                if json {
+                    writeln!(out, "{r}")?;
+                    continue;
+                }
+                let mark = if r["id"] == id.as_str() { "  <-" } else { "" };
+                writeln!(
+                    out,
+                    "turn {}  {}  {}  {}  parent {}{mark}",
+                    n + 1,
+                    r["time"]["start"].as_str().unwrap_or("-"),
+                    r["id"].as_str().unwrap_or("-"),
+                    r["gen_ai"]["response"]["model"]
+                        .as_str()
+                        .or(r["gen_ai"]["request"]["model"].as_str())
+                        .unwrap_or("-"),
+                    r["chain"]["conversation_parent"].as_str().unwrap_or("-"),
+                )?;
+                writeln!(out, "  asked:    {}", one_line(&last_prompt(r)))?;
+                writeln!(out, "  answered: {}", one_line(&answer(r)))?;
+            }
+            out.flush()?;
             Ok(ExitCode::SUCCESS)
         }
         LogCommand::Verify {
@@ -269,5 +338,66 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
             println!("ok");
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// The newest message of a request, as text (redacted, as stored).
+fn last_prompt(r: &serde_json::Value) -> String {
+    let b = &r["request"]["body"];
+    let last = |v: &serde_json::Value| v.as_array().and_then(|a| a.last()).cloned();
+    if let Some(m) = last(&b["messages"]) {
+        return text(&m["content"]);
+    }
+    if let Some(c) = last(&b["contents"]) {
+        return text(&c["parts"]);
+    }
+    match &b["input"] {
+        serde_json::Value::Array(_) => {
+            last(&b["input"]).map_or_else(String::new, |m| text(&m["content"]))
+        }
+        v => text(v),
+    }
+}
+
+/// The answer of a response (first choice or candidate), as text.
+fn answer(r: &serde_json::Value) -> String {
+    let b = &r["response"]["body"];
+    for v in [
+        &b["choices"][0]["message"]["content"],
+        &b["choices"][0]["text"],
+        &b["content"],
+        &b["candidates"][0]["content"]["parts"],
+        &b["output"],
+    ] {
+        let t = text(v);
+        if !t.is_empty() {
+            return t;
+        }
+    }
+    String::new()
+}
+
+fn text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(parts) => parts.iter().map(text).collect::<Vec<_>>().join(""),
+        serde_json::Value::Object(o) => o
+            .get("text")
+            .map(text)
+            .or_else(|| o.get("content").map(text))
+            .unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+fn one_line(s: &str) -> String {
+    let flat: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if flat.chars().count() > 160 {
+        format!("{}...", flat.chars().take(160).collect::<String>())
+    } else {
+        flat
     }
 }

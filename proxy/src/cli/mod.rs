@@ -38,6 +38,12 @@ enum Command {
         #[command(subcommand)]
         command: Box<log::LogCommand>,
     },
+    /// Make a virtual key for a client: prints the key (give it to the client) and the
+    /// `[[key]]` entry holding only its SHA-256.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
     /// Make an Ed25519 key pair for signing seals and checkpoints: DIR/NAME.key (0600) and DIR/NAME.pub.
     Keygen {
         #[arg(long)]
@@ -64,6 +70,20 @@ enum Command {
     MockProvider {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// A new random virtual key.
+    New {
+        /// The key's id (recorded as `client.key_id`).
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        team: Option<String>,
     },
 }
 
@@ -124,6 +144,28 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Log { command } => log::run(*command),
+        Command::Key {
+            command: KeyCommand::New { id, user, team },
+        } => {
+            let (key, hash) = custody_proxy::keys::generate()?;
+            let entry = custody_config::VirtualKey {
+                id,
+                user,
+                team,
+                key_sha256: Some(hash),
+                key_env: None,
+                routes: None,
+                models: None,
+                upstream_key_env: None,
+            };
+            eprintln!("give this key to the client (it is not stored anywhere):");
+            println!("{key}");
+            eprintln!("\nand add this to the configuration (set upstream_key_env too):\n");
+            let mut table = std::collections::BTreeMap::new();
+            table.insert("key", vec![entry]);
+            eprint!("{}", toml::to_string(&table)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keygen { out, name } => {
             let (private, public) = custody_audit::signing::keygen(&out, &name)?;
             println!(
@@ -166,8 +208,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn serve(config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let config = load_config(config.as_ref())?;
+fn serve(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let config = load_config(path.as_ref())?;
     runtime()?.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.listen.addr)
             .await
@@ -179,12 +221,50 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         tracing::info!(audit_dir = %config.audit.dir.display(), "auditing every exchange");
         // Scripts and tests read this line to learn the bound address.
         println!("custody listening on http://{addr}");
-        let summary = custody_proxy::run(listener, config, shutdown_signal()).await?;
+        let (reload_tx, reloads) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(reload_on_sighup(path, reload_tx));
+        let summary =
+            custody_proxy::run_with_reloads(listener, config, shutdown_signal(), reloads).await?;
         if summary.dropped > 0 {
             eprintln!("custody: {} exchanges were not audited (queue full or writer stopped)", summary.dropped);
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Re-reads the configuration file on each SIGHUP and hands it to the server; a file
+/// that does not load is refused with its error, and the running configuration stays.
+async fn reload_on_sighup(
+    path: Option<PathBuf>,
+    reloads: tokio::sync::mpsc::UnboundedSender<custody_proxy::ReloadRequest>,
+) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reloads are off");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            let config = match load_config(path.as_ref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "configuration reload refused; the previous one stays in force");
+                    continue;
+                }
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if reloads.send((config, tx)).is_err() {
+                return;
+            }
+            let _ = rx.await;
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, reloads);
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -1,0 +1,184 @@
+//! The configuration as the trail knows it: a canonical, secret-free snapshot, its
+//! version (`config.version` on every record) and the `config` event written into the
+//! chain at each start and reload, naming what changed.
+
+use std::path::Path;
+
+use custody_config::Config;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::fingerprint::Fingerprinter;
+
+/// A configuration as recorded: secrets replaced by their fingerprints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// First 16 hex digits of the SHA-256 of `canonical`.
+    pub version: String,
+    pub canonical: Value,
+}
+
+impl Snapshot {
+    /// Secrets (virtual key hashes, and the values of every `*_env` variable) appear only
+    /// as keyed fingerprints, so that a rotated secret changes the version without
+    /// being written anywhere.
+    pub fn of(config: &Config, fp: &Fingerprinter) -> Self {
+        let mut canonical = serde_json::to_value(config).unwrap_or(Value::Null);
+        let mut secrets = Map::new();
+        let env_fp = |name: &str| match std::env::var_os(name) {
+            Some(v) => fp.key_id(v.as_encoded_bytes()),
+            None => "unset".to_owned(),
+        };
+        if let Some(keys) = canonical.get_mut("key").and_then(Value::as_array_mut) {
+            for k in keys {
+                let id = k.get("id").and_then(Value::as_str).unwrap_or("").to_owned();
+                if let Some(h) = k.get("key_sha256").and_then(Value::as_str) {
+                    let f = fp.key_id(h.as_bytes());
+                    k["key_sha256"] = Value::String(f);
+                }
+                for field in ["key_env", "upstream_key_env"] {
+                    if let Some(env) = k.get(field).and_then(Value::as_str) {
+                        secrets.insert(format!("key[{id}].{field}"), json!(env_fp(env)));
+                    }
+                }
+            }
+        }
+        for r in &config.routes {
+            if let Some(env) = &r.upstream_key_env {
+                secrets.insert(
+                    format!("route[{}].upstream_key_env", r.name),
+                    json!(env_fp(env)),
+                );
+            }
+        }
+        if let Value::Object(m) = &mut canonical {
+            m.insert("secrets".into(), Value::Object(secrets));
+        }
+        let digest = Sha256::digest(canonical.to_string().as_bytes());
+        Self {
+            version: hex::encode(&digest[..8]),
+            canonical,
+        }
+    }
+
+    /// The chain event for this snapshot replacing `previous` (`None` when unknown).
+    pub fn event(&self, reason: &str, previous: Option<&Snapshot>) -> Value {
+        let changed: Vec<Value> = match previous {
+            Some(p) => changes(&p.canonical, &self.canonical)
+                .into_iter()
+                .map(|(key, from, to)| json!({"key": key, "from": from, "to": to}))
+                .collect(),
+            None => Vec::new(),
+        };
+        json!({
+            "type": "config",
+            "reason": reason,
+            "version": self.version,
+            "previous_version": previous.map(|p| p.version.clone()),
+            "changed": changed,
+            "config": self.canonical,
+        })
+    }
+
+    /// The snapshot written at the previous start or reload, kept beside the trail so
+    /// that a start can say what changed since.
+    pub fn load_last(dir: &Path) -> Option<Self> {
+        let text = std::fs::read_to_string(dir.join(LAST_FILE)).ok()?;
+        let canonical: Value = serde_json::from_str(&text).ok()?;
+        let digest = Sha256::digest(canonical.to_string().as_bytes());
+        Some(Self {
+            version: hex::encode(&digest[..8]),
+            canonical,
+        })
+    }
+
+    pub fn store_last(&self, dir: &Path) {
+        let tmp = dir.join(format!("{LAST_FILE}.tmp"));
+        let result = std::fs::write(&tmp, self.canonical.to_string())
+            .and_then(|_| std::fs::rename(&tmp, dir.join(LAST_FILE)));
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not keep the configuration snapshot; the next start will not list changes");
+        }
+    }
+}
+
+const LAST_FILE: &str = "config.last.json";
+
+/// Every leaf that differs, as `(key, from, to)`, keys written `a.b[2].c`.
+pub fn changes(old: &Value, new: &Value) -> Vec<(String, Value, Value)> {
+    let mut out = Vec::new();
+    diff("", old, new, &mut out);
+    out
+}
+
+fn diff(path: &str, old: &Value, new: &Value, out: &mut Vec<(String, Value, Value)>) {
+    match (old, new) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for k in keys {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                diff(
+                    &p,
+                    a.get(k).unwrap_or(&Value::Null),
+                    b.get(k).unwrap_or(&Value::Null),
+                    out,
+                );
+            }
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                diff(&format!("{path}[{i}]"), x, y, out);
+            }
+        }
+        _ if old != new => out.push((path.to_owned(), old.clone(), new.clone())),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_follow_the_knobs_and_changes_name_them() {
+        let fp = Fingerprinter::new(vec![7; 32]);
+        let a = Config::embedded_default().unwrap();
+        let mut b = a.clone();
+        b.audit.fsync_interval_ms = 5;
+        let (sa, sb) = (Snapshot::of(&a, &fp), Snapshot::of(&b, &fp));
+        assert_eq!(sa, Snapshot::of(&a, &fp));
+        assert_ne!(sa.version, sb.version);
+        let ev = sb.event("reload", Some(&sa));
+        assert_eq!(ev["changed"][0]["key"], "audit.fsync_interval_ms");
+        assert_eq!(ev["changed"][0]["to"], 5);
+        assert_eq!(ev["previous_version"], json!(sa.version));
+    }
+
+    #[test]
+    fn secrets_appear_only_as_fingerprints() {
+        let fp = Fingerprinter::new(vec![7; 32]);
+        let mut c = Config::embedded_default().unwrap();
+        let hash = "ab".repeat(32);
+        c.keys.push(custody_config::VirtualKey {
+            id: "app".into(),
+            user: None,
+            team: None,
+            key_sha256: Some(hash.clone()),
+            key_env: None,
+            routes: None,
+            models: None,
+            upstream_key_env: Some("CUSTODY_TEST_NO_SUCH_VAR".into()),
+        });
+        let s = Snapshot::of(&c, &fp);
+        let text = s.canonical.to_string();
+        assert!(!text.contains(&hash), "{text}");
+        assert_eq!(
+            s.canonical["secrets"]["key[app].upstream_key_env"],
+            json!("unset")
+        );
+    }
+}

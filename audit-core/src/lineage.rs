@@ -1,0 +1,402 @@
+//! Prompt-response lineage: keyed hashes of what was asked and answered, and the index
+//! that links a stateless multi-turn request to the record whose turn it continues.
+//!
+//! Each message is reduced to a canonical form, `[role, text, [[tool, arguments]...]]`
+//! as JSON, so that an answer and the same answer sent back as history hash alike (a
+//! string content and a list of text parts are the same text; OpenAI's `refusal: null`
+//! or Anthropic's thinking blocks do not count). With `h(m)` the HMAC-SHA-256 of a
+//! message's canonical form under the deployment key:
+//!
+//! - `P0 = HMAC(key, "custody.prompt/v1")`, `Pj = SHA-256(P(j-1) || h(mj))`;
+//! - `prompt.hash = Pn` over the prompt's messages (system first);
+//! - `completion.hash = h(c)` for the answer `c`;
+//! - a record is indexed under `SHA-256(Pn || h(c))`, which is exactly `P(n+1)` of a
+//!   later request that sends this prompt and answer back as history. A request's
+//!   parent is the record indexed under its longest such prefix.
+//!
+//! Keyed, so that a short prompt cannot be recovered by hashing guesses.
+
+use std::collections::{HashMap, VecDeque};
+
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::genai::Operation;
+
+pub type Hash = [u8; 32];
+
+/// What the writer learns about one exchange's lineage.
+#[derive(Debug, Default, Clone)]
+pub struct Lineage {
+    /// `P1..Pn`.
+    pub prefixes: Vec<Hash>,
+    pub completion: Option<Hash>,
+}
+
+impl Lineage {
+    pub fn prompt_hash(&self) -> Option<Hash> {
+        self.prefixes.last().copied()
+    }
+
+    /// The key this record is indexed under, when it has a prompt and an answer.
+    pub fn turn_key(&self) -> Option<Hash> {
+        Some(step(&self.prompt_hash()?, &self.completion?))
+    }
+}
+
+/// Hashes messages under the deployment key.
+#[derive(Clone)]
+pub struct LineageHasher {
+    key: Vec<u8>,
+}
+
+impl LineageHasher {
+    pub fn new(key: &[u8]) -> Self {
+        Self { key: key.to_vec() }
+    }
+
+    fn mac(&self, bytes: &[u8]) -> Hash {
+        // HMAC takes a key of any length: this cannot fail.
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        m.update(bytes);
+        m.finalize().into_bytes().into()
+    }
+
+    /// `P1..Pn` for canonical messages.
+    pub fn prefixes(&self, messages: &[Vec<u8>]) -> Vec<Hash> {
+        let mut p = self.mac(b"custody.prompt/v1");
+        messages
+            .iter()
+            .map(|m| {
+                p = step(&p, &self.mac(m));
+                p
+            })
+            .collect()
+    }
+
+    pub fn message(&self, canonical: &[u8]) -> Hash {
+        self.mac(canonical)
+    }
+}
+
+fn step(prev: &Hash, next: &Hash) -> Hash {
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update(next);
+    h.finalize().into()
+}
+
+/// The prompt of a request as canonical messages, system instructions first.
+pub fn prompt_messages(op: Operation, body: &Value) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    match op {
+        Operation::Chat => {
+            for m in items(body.get("messages")) {
+                out.push(message(m));
+            }
+        }
+        Operation::Messages => {
+            if let Some(s) = body.get("system") {
+                out.push(canonical("system", s, &[]));
+            }
+            for m in items(body.get("messages")) {
+                out.push(message(m));
+            }
+        }
+        Operation::GenerateContent => {
+            if let Some(s) = body.get("systemInstruction") {
+                out.push(gemini_content(s, "system"));
+            }
+            for c in items(body.get("contents")) {
+                out.push(gemini_content(c, "user"));
+            }
+        }
+        Operation::Responses => {
+            if let Some(s) = body.get("instructions") {
+                out.push(canonical("system", s, &[]));
+            }
+            match body.get("input") {
+                Some(Value::Array(items)) => {
+                    for i in items {
+                        if i.get("role").is_some() {
+                            out.push(message(i));
+                        } else {
+                            out.push(canonical("item", &Value::String(i.to_string()), &[]));
+                        }
+                    }
+                }
+                Some(v) => out.push(canonical("user", v, &[])),
+                None => {}
+            }
+        }
+        Operation::TextCompletion | Operation::Embeddings | Operation::Moderations => {
+            let field = match op {
+                Operation::TextCompletion => "prompt",
+                _ => "input",
+            };
+            if let Some(v) = body.get(field) {
+                out.push(canonical("user", v, &[]));
+            }
+        }
+        Operation::Images => {
+            if let Some(v) = body.get("prompt") {
+                out.push(canonical("user", v, &[]));
+            }
+        }
+        Operation::Audio => {
+            if let Some(v) = body.get("input") {
+                out.push(canonical("user", v, &[]));
+            }
+        }
+    }
+    out
+}
+
+/// The answer of a response (its first choice or candidate) in canonical form.
+pub fn completion_message(op: Operation, body: &Value) -> Option<Vec<u8>> {
+    match op {
+        Operation::Chat => body.get("choices")?.get(0)?.get("message").map(message),
+        Operation::TextCompletion => {
+            let text = body.get("choices")?.get(0)?.get("text")?;
+            Some(canonical("assistant", text, &[]))
+        }
+        Operation::Messages => body.get("content").map(|_| message(body)),
+        Operation::GenerateContent => body
+            .get("candidates")?
+            .get(0)?
+            .get("content")
+            .map(|c| gemini_content(c, "model")),
+        Operation::Responses => {
+            let texts: Vec<&Value> = items(body.get("output"))
+                .filter(|o| o.get("type").and_then(Value::as_str) == Some("message"))
+                .flat_map(|o| items(o.get("content")))
+                .collect();
+            (!texts.is_empty()).then(|| {
+                canonical(
+                    "assistant",
+                    &Value::Array(texts.into_iter().cloned().collect()),
+                    &[],
+                )
+            })
+        }
+        Operation::Embeddings | Operation::Moderations | Operation::Images | Operation::Audio => {
+            None
+        }
+    }
+}
+
+fn items(v: Option<&Value>) -> impl Iterator<Item = &Value> {
+    v.and_then(Value::as_array).into_iter().flatten()
+}
+
+/// An OpenAI or Anthropic message.
+fn message(m: &Value) -> Vec<u8> {
+    let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+    let mut calls: Vec<(String, String)> = items(m.get("tool_calls"))
+        .map(|c| {
+            let f = c.get("function").unwrap_or(&Value::Null);
+            (text_of(f.get("name")), text_of(f.get("arguments")))
+        })
+        .collect();
+    // Anthropic tool calls are content blocks.
+    for b in items(m.get("content")) {
+        if b.get("type").and_then(Value::as_str) == Some("tool_use") {
+            calls.push((
+                text_of(b.get("name")),
+                b.get("input").map(Value::to_string).unwrap_or_default(),
+            ));
+        }
+    }
+    canonical(role, m.get("content").unwrap_or(&Value::Null), &calls)
+}
+
+fn gemini_content(c: &Value, default_role: &str) -> Vec<u8> {
+    let role = c
+        .get("role")
+        .and_then(Value::as_str)
+        .unwrap_or(default_role);
+    let calls: Vec<(String, String)> = items(c.get("parts"))
+        .filter_map(|p| p.get("functionCall"))
+        .map(|f| {
+            (
+                text_of(f.get("name")),
+                f.get("args").map(Value::to_string).unwrap_or_default(),
+            )
+        })
+        .collect();
+    canonical(role, c.get("parts").unwrap_or(&Value::Null), &calls)
+}
+
+fn text_of(v: Option<&Value>) -> String {
+    v.and_then(Value::as_str).unwrap_or("").to_owned()
+}
+
+/// `[role, text, calls]`. Text parts are joined; other parts (images, tool results)
+/// count by their JSON; tool calls and thinking are not text.
+fn canonical(role: &str, content: &Value, calls: &[(String, String)]) -> Vec<u8> {
+    let mut text = String::new();
+    collect_text(content, &mut text);
+    let calls: Vec<Value> = calls.iter().map(|(n, a)| json!([n, a])).collect();
+    json!([role, text, calls]).to_string().into_bytes()
+}
+
+fn collect_text(v: &Value, out: &mut String) {
+    match v {
+        Value::String(s) => out.push_str(s),
+        Value::Array(parts) => {
+            for p in parts {
+                collect_text(p, out);
+            }
+        }
+        Value::Object(o) => {
+            let kind = o.get("type").and_then(Value::as_str);
+            match (kind, o.get("text")) {
+                (_, Some(Value::String(t))) => out.push_str(t),
+                (Some("tool_use" | "thinking" | "redacted_thinking"), _) => {}
+                _ if o.contains_key("functionCall") || o.contains_key("thought") => {}
+                _ => out.push_str(&v.to_string()),
+            }
+        }
+        Value::Null => {}
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// Recent turns by key, and recent response ids, each mapped to their record id.
+/// Bounded: the oldest entries go first.
+pub struct ConversationIndex {
+    turns: HashMap<Hash, String>,
+    responses: HashMap<String, String>,
+    order: VecDeque<Entry>,
+    capacity: usize,
+}
+
+enum Entry {
+    Turn(Hash),
+    Response(String),
+}
+
+impl ConversationIndex {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            turns: HashMap::new(),
+            responses: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity.max(1);
+    }
+
+    /// The record this request continues: the one answering a previous response id,
+    /// else the one whose prompt and answer are the longest prefix of this prompt.
+    pub fn parent(&self, lineage: &Lineage, previous_response_id: Option<&str>) -> Option<&str> {
+        if let Some(id) = previous_response_id.and_then(|p| self.responses.get(p)) {
+            return Some(id);
+        }
+        lineage
+            .prefixes
+            .iter()
+            .rev()
+            .find_map(|p| self.turns.get(p))
+            .map(String::as_str)
+    }
+
+    pub fn insert(&mut self, lineage: &Lineage, response_id: Option<&str>, record_id: &str) {
+        if let Some(k) = lineage.turn_key() {
+            self.turns.insert(k, record_id.to_owned());
+            self.order.push_back(Entry::Turn(k));
+        }
+        if let Some(r) = response_id {
+            self.responses.insert(r.to_owned(), record_id.to_owned());
+            self.order.push_back(Entry::Response(r.to_owned()));
+        }
+        while self.order.len() > self.capacity {
+            match self.order.pop_front() {
+                Some(Entry::Turn(k)) => {
+                    self.turns.remove(&k);
+                }
+                Some(Entry::Response(r)) => {
+                    self.responses.remove(&r);
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lineage(h: &LineageHasher, op: Operation, req: &Value, resp: Option<&Value>) -> Lineage {
+        Lineage {
+            prefixes: h.prefixes(&prompt_messages(op, req)),
+            completion: resp
+                .and_then(|r| completion_message(op, r))
+                .map(|c| h.message(&c)),
+        }
+    }
+
+    #[test]
+    fn an_answer_sent_back_as_history_links_the_turns() {
+        let h = LineageHasher::new(b"k");
+        let mut idx = ConversationIndex::new(10);
+        let req1 = json!({"messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]});
+        let resp1 =
+            json!({"choices":[{"message":{"role":"assistant","content":"Hello!","refusal":null}}]});
+        let l1 = lineage(&h, Operation::Chat, &req1, Some(&resp1));
+        assert!(idx.parent(&l1, None).is_none());
+        idx.insert(&l1, Some("chatcmpl-1"), "r1");
+        // The client sends the answer back as a list of text parts.
+        let req2 = json!({"messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hi"}]},{"role":"assistant","content":"Hello!"},{"role":"user","content":"and?"}]});
+        let l2 = lineage(&h, Operation::Chat, &req2, None);
+        assert_eq!(idx.parent(&l2, None), Some("r1"));
+        // An edited history does not link.
+        let req3 = json!({"messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"},{"role":"assistant","content":"Hello?"},{"role":"user","content":"and?"}]});
+        assert!(idx
+            .parent(&lineage(&h, Operation::Chat, &req3, None), None)
+            .is_none());
+        // Another key gives other hashes.
+        let other = LineageHasher::new(b"other");
+        assert_ne!(
+            lineage(&other, Operation::Chat, &req1, None).prompt_hash(),
+            l1.prompt_hash()
+        );
+        assert_eq!(
+            idx.parent(&Lineage::default(), Some("chatcmpl-1")),
+            Some("r1")
+        );
+    }
+
+    #[test]
+    fn anthropic_blocks_and_strings_are_the_same_answer() {
+        let h = LineageHasher::new(b"k");
+        let resp = json!({"role":"assistant","content":[{"type":"thinking","thinking":"hmm"},{"type":"text","text":"Hi"},{"type":"tool_use","id":"t1","name":"f","input":{"a":1}}]});
+        let back = json!({"role":"assistant","content":[{"type":"text","text":"Hi"},{"type":"tool_use","id":"t1","name":"f","input":{"a":1}}]});
+        assert_eq!(
+            completion_message(Operation::Messages, &resp),
+            Some(message(&back))
+        );
+        let plain = json!({"role":"user","content":"Hi"});
+        let parts = json!({"role":"user","content":[{"type":"text","text":"Hi"}]});
+        assert_eq!(h.message(&message(&plain)), h.message(&message(&parts)));
+    }
+
+    #[test]
+    fn the_index_forgets_the_oldest() {
+        let mut idx = ConversationIndex::new(2);
+        for i in 0..3u8 {
+            let l = Lineage {
+                prefixes: vec![[i; 32]],
+                completion: Some([9; 32]),
+            };
+            idx.insert(&l, None, &format!("r{i}"));
+        }
+        assert_eq!(idx.turns.len(), 2);
+    }
+}

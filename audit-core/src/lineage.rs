@@ -1,8 +1,8 @@
 //! Prompt-response lineage: keyed hashes of what was asked and answered, and the index
 //! that links a stateless multi-turn request to the record whose turn it continues.
 //!
-//! Each message is reduced to a canonical form, `[role, text, [[tool, arguments]...]]`
-//! as JSON, so that an answer and the same answer sent back as history hash alike (a
+//! Each message is reduced to a canonical form, `role FF text FF (tool FE arguments FF)*`
+//! (bytes `FE` and `FF` never occur in UTF-8, so the fields cannot run together), so that an answer and the same answer sent back as history hash alike (a
 //! string content and a list of text parts are the same text; OpenAI's `refusal: null`
 //! or Anthropic's thinking blocks do not count). With `h(m)` the HMAC-SHA-256 of a
 //! message's canonical form under the deployment key:
@@ -16,10 +16,13 @@
 //!
 //! Keyed, so that a short prompt cannot be recovered by hashing guesses.
 
-use std::collections::{HashMap, VecDeque};
+use std::{
+    collections::{HashMap, VecDeque},
+    hash::{BuildHasherDefault, Hasher},
+};
 
 use hmac::{Hmac, Mac};
-use serde_json::{json, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::genai::Operation;
@@ -48,18 +51,21 @@ impl Lineage {
 /// Hashes messages under the deployment key.
 #[derive(Clone)]
 pub struct LineageHasher {
-    key: Vec<u8>,
+    /// Keyed once; cloned per message (re-keying would cost two more compressions).
+    keyed: Hmac<Sha256>,
 }
 
 impl LineageHasher {
     pub fn new(key: &[u8]) -> Self {
-        Self { key: key.to_vec() }
+        // HMAC takes a key of any length; an empty one still gives a valid (weak) MAC.
+        let keyed = <Hmac<Sha256> as Mac>::new_from_slice(key)
+            .or_else(|_| <Hmac<Sha256> as Mac>::new_from_slice(b"custody"))
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        Self { keyed }
     }
 
     fn mac(&self, bytes: &[u8]) -> Hash {
-        // HMAC takes a key of any length: this cannot fail.
-        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
-            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        let mut m = self.keyed.clone();
         m.update(bytes);
         m.finalize().into_bytes().into()
     }
@@ -233,18 +239,27 @@ fn text_of(v: Option<&Value>) -> String {
     v.and_then(Value::as_str).unwrap_or("").to_owned()
 }
 
-/// `[role, text, calls]`. Text parts are joined; other parts (images, tool results)
-/// count by their JSON; tool calls and thinking are not text.
+/// `role FF text FF (name FE args FF)*`. Text parts are joined; other parts (images,
+/// tool results) count by their JSON; tool calls and thinking are not text.
 fn canonical(role: &str, content: &Value, calls: &[(String, String)]) -> Vec<u8> {
-    let mut text = String::new();
-    collect_text(content, &mut text);
-    let calls: Vec<Value> = calls.iter().map(|(n, a)| json!([n, a])).collect();
-    json!([role, text, calls]).to_string().into_bytes()
+    let mut out = Vec::with_capacity(role.len() + 256);
+    out.extend_from_slice(role.as_bytes());
+    out.push(0xFF);
+    collect_text(content, &mut out);
+    out.push(0xFF);
+    for (name, args) in calls {
+        out.extend_from_slice(name.as_bytes());
+        out.push(0xFE);
+        out.extend_from_slice(args.as_bytes());
+        out.push(0xFF);
+    }
+    out
 }
 
-fn collect_text(v: &Value, out: &mut String) {
+fn collect_text(v: &Value, out: &mut Vec<u8>) {
+    let mut push_str = |s: &str| out.extend_from_slice(s.as_bytes());
     match v {
-        Value::String(s) => out.push_str(s),
+        Value::String(s) => push_str(s),
         Value::Array(parts) => {
             for p in parts {
                 collect_text(p, out);
@@ -253,24 +268,40 @@ fn collect_text(v: &Value, out: &mut String) {
         Value::Object(o) => {
             let kind = o.get("type").and_then(Value::as_str);
             match (kind, o.get("text")) {
-                (_, Some(Value::String(t))) => out.push_str(t),
+                (_, Some(Value::String(t))) => push_str(t),
                 (Some("tool_use" | "thinking" | "redacted_thinking"), _) => {}
                 _ if o.contains_key("functionCall") || o.contains_key("thought") => {}
-                _ => out.push_str(&v.to_string()),
+                _ => push_str(&v.to_string()),
             }
         }
         Value::Null => {}
-        other => out.push_str(&other.to_string()),
+        other => push_str(&other.to_string()),
     }
 }
 
 /// Recent turns by key, and recent response ids, each mapped to their record id.
 /// Bounded: the oldest entries go first.
 pub struct ConversationIndex {
-    turns: HashMap<Hash, String>,
+    turns: HashMap<Hash, String, BuildHasherDefault<DigestHasher>>,
     responses: HashMap<String, String>,
     order: VecDeque<Entry>,
     capacity: usize,
+}
+
+/// The keys are SHA-256 digests, already uniform: their first eight bytes are the hash
+/// (SipHash over them cost more than the rest of the lookup).
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for (i, b) in bytes.iter().take(8).enumerate() {
+            self.0 ^= u64::from(*b) << (8 * i);
+        }
+    }
 }
 
 enum Entry {
@@ -281,7 +312,7 @@ enum Entry {
 impl ConversationIndex {
     pub fn new(capacity: usize) -> Self {
         Self {
-            turns: HashMap::new(),
+            turns: HashMap::default(),
             responses: HashMap::new(),
             order: VecDeque::new(),
             capacity: capacity.max(1),
@@ -332,6 +363,7 @@ impl ConversationIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn lineage(h: &LineageHasher, op: Operation, req: &Value, resp: Option<&Value>) -> Lineage {
         Lineage {

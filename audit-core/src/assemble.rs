@@ -371,6 +371,18 @@ impl Assembler {
                 return out;
             }
         };
+        // Uploads (audio, images, files): the form's model is a fact; the parts, files
+        // among them, are recorded by length and hash only.
+        if content_type
+            .as_deref()
+            .is_some_and(|c| c.starts_with("multipart/form-data"))
+        {
+            if let Some(model) = multipart_field(&decoded, "model") {
+                inspect(&serde_json::json!({ "model": model }));
+            }
+            omit(&mut out, "multipart form upload".into(), &decoded);
+            return out;
+        }
         let text = match std::str::from_utf8(&decoded) {
             Ok(t) => t,
             Err(_) => {
@@ -409,9 +421,14 @@ impl Assembler {
                 // The parse for the facts also proves the text is JSON: no second
                 // validating pass.
                 let redacted = match serde_json::from_str::<Value>(text) {
-                    Ok(v) => {
+                    Ok(mut v) => {
                         inspect(&v);
-                        self.redactor.redact_valid_json_text(text, counts)
+                        // Inline binaries (base64 images, audio) become length and hash.
+                        if may_hold_binary(text) && slim_binary(&mut v) {
+                            self.redactor.redact_valid_json_text(&v.to_string(), counts)
+                        } else {
+                            self.redactor.redact_valid_json_text(text, counts)
+                        }
                     }
                     Err(_) => self.redactor.redact_json_text(text, counts),
                 };
@@ -442,6 +459,79 @@ fn one_line(mut text: String) -> String {
         text = text.replace(['\n', '\r'], " ");
     }
     text
+}
+
+/// Base64 strings shorter than this stay: they are not worth a marker.
+const BINARY_MIN: usize = 1024;
+
+/// Whether JSON text may carry inline base64 (a cheap test before walking the value).
+fn may_hold_binary(text: &str) -> bool {
+    text.len() > BINARY_MIN
+        && (memchr::memmem::find(text.as_bytes(), b"base64").is_some()
+            || memchr::memmem::find(text.as_bytes(), b"b64_json").is_some()
+            || memchr::memmem::find(text.as_bytes(), b"\"data\"").is_some())
+}
+
+/// Replaces inline binaries by `[binary omitted: N bytes, sha256 H]`: OpenAI's
+/// `b64_json` and audio `data`, Anthropic's and Gemini's base64 `data`, and `data:`
+/// URLs. The record keeps what was sent, provably, without megabytes of pixels.
+/// Returns whether anything was replaced.
+fn slim_binary(v: &mut Value) -> bool {
+    let marker = |s: &str| {
+        Value::String(format!(
+            "[binary omitted: {} bytes, sha256 {}]",
+            s.len(),
+            hex::encode(Sha256::digest(s.as_bytes()))
+        ))
+    };
+    match v {
+        Value::Object(o) => {
+            let mut changed = false;
+            for (k, child) in o.iter_mut() {
+                let binary_key = matches!(k.as_str(), "b64_json" | "data" | "result");
+                match child {
+                    Value::String(s)
+                        if s.len() >= BINARY_MIN
+                            && (binary_key
+                                || (s.starts_with("data:") && s.contains(";base64,")))
+                            && looks_base64(s) =>
+                    {
+                        *child = marker(s);
+                        changed = true;
+                    }
+                    _ => changed |= slim_binary(child),
+                }
+            }
+            changed
+        }
+        Value::Array(a) => a.iter_mut().fold(false, |c, x| slim_binary(x) | c),
+        _ => false,
+    }
+}
+
+/// Base64 (or a `data:...;base64,` URL of it): no spaces, only the alphabet.
+fn looks_base64(s: &str) -> bool {
+    let payload = match s.split_once(";base64,") {
+        Some((head, rest)) if head.starts_with("data:") => rest,
+        _ => s,
+    };
+    payload
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_'))
+}
+
+/// A form field of a `multipart/form-data` body (`model` of an audio upload), read
+/// without parsing the parts: the field's header line, a blank line, the value.
+fn multipart_field<'a>(body: &'a [u8], name: &str) -> Option<&'a str> {
+    let needle = format!("name=\"{name}\"");
+    let at = memchr::memmem::find(body, needle.as_bytes())? + needle.len();
+    let rest = &body[at..];
+    let start = memchr::memmem::find(rest, b"\r\n\r\n")? + 4;
+    let value = &rest[start..];
+    let end = memchr::memmem::find(value, b"\r\n")?;
+    std::str::from_utf8(&value[..end])
+        .ok()
+        .filter(|v| v.len() <= 256)
 }
 
 /// `[source]` plus the Kubernetes downward-API environment, as one JSON object.

@@ -406,7 +406,11 @@ fn openai_choices(op: Operation, datas: impl Iterator<Item = Value>) -> Option<V
             "system_fingerprint",
             "service_tier",
         ] {
-            if let Some(v) = d.get(key).filter(|v| !v.is_null()) {
+            // Azure's first chunk carries only content-filter results, with `""` ids.
+            if let Some(v) = d
+                .get(key)
+                .filter(|v| !v.is_null() && v.as_str() != Some(""))
+            {
                 out.entry(key).or_insert_with(|| v.clone());
             }
         }

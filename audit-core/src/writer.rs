@@ -175,6 +175,9 @@ enum Control {
         assembler: Box<Assembler>,
         conversation_index_size: usize,
         event: serde_json::Value,
+        /// Told once the event is queued: records assembled from then on use the
+        /// new configuration.
+        applied: Sender<()>,
     },
 }
 
@@ -217,13 +220,19 @@ impl ConfigHandle {
         );
         let snapshot = Snapshot::of(config, &self.fingerprinter);
         let event = snapshot.event("reload", Some(&current.0));
+        let (applied, done) = bounded(1);
+        let stopped = || AuditError::Writer("the writer has stopped".into());
         self.control
             .send(Control::Reload {
                 assembler: Box::new(assembler),
                 conversation_index_size: config.lineage.conversation_index_size,
                 event,
+                applied,
             })
-            .map_err(|_| AuditError::Writer("the writer has stopped".into()))?;
+            .map_err(|_| stopped())?;
+        // The caller admits traffic under the new version only after this.
+        done.recv_timeout(Duration::from_secs(30))
+            .map_err(|_| stopped())?;
         snapshot.store_last(&config.audit.dir);
         let version = snapshot.version.clone();
         *current = (snapshot, config.clone());
@@ -514,10 +523,12 @@ impl Worker {
                 assembler,
                 conversation_index_size,
                 event,
+                applied,
             } => {
                 self.assembler = *assembler;
                 self.conversations.set_capacity(conversation_index_size);
                 self.add_event(event);
+                let _ = applied.send(());
             }
         }
     }

@@ -417,3 +417,135 @@ fn kill_9_under_load_loses_nothing_on_disk_and_verifies_after_restart() {
         "--fast needs --pubkey"
     );
 }
+
+#[test]
+fn sighup_reloads_the_config_and_log_chain_tells_the_conversation() {
+    let (mut mock, mock_addr) = spawn_listening(&["mock-provider"]);
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit");
+    let config = dir.path().join("custody.toml");
+    let write_config = |extra: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[listen]\naddr = \"127.0.0.1:0\"\n\n[audit]\ndir = \"{}\"\n\n[[route]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n{extra}",
+                audit.display()
+            ),
+        )
+        .unwrap()
+    };
+    write_config("");
+    let mut serve = Command::new(BIN)
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(serve.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit("http://").next().unwrap().to_owned();
+    // The server's log, line by line, to learn when the reload is done.
+    let (log_tx, log) = std::sync::mpsc::channel();
+    let stderr = serve.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = log_tx.send(l);
+        }
+    });
+
+    // Two turns of one conversation: the second sends the first answer back.
+    let turn = |messages: &str| {
+        let resp = http_post(
+            &addr,
+            "/v1/chat/completions",
+            "",
+            &format!(r#"{{"model":"gpt-4o-mini","messages":[{messages}]}}"#),
+        );
+        let body = resp.split("\r\n\r\n").nth(1).unwrap().to_owned();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let first = r#"{"role":"user","content":"What is custody?"}"#;
+    let answer = turn(first);
+    turn(&format!(
+        r#"{first},{{"role":"assistant","content":{}}},{{"role":"user","content":"And why?"}}"#,
+        serde_json::Value::String(answer)
+    ));
+
+    // A new route and a source tag, applied on SIGHUP without a restart.
+    write_config(&format!(
+        "\n[source]\nservice = \"cli-test\"\n\n[[route]]\nname = \"second\"\nprefix = \"/second/\"\nstrip_prefix = true\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n"
+    ));
+    let hup = Command::new("kill")
+        .args(["-HUP", &serve.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let deadline = std::time::Duration::from_secs(30);
+    loop {
+        let l = log.recv_timeout(deadline).expect("no reload logged");
+        assert!(!l.contains("reload refused"), "{l}");
+        if l.contains("configuration reloaded") {
+            break;
+        }
+    }
+    let third = http_post(
+        &addr,
+        "/second/v1/chat/completions",
+        "",
+        r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"via the new route"}]}"#,
+    );
+    assert!(third.starts_with("HTTP/1.1 200"), "{third}");
+
+    let term = Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(serve.wait().unwrap().success());
+    mock.kill().unwrap();
+    let _ = mock.wait();
+
+    let d = audit.to_str().unwrap();
+    let o = custody(&["log", "search", "--dir", d, "--events", "--json"]);
+    let events: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let reasons: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"]["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, vec!["reload", "start"], "newest first");
+    let o = custody(&["log", "search", "--dir", d, "--json"]);
+    let records: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records[0]["route"], "second");
+    assert_eq!(records[0]["source"]["service"], "cli-test");
+    assert_eq!(
+        records[0]["config"]["version"],
+        events[0]["event"]["version"]
+    );
+
+    // `log chain` from the second turn: both turns, oldest first.
+    let second_turn = records[1]["id"].as_str().unwrap();
+    let o = custody(&["log", "chain", second_turn, "--dir", d]);
+    assert!(o.status.success(), "{o:?}");
+    let out = stdout(&o);
+    let turns: Vec<&str> = out.lines().filter(|l| l.starts_with("turn ")).collect();
+    assert_eq!(turns.len(), 2, "{out}");
+    assert!(turns[1].ends_with("<-"), "{out}");
+    assert!(out.contains("asked:    What is custody?"), "{out}");
+    assert!(out.contains("asked:    And why?"), "{out}");
+    assert!(
+        out.contains("answered: Hello from the mock provider. You said: And why?"),
+        "{out}"
+    );
+}

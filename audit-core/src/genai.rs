@@ -131,6 +131,57 @@ pub struct GenAiFacts {
     pub reasoning_tokens: Option<u64>,
 }
 
+/// Where an API puts its sampling parameters: OpenAI and Anthropic in the body, in
+/// snake case; Gemini in `generationConfig`, in camel case.
+struct SamplingNames {
+    top_p: &'static str,
+    top_k: &'static str,
+    max_tokens: &'static [&'static str],
+    choice_count: &'static str,
+    frequency_penalty: &'static str,
+    presence_penalty: &'static str,
+    stop: &'static [&'static str],
+}
+
+const OPENAI_PARAMS: SamplingNames = SamplingNames {
+    top_p: "top_p",
+    top_k: "top_k",
+    max_tokens: &["max_tokens", "max_completion_tokens", "max_output_tokens"],
+    choice_count: "n",
+    frequency_penalty: "frequency_penalty",
+    presence_penalty: "presence_penalty",
+    stop: &["stop", "stop_sequences"],
+};
+
+const GEMINI_PARAMS: SamplingNames = SamplingNames {
+    top_p: "topP",
+    top_k: "topK",
+    max_tokens: &["maxOutputTokens"],
+    choice_count: "candidateCount",
+    frequency_penalty: "frequencyPenalty",
+    presence_penalty: "presencePenalty",
+    stop: &["stopSequences"],
+};
+
+fn sampling(o: &Value, n: &SamplingNames, facts: &mut GenAiFacts) {
+    let f64_at = |k: &str| o.get(k).and_then(Value::as_f64);
+    facts.temperature = f64_at("temperature");
+    facts.top_p = f64_at(n.top_p);
+    facts.top_k = f64_at(n.top_k);
+    facts.frequency_penalty = f64_at(n.frequency_penalty);
+    facts.presence_penalty = f64_at(n.presence_penalty);
+    facts.seed = o.get("seed").and_then(Value::as_i64);
+    facts.choice_count = o.get(n.choice_count).and_then(Value::as_u64);
+    facts.max_tokens = n
+        .max_tokens
+        .iter()
+        .find_map(|k| o.get(*k).and_then(Value::as_u64));
+    facts.stop_sequences = match n.stop.iter().find_map(|k| o.get(*k)) {
+        Some(Value::String(s)) => vec![s.clone()],
+        other => strings(other),
+    };
+}
+
 /// Reads the request parameters custody records. `path_model` is the model a path
 /// names (Azure deployment, Gemini model), used when the body names none.
 pub fn request_facts(
@@ -143,15 +194,7 @@ pub fn request_facts(
     facts.request_stream = body.get("stream").and_then(Value::as_bool);
     if op == Operation::GenerateContent {
         let g = body.get("generationConfig").unwrap_or(&Value::Null);
-        facts.temperature = g.get("temperature").and_then(Value::as_f64);
-        facts.top_p = g.get("topP").and_then(Value::as_f64);
-        facts.top_k = g.get("topK").and_then(Value::as_f64);
-        facts.seed = g.get("seed").and_then(Value::as_i64);
-        facts.max_tokens = g.get("maxOutputTokens").and_then(Value::as_u64);
-        facts.choice_count = g.get("candidateCount").and_then(Value::as_u64);
-        facts.frequency_penalty = g.get("frequencyPenalty").and_then(Value::as_f64);
-        facts.presence_penalty = g.get("presencePenalty").and_then(Value::as_f64);
-        facts.stop_sequences = strings(g.get("stopSequences"));
+        sampling(g, &GEMINI_PARAMS, facts);
         facts.output_type = str_at(g, "responseMimeType");
         facts.reasoning_effort = g
             .get("thinkingConfig")
@@ -163,20 +206,7 @@ pub fn request_facts(
             .collect();
         return;
     }
-    facts.temperature = body.get("temperature").and_then(Value::as_f64);
-    facts.top_p = body.get("top_p").and_then(Value::as_f64);
-    facts.top_k = body.get("top_k").and_then(Value::as_f64);
-    facts.seed = body.get("seed").and_then(Value::as_i64);
-    facts.frequency_penalty = body.get("frequency_penalty").and_then(Value::as_f64);
-    facts.presence_penalty = body.get("presence_penalty").and_then(Value::as_f64);
-    facts.choice_count = body.get("n").and_then(Value::as_u64);
-    facts.max_tokens = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
-        .iter()
-        .find_map(|k| body.get(*k).and_then(Value::as_u64));
-    facts.stop_sequences = match body.get("stop").or_else(|| body.get("stop_sequences")) {
-        Some(Value::String(s)) => vec![s.clone()],
-        other => strings(other),
-    };
+    sampling(body, &OPENAI_PARAMS, facts);
     // Chat: {"type":"function","function":{"name"}}; Responses and Anthropic: {"name"}.
     facts.tool_names = array(body.get("tools"))
         .filter_map(|t| {

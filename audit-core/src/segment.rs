@@ -34,7 +34,7 @@
 //! header bytes before it.
 //!
 //! # Hash chain
-//! Every record line ends in `"chain":{"prev":"P","hash":"H"}}` (`chain` the last member,
+//! Every record line ends in `"prev":"P","hash":"H"}}`, the end of `chain` (the last member,
 //! `hash` the last in it). `H` is the lowercase hex SHA-256 of the line (without its
 //! `\n`) in which `H` is written as 64 `0` characters; `P` is the previous record's `H`
 //! (64 zeros for the first record of a trail). `seq` rises by one from record to record,

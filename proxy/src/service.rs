@@ -133,17 +133,8 @@ async fn proxy(
         };
         ex.identity = Some(k.identity.clone());
         if !k.allows_route(&target.name) {
-            let why = format!(
-                "key `{}` may not use route `{}`",
-                k.identity.key_id, target.name
-            );
-            return refuse(
-                ex,
-                &shared.audit,
-                Refusal::KeyNotAllowed,
-                provider,
-                Some(why),
-            );
+            let what = format!("route `{}`", target.name);
+            return not_allowed(ex, &shared.audit, provider, k, &what);
         }
         key = Some(k);
     }
@@ -162,18 +153,8 @@ async fn proxy(
                     }
                 };
             if !model.as_deref().is_some_and(|m| k.allows_model(m)) {
-                let why = format!(
-                    "key `{}` may not use model `{}`",
-                    k.identity.key_id,
-                    model.as_deref().unwrap_or("(none named)")
-                );
-                return refuse(
-                    ex,
-                    &shared.audit,
-                    Refusal::KeyNotAllowed,
-                    provider,
-                    Some(why),
-                );
+                let what = format!("model `{}`", model.as_deref().unwrap_or("(none named)"));
+                return not_allowed(ex, &shared.audit, provider, k, &what);
             }
             body
         }
@@ -248,6 +229,18 @@ async fn requested_model(
         .ok()
         .and_then(|m| m.model);
     Ok((model, Either::Right(Full::new(bytes))))
+}
+
+/// A 403 for a virtual key used outside what it allows; `what` names the route or model.
+fn not_allowed(
+    ex: Exchange,
+    audit: &AuditSender,
+    provider: Provider,
+    key: &keys::Key,
+    what: &str,
+) -> Response<ProxyBody> {
+    let why = format!("key `{}` may not use {what}", key.identity.key_id);
+    refuse(ex, audit, Refusal::KeyNotAllowed, provider, Some(why))
 }
 
 /// Answers for custody itself and records the exchange.

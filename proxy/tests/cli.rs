@@ -20,10 +20,14 @@ fn stdout(o: &Output) -> String {
 
 /// Starts a long-running subcommand and reads the address it prints on its first line.
 fn spawn_listening(args: &[&str]) -> (Child, String) {
+    spawn_with_stderr(args, Stdio::null())
+}
+
+fn spawn_with_stderr(args: &[&str], stderr: Stdio) -> (Child, String) {
     let mut child = Command::new(BIN)
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let mut line = String::new();
@@ -435,17 +439,10 @@ fn sighup_reloads_the_config_and_log_chain_tells_the_conversation() {
         .unwrap()
     };
     write_config("");
-    let mut serve = Command::new(BIN)
-        .args(["serve", "--config", config.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(serve.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().rsplit("http://").next().unwrap().to_owned();
+    let (mut serve, addr) = spawn_with_stderr(
+        &["serve", "--config", config.to_str().unwrap()],
+        Stdio::piped(),
+    );
     // The server's log, line by line, to learn when the reload is done.
     let (log_tx, log) = std::sync::mpsc::channel();
     let stderr = serve.stderr.take().unwrap();

@@ -138,9 +138,15 @@ def test_zz_trail_holds_every_exchange(stack):
     stack.stop()
     export = stack.cli("log", "export", "--dir", str(stack.audit_dir))
     assert export.returncode == 0, export.stderr
-    records = [json.loads(line) for line in export.stdout.splitlines()]
+    lines = [json.loads(line) for line in export.stdout.splitlines()]
+    assert [r["seq"] for r in lines] == list(range(1, 11))
+    # The trail opens with the start's config event; then one record per exchange.
+    assert lines[0]["event"]["type"] == "config"
+    records = lines[1:]
     assert len(records) == 9
-    assert [r["seq"] for r in records] == list(range(1, 10))
+    assert all(r["schema"] == "custody.record/v1" for r in records)
+    assert len({r["config"]["version"] for r in records}) == 1
+    assert all(len(r["trace"]["id"]) == 32 for r in records)
     by_path = {}
     for r in records:
         by_path.setdefault(r["http"]["path"], []).append(r)
@@ -167,7 +173,7 @@ def test_zz_trail_holds_every_exchange(stack):
 
     verify = stack.cli("log", "verify", "--dir", str(stack.audit_dir), "--pubkey", str(stack.pubkey))
     assert verify.returncode == 0, verify.stderr
-    assert "records: 9 (+0 events) in 1 segments" in verify.stdout, verify.stdout
+    assert "records: 9 (+1 events) in 1 segments" in verify.stdout, verify.stdout
     assert "signatures: all checked against" in verify.stdout, verify.stdout
     assert verify.stdout.endswith("ok\n"), verify.stdout
 

@@ -818,6 +818,60 @@ mod tests {
     }
 
     #[test]
+    fn request_parameters_across_apis() {
+        let mut f = GenAiFacts::default();
+        let responses = json!({"model": "o4-mini", "previous_response_id": "resp_1",
+            "reasoning": {"effort": "high"}, "text": {"format": {"type": "json_schema"}},
+            "tools": [{"type": "function", "name": "get_weather"}], "max_output_tokens": 500,
+            "safety_identifier": "user-9"});
+        request_facts(Operation::Responses, &responses, None, &mut f);
+        assert_eq!(f.reasoning_effort.as_deref(), Some("high"));
+        assert_eq!(f.output_type.as_deref(), Some("json_schema"));
+        assert_eq!(f.tool_names, vec!["get_weather"]);
+        assert_eq!(f.max_tokens, Some(500));
+        assert_eq!(f.conversation_id.as_deref(), Some("resp_1"));
+        assert_eq!(f.end_user.as_deref(), Some("user-9"));
+
+        let mut f = GenAiFacts::default();
+        let chat = json!({"model": "gpt-4o", "stop": "END", "n": 2, "seed": -1,
+            "response_format": {"type": "json_object"}, "reasoning_effort": "low",
+            "tools": [{"type": "function", "function": {"name": "f1"}}]});
+        request_facts(Operation::Chat, &chat, None, &mut f);
+        assert_eq!(f.stop_sequences, vec!["END"]);
+        assert_eq!((f.choice_count, f.seed), (Some(2), Some(-1)));
+        assert_eq!(f.tool_names, vec!["f1"]);
+        assert_eq!(f.output_type.as_deref(), Some("json_object"));
+
+        let mut f = GenAiFacts::default();
+        let anthropic = json!({"model": "claude-sonnet-4-5", "max_tokens": 1024,
+            "thinking": {"type": "enabled", "budget_tokens": 2048},
+            "metadata": {"user_id": "u-77"}, "stop_sequences": ["\n\nHuman:"]});
+        request_facts(Operation::Messages, &anthropic, None, &mut f);
+        assert_eq!(f.reasoning_effort.as_deref(), Some("budget:2048"));
+        assert_eq!(f.end_user.as_deref(), Some("u-77"));
+        assert_eq!(f.stop_sequences.len(), 1);
+
+        assert_eq!(
+            path_model(
+                Provider::Azure,
+                "/openai/deployments/prod-4o/chat/completions"
+            ),
+            Some("prod-4o")
+        );
+        assert_eq!(
+            path_model(
+                Provider::Gemini,
+                "/v1beta/models/gemini-2.5-pro:streamGenerateContent"
+            ),
+            Some("gemini-2.5-pro")
+        );
+        assert_eq!(
+            Operation::detect(Provider::Gemini, "/v1beta/models/x:countTokens"),
+            None
+        );
+    }
+
+    #[test]
     fn cut_streams_keep_what_arrived() {
         let body = "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"par\"}}]}\n\ndata: {\"id\":\"c\",\"cho";
         let v = reassemble(Operation::Chat, body).unwrap();

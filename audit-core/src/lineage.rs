@@ -360,6 +360,71 @@ impl ConversationIndex {
     }
 }
 
+/// The index as it stood before a restart, rebuilt from the newest records of the trail
+/// (their `prompt.hash`, `completion.hash` and `gen_ai.response.id`), so that a rolling
+/// restart does not break the conversations in flight. Reads at most `capacity`
+/// answered records, newest segments first.
+pub fn rebuild(dir: &std::path::Path, capacity: usize) -> ConversationIndex {
+    #[derive(serde::Deserialize)]
+    struct Hashed {
+        hash: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Response {
+        id: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct GenAi {
+        response: Option<Response>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Turn {
+        id: String,
+        prompt: Option<Hashed>,
+        completion: Option<Hashed>,
+        gen_ai: Option<GenAi>,
+    }
+    let hash = |h: &Option<Hashed>| {
+        let mut out = [0u8; 32];
+        let hex = h.as_ref()?.hash.as_deref()?;
+        hex::decode_to_slice(hex, &mut out).ok().map(|_| out)
+    };
+    let mut index = ConversationIndex::new(capacity);
+    let Ok(segments) = crate::reader::segments(dir) else {
+        return index;
+    };
+    let mut newest_first: Vec<Vec<Turn>> = Vec::new();
+    let mut taken = 0;
+    for seg in segments.iter().rev() {
+        let mut turns = Vec::new();
+        let read = crate::reader::for_each_line_in(seg, |line| {
+            if memchr::memmem::find(line, b"\"completion\":{\"hash\"").is_some() {
+                if let Ok(t) = serde_json::from_slice::<Turn>(line) {
+                    turns.push(t);
+                }
+            }
+            std::ops::ControlFlow::Continue(())
+        });
+        if let Err(e) = read {
+            tracing::warn!(segment = %seg.name(), error = %e, "conversation index: segment not read");
+        }
+        taken += turns.len();
+        newest_first.push(turns);
+        if taken >= capacity {
+            break;
+        }
+    }
+    for t in newest_first.into_iter().rev().flatten() {
+        let lineage = Lineage {
+            prefixes: hash(&t.prompt).into_iter().collect(),
+            completion: hash(&t.completion),
+        };
+        let response_id = t.gen_ai.and_then(|g| g.response).and_then(|r| r.id);
+        index.insert(&lineage, response_id.as_deref(), &t.id);
+    }
+    index
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -302,11 +302,12 @@ impl AuditWriter {
         let (tx, rx) = bounded(wc.queue_capacity);
         let (stop_tx, stop_rx) = bounded(1);
         let stats = Arc::new(AuditStats::default());
+        let conversations = crate::lineage::rebuild(store.dir(), conversation_index_size);
         let mut worker = Worker {
             batch: Batch::new(store.head()),
             store,
             assembler,
-            conversations: ConversationIndex::new(conversation_index_size),
+            conversations,
             stats: stats.clone(),
             fsync_interval: wc.fsync_interval,
             last_sync: Instant::now(),

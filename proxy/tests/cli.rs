@@ -20,12 +20,13 @@ fn stdout(o: &Output) -> String {
 
 /// Starts a long-running subcommand and reads the address it prints on its first line.
 fn spawn_listening(args: &[&str]) -> (Child, String) {
-    spawn_with_stderr(args, Stdio::null())
+    spawn_with(args, Stdio::null(), &[])
 }
 
-fn spawn_with_stderr(args: &[&str], stderr: Stdio) -> (Child, String) {
+fn spawn_with(args: &[&str], stderr: Stdio, env: &[(&str, &str)]) -> (Child, String) {
     let mut child = Command::new(BIN)
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(stderr)
         .spawn()
@@ -439,9 +440,11 @@ fn sighup_reloads_the_config_and_log_chain_tells_the_conversation() {
         .unwrap()
     };
     write_config("");
-    let (mut serve, addr) = spawn_with_stderr(
+    // The environment the Kubernetes downward API would set.
+    let (mut serve, addr) = spawn_with(
         &["serve", "--config", config.to_str().unwrap()],
         Stdio::piped(),
+        &[("POD_NAME", "custody-test-pod"), ("POD_NAMESPACE", "audit")],
     );
     // The server's log, line by line, to learn when the reload is done.
     let (log_tx, log) = std::sync::mpsc::channel();
@@ -467,12 +470,14 @@ fn sighup_reloads_the_config_and_log_chain_tells_the_conversation() {
             .unwrap()
             .to_owned()
     };
-    let first = r#"{"role":"user","content":"What is custody?"}"#;
-    let answer = turn(first);
-    turn(&format!(
-        r#"{first},{{"role":"assistant","content":{}}},{{"role":"user","content":"And why?"}}"#,
-        serde_json::Value::String(answer)
-    ));
+    let mut history = r#"{"role":"user","content":"What is custody?"}"#.to_owned();
+    for next in ["And why?", "Thanks."] {
+        let answer = serde_json::Value::String(turn(&history));
+        history = format!(
+            r#"{history},{{"role":"assistant","content":{answer}}},{{"role":"user","content":"{next}"}}"#
+        );
+    }
+    turn(&history);
 
     // A new route and a source tag, applied on SIGHUP without a restart.
     write_config(&format!(
@@ -531,18 +536,24 @@ fn sighup_reloads_the_config_and_log_chain_tells_the_conversation() {
         events[0]["event"]["version"]
     );
 
-    // `log chain` from the second turn: both turns, oldest first.
-    let second_turn = records[1]["id"].as_str().unwrap();
-    let o = custody(&["log", "chain", second_turn, "--dir", d]);
+    assert_eq!(records[0]["source"]["k8s.pod.name"], "custody-test-pod");
+    assert_eq!(records[0]["source"]["k8s.namespace.name"], "audit");
+
+    // `log chain` from the middle turn: all three turns, oldest first.
+    let middle = records[2]["id"].as_str().unwrap();
+    let o = custody(&["log", "chain", middle, "--dir", d]);
     assert!(o.status.success(), "{o:?}");
     let out = stdout(&o);
     let turns: Vec<&str> = out.lines().filter(|l| l.starts_with("turn ")).collect();
-    assert_eq!(turns.len(), 2, "{out}");
+    assert_eq!(turns.len(), 3, "{out}");
     assert!(turns[1].ends_with("<-"), "{out}");
-    assert!(out.contains("asked:    What is custody?"), "{out}");
-    assert!(out.contains("asked:    And why?"), "{out}");
+    for asked in ["What is custody?", "And why?", "Thanks."] {
+        assert!(out.contains(&format!("asked:    {asked}")), "{out}");
+    }
     assert!(
-        out.contains("answered: Hello from the mock provider. You said: And why?"),
+        out.contains("answered: Hello from the mock provider. You said: Thanks."),
         "{out}"
     );
+    let o = custody(&["log", "chain", middle, "--dir", d, "--json"]);
+    assert_eq!(stdout(&o).lines().count(), 3);
 }

@@ -275,6 +275,32 @@ async fn a_three_turn_conversation_is_linked_and_told_turn_by_turn() {
 }
 
 #[tokio::test]
+async fn conversations_stay_linked_across_a_restart() {
+    let up = echo_upstream().await;
+    let custody = Custody::start(vec![openai_route(&up)]).await;
+    let url = custody.url("/v1/chat/completions");
+    let first = json!([{"role": "user", "content": "Hello"}]);
+    let body = json!({"model": "gpt-4o", "messages": first}).to_string();
+    let (_, got) = send(&client(), post(&url, &[], body)).await;
+    let answer: Value = serde_json::from_slice(&got).unwrap();
+    let stopped = custody.stop().await;
+    let first_id = stopped.records[0]["id"].clone();
+
+    // A rolling restart: the writer rebuilds its index from the trail.
+    let custody = Custody::start_in(stopped.dir, vec![openai_route(&up)], |_| {}).await;
+    let messages =
+        json!([first[0], answer["choices"][0]["message"], {"role": "user", "content": "Again"}]);
+    let body = json!({"model": "gpt-4o", "messages": messages}).to_string();
+    send(
+        &client(),
+        post(&custody.url("/v1/chat/completions"), &[], body),
+    )
+    .await;
+    let done = custody.stop().await;
+    assert_eq!(done.records[1]["chain"]["conversation_parent"], first_id);
+}
+
+#[tokio::test]
 async fn a_reload_writes_a_config_event_and_new_records_carry_the_new_version() {
     let mut up = chat_upstream().await;
     let custody = Custody::start_with(vec![openai_route(&up)], |c| {

@@ -43,6 +43,24 @@ impl Snapshot {
                 }
             }
         }
+        // Redaction terms and allow-listed values are what the trail must not hold in
+        // clear: an event that listed them would undo their redaction.
+        let fingerprint_all = |v: Option<&mut Value>| {
+            for item in v.and_then(Value::as_array_mut).into_iter().flatten() {
+                *item = json!(fp.key_id(item.as_str().unwrap_or("").as_bytes()));
+            }
+        };
+        if let Some(r) = canonical.get_mut("redaction") {
+            fingerprint_all(r.get_mut("allow"));
+            for rule in r
+                .get_mut("custom")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                fingerprint_all(rule.get_mut("terms"));
+            }
+        }
         for r in &config.routes {
             if let Some(env) = &r.upstream_key_env {
                 secrets.insert(
@@ -173,9 +191,22 @@ mod tests {
             models: None,
             upstream_key_env: Some("CUSTODY_TEST_NO_SUCH_VAR".into()),
         });
+        c.redaction.allow = vec!["ceo@example.com".into()];
+        c.redaction.custom.push(custody_config::CustomRule {
+            name: "PROJECT".into(),
+            terms: vec!["Falcon Nine".into()],
+            case_insensitive: false,
+            prefix: None,
+            min_len: 16,
+            max_len: 64,
+            alphabet: Default::default(),
+            mode: None,
+        });
         let s = Snapshot::of(&c, &fp);
         let text = s.canonical.to_string();
         assert!(!text.contains(&hash), "{text}");
+        assert!(!text.contains("ceo@example.com"), "{text}");
+        assert!(!text.contains("Falcon Nine"), "{text}");
         assert_eq!(
             s.canonical["secrets"]["key[app].upstream_key_env"],
             json!("unset")

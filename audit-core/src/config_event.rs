@@ -50,6 +50,16 @@ impl Snapshot {
                 *item = json!(fp.key_id(item.as_str().unwrap_or("").as_bytes()));
             }
         };
+        if let Some(t) = canonical
+            .get_mut("admin")
+            .and_then(|a| a.get_mut("token"))
+            .filter(|t| t.is_string())
+        {
+            *t = json!(fp.key_id(t.as_str().unwrap_or("").as_bytes()));
+        }
+        if let Some(env) = &config.admin.token_env {
+            secrets.insert("admin.token_env".into(), json!(env_fp(env)));
+        }
         if let Some(r) = canonical.get_mut("redaction") {
             fingerprint_all(r.get_mut("allow"));
             for rule in r

@@ -130,6 +130,12 @@ pub struct Exchange {
     pub trace: Option<TraceContext>,
     /// The configuration version in force at admission.
     pub config_version: Option<Arc<str>>,
+    /// When custody sent the request upstream, and when it handed the response head back:
+    /// with `started` and `response_head_at`, custody's own share of the time.
+    pub upstream_sent_at: Option<Instant>,
+    pub response_returned_at: Option<Instant>,
+    /// The audit queue slot taken at admission; the writer frees it with the exchange.
+    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// A client authenticated by a virtual key.
@@ -181,6 +187,9 @@ impl Exchange {
             identity: None,
             trace: None,
             config_version: None,
+            upstream_sent_at: None,
+            response_returned_at: None,
+            permit: None,
         }
     }
 }

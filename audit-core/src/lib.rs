@@ -19,6 +19,7 @@ pub mod fingerprint;
 pub mod genai;
 pub mod index;
 pub mod lineage;
+pub mod metrics;
 pub mod reader;
 pub mod record;
 pub mod redact;
@@ -32,4 +33,5 @@ pub mod writer;
 
 pub use error::AuditError;
 pub use exchange::{Capture, Exchange, Identity, Outcome, TraceContext};
-pub use writer::{AuditSender, AuditStats, AuditWriter, ConfigHandle};
+pub use metrics::AuditStats;
+pub use writer::{AuditSender, AuditWriter, ConfigHandle};

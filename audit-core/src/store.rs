@@ -300,7 +300,10 @@ impl SegmentStore {
     }
 
     /// Appends one block of sealed record lines. `head` is the chain state after them.
-    /// On failure nothing of the block stays in the file, so it can be retried.
+    /// On failure nothing of the block stays in the file, so it can be retried. Once the
+    /// block is written it counts as appended: a failing fsync or rotation after it is
+    /// logged, not returned, so that a retry cannot write the block twice. Returns the
+    /// bytes appended.
     pub fn append(
         &mut self,
         first_seq: u64,
@@ -309,7 +312,7 @@ impl SegmentStore {
         records: &[u8],
         head: ChainHead,
         facts: &Facts,
-    ) -> Result<(), AuditError> {
+    ) -> Result<u64, AuditError> {
         let block = BlockHeader::encode_block(
             first_seq,
             count,
@@ -347,16 +350,20 @@ impl SegmentStore {
         seg.last_ms = seg.last_ms.max(time_range.1);
         self.head = head;
         if self.opts.fsync == Fsync::Always {
-            self.sync()?;
+            if let Err(e) = self.sync() {
+                tracing::error!(error = %e, "fsync after a block failed; it is retried with the next");
+            }
         }
         if self
             .open
             .as_ref()
             .is_some_and(|s| s.len >= self.opts.max_bytes)
         {
-            self.close_segment()?;
+            if let Err(e) = self.close_segment() {
+                tracing::error!(error = %e, "sealing a full segment failed; it is retried at the next rotation");
+            }
         }
-        Ok(())
+        Ok(block.len() as u64)
     }
 
     /// Rotates the open segment if it is older than the age limit.

@@ -7,10 +7,7 @@
 
 use std::{
     panic::{catch_unwind, AssertUnwindSafe},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
     thread::JoinHandle,
     time::{Duration, Instant, UNIX_EPOCH},
 };
@@ -25,6 +22,7 @@ use crate::{
     fingerprint::{self, Fingerprinter},
     index::Facts,
     lineage::ConversationIndex,
+    metrics::AuditStats,
     record::{self, Chain, EventRecord, EventTime},
     redact::Redactor,
     segment,
@@ -55,21 +53,6 @@ pub fn redactor_for(config: &custody_config::Config) -> Result<Redactor, AuditEr
 /// Uncompressed bytes per block before it is cut.
 pub const BLOCK_TARGET: usize = 256 * 1024;
 
-/// Counters shared by the proxy and the writer.
-#[derive(Debug, Default)]
-pub struct AuditStats {
-    /// Exchanges handed to the queue.
-    pub submitted: AtomicU64,
-    /// Exchanges lost because the queue was full.
-    pub dropped_full: AtomicU64,
-    /// Exchanges lost because the writer had stopped.
-    pub dropped_closed: AtomicU64,
-    /// Records durably handed to the segment file.
-    pub written: AtomicU64,
-    /// Failed block writes (each retried).
-    pub write_errors: AtomicU64,
-}
-
 /// The proxy's handle on the queue: never blocks.
 #[derive(Clone)]
 pub struct AuditSender {
@@ -81,18 +64,15 @@ impl AuditSender {
     /// Hands an exchange to the writer without blocking; a full or closed queue
     /// drops it, counts it and logs it.
     pub fn submit(&self, ex: Exchange) -> bool {
-        match self.tx.try_send(ex) {
-            Ok(()) => {
-                self.stats.submitted.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(TrySendError::Full(ex)) => {
-                let n = self.stats.dropped_full.fetch_add(1, Ordering::Relaxed) + 1;
+        match self.send(ex) {
+            None => true,
+            Some(TrySendError::Full(ex)) => {
+                let n = self.stats.dropped_full.inc() + 1;
                 tracing::warn!(dropped_total = n, path = %ex.uri.path(), "audit queue full: exchange dropped unaudited");
                 false
             }
-            Err(TrySendError::Disconnected(ex)) => {
-                let n = self.stats.dropped_closed.fetch_add(1, Ordering::Relaxed) + 1;
+            Some(TrySendError::Disconnected(ex)) => {
+                let n = self.stats.dropped_closed.inc() + 1;
                 tracing::warn!(dropped_total = n, path = %ex.uri.path(), "audit writer stopped: exchange dropped unaudited");
                 false
             }
@@ -106,24 +86,53 @@ impl AuditSender {
     /// Hands an exchange over if there is room, giving it back otherwise; nothing is
     /// counted as dropped. For callers with their own policy for a full queue.
     pub fn try_submit(&self, ex: Exchange) -> Option<Exchange> {
-        match self.tx.try_send(ex) {
-            Ok(()) => {
-                self.stats.submitted.fetch_add(1, Ordering::Relaxed);
-                None
-            }
-            Err(TrySendError::Full(ex)) | Err(TrySendError::Disconnected(ex)) => Some(ex),
+        match self.send(ex) {
+            None => None,
+            Some(TrySendError::Full(ex)) | Some(TrySendError::Disconnected(ex)) => Some(ex),
         }
     }
 
     /// Waits for room in the queue. For tools and benchmarks on their own threads;
     /// never on the proxy's runtime, which must not block.
     pub fn submit_blocking(&self, ex: Exchange) -> bool {
+        let bytes = queued_bytes(&ex);
         let ok = self.tx.send(ex).is_ok();
         if ok {
-            self.stats.submitted.fetch_add(1, Ordering::Relaxed);
+            self.count_in(bytes);
         }
         ok
     }
+
+    /// Queues `ex`; on failure hands it back (by value: nothing is allocated for it).
+    fn send(&self, ex: Exchange) -> Option<TrySendError<Exchange>> {
+        let bytes = queued_bytes(&ex);
+        if let Err(e) = self.tx.try_send(ex) {
+            return Some(e);
+        }
+        self.count_in(bytes);
+        None
+    }
+
+    fn count_in(&self, bytes: i64) {
+        self.stats.submitted.inc();
+        self.stats.queue_depth.inc();
+        self.stats.queue_bytes.inc_by(bytes);
+    }
+
+    /// Exchanges waiting for the writer.
+    pub fn queued(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// Room in the queue.
+    pub fn capacity(&self) -> usize {
+        self.tx.capacity().unwrap_or(usize::MAX)
+    }
+}
+
+/// The captured body bytes an exchange holds while it waits for the writer.
+fn queued_bytes(ex: &Exchange) -> i64 {
+    (ex.request.captured + ex.response.captured) as i64
 }
 
 /// What the writer did over its life.
@@ -243,6 +252,14 @@ impl ConfigHandle {
 impl AuditWriter {
     /// Opens (and if needed repairs) the trail in `[audit] dir` and starts the thread.
     pub fn start(config: &custody_config::Config) -> Result<Self, AuditError> {
+        Self::start_gated(config, None)
+    }
+
+    /// [`AuditWriter::start`] with a gate that can hold the writer still.
+    pub fn start_gated(
+        config: &custody_config::Config,
+        gate: Option<WriterGate>,
+    ) -> Result<Self, AuditError> {
         let audit = &config.audit;
         let wc = WriterConfig::from(audit);
         let signer = audit
@@ -280,30 +297,31 @@ impl AuditWriter {
             current: Arc::new(Mutex::new((snapshot, config.clone()))),
         };
         Self::start_with(
-            store,
-            recovery,
+            (store, recovery),
             assembler,
             wc,
             config.lineage.conversation_index_size,
             start_event,
             (handle, control_rx),
+            gate,
         )
     }
 
     fn start_with(
-        store: SegmentStore,
-        recovery: Recovery,
+        (store, recovery): (SegmentStore, Recovery),
         assembler: Assembler,
         wc: WriterConfig,
         conversation_index_size: usize,
         start_event: serde_json::Value,
         (config, control): (ConfigHandle, Receiver<Control>),
+        gate: Option<WriterGate>,
     ) -> Result<Self, AuditError> {
         let (tx, rx) = bounded(wc.queue_capacity);
         let (stop_tx, stop_rx) = bounded(1);
         let stats = Arc::new(AuditStats::default());
         let conversations = crate::lineage::rebuild(store.dir(), conversation_index_size);
         let mut worker = Worker {
+            gate,
             batch: Batch::new(store.head()),
             store,
             assembler,
@@ -321,6 +339,7 @@ impl AuditWriter {
             worker.add_event(event);
         }
         worker.add_event(start_event);
+        worker.stats.measure_disk(worker.store.dir());
         worker.apply_retention();
         let thread = std::thread::Builder::new()
             .name("custody-writer".into())
@@ -403,6 +422,7 @@ impl Batch {
 }
 
 struct Worker {
+    gate: Option<WriterGate>,
     store: SegmentStore,
     assembler: Assembler,
     conversations: ConversationIndex,
@@ -419,6 +439,56 @@ struct Worker {
 
 /// How often retention looks for expired segments.
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
+
+/// The event that tells traffic the trail does not hold: unaudited (`on_full = "drop"`)
+/// or refused at admission, while the queue was full.
+fn loss_event(l: &crate::metrics::Losses) -> serde_json::Value {
+    let time = |ms: Option<i64>| {
+        ms.and_then(|m| u64::try_from(m).ok()).map(|m| {
+            humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(m)).to_string()
+        })
+    };
+    serde_json::json!({
+        "type": "gap",
+        "reason": "audit_queue_full",
+        "unaudited": l.unaudited,
+        "refused": l.refused,
+        "from": time(l.first_ms),
+        "to": time(l.last_ms),
+    })
+}
+
+/// Holds the writer still (tests make a deliberately slow writer with it).
+#[derive(Clone, Default)]
+pub struct WriterGate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl WriterGate {
+    /// The writer stops before its next exchange.
+    pub fn close(&self) {
+        if let Ok(mut closed) = self.0 .0.lock() {
+            *closed = true;
+        }
+    }
+
+    pub fn open(&self) {
+        if let Ok(mut closed) = self.0 .0.lock() {
+            *closed = false;
+        }
+        self.0 .1.notify_all();
+    }
+
+    fn wait_open(&self) {
+        let Ok(mut closed) = self.0 .0.lock() else {
+            return;
+        };
+        while *closed {
+            match self.0 .1.wait(closed) {
+                Ok(c) => closed = c,
+                Err(_) => return,
+            }
+        }
+    }
+}
 
 /// The event that tells a repaired crash apart from tampering.
 fn recovery_event(r: &Recovery) -> Option<serde_json::Value> {
@@ -483,6 +553,11 @@ impl Worker {
                     default(tick) => {},
                 },
             }
+            // Room was made: wake admissions waiting under backpressure.
+            self.stats.room.notify_waiters();
+            if let Some(l) = self.stats.take_losses() {
+                self.add_event(loss_event(&l));
+            }
             let idle = rx.is_empty();
             if self.batch.count > 0 && (self.batch.buf.len() >= BLOCK_TARGET || idle) {
                 self.flush();
@@ -495,6 +570,7 @@ impl Worker {
                     tracing::error!(error = %e, "checkpoint failed");
                 }
                 self.last_checkpoint = Instant::now();
+                self.stats.measure_disk(self.store.dir());
             }
             if let Err(e) = self.store.rotate_if_old() {
                 tracing::error!(error = %e, "segment rotation failed");
@@ -502,6 +578,9 @@ impl Worker {
             if self.retention.is_some() && self.last_retention.elapsed() >= RETENTION_EVERY {
                 self.apply_retention();
             }
+        }
+        if let Some(l) = self.stats.take_losses() {
+            self.add_event(loss_event(&l));
         }
         self.retry_at = None;
         self.flush();
@@ -514,7 +593,7 @@ impl Worker {
         self.store.close()?;
         Ok(WriterSummary {
             head: self.store.head(),
-            written: self.stats.written.load(Ordering::Relaxed),
+            written: self.stats.written.get(),
         })
     }
 
@@ -535,6 +614,16 @@ impl Worker {
     }
 
     fn add(&mut self, ex: &Exchange) {
+        if let Some(gate) = &self.gate {
+            gate.wait_open();
+        }
+        self.stats.queue_depth.dec();
+        self.stats.queue_bytes.dec_by(queued_bytes(ex));
+        if let Some(end) = ex.ended_at {
+            self.stats
+                .writer_lag_seconds
+                .observe(end.elapsed().as_secs_f64());
+        }
         let seq = self.batch.head.next_seq;
         let line = catch_unwind(AssertUnwindSafe(|| self.line(ex, seq))).unwrap_or_else(|_| {
             tracing::error!(seq, "record assembly panicked; writing a minimal record");
@@ -652,6 +741,7 @@ impl Worker {
             .map(str::to_owned);
         self.conversations
             .insert(&learned.lineage, learned.response_id.as_deref(), &record.id);
+        self.count(&record);
         let mut facts = Facts::default();
         facts.add_record(&record);
         record.chain.prev = hex::encode(self.batch.head.prev_hash);
@@ -665,6 +755,39 @@ impl Worker {
             Err(e) => {
                 tracing::error!(seq, error = %e, "record did not serialize");
                 None
+            }
+        }
+    }
+
+    /// Redactions by entity and tokens by route and model, for the metrics.
+    fn count(&self, record: &record::Record) {
+        for (entity, n) in &record.redactions {
+            let labels = crate::metrics::EntityLabels {
+                entity: entity.clone(),
+            };
+            self.stats.redactions.get_or_create(&labels).inc_by(*n);
+        }
+        let Some(g) = &record.gen_ai else { return };
+        let Some(usage) = &g.usage else { return };
+        let model = g
+            .response
+            .as_ref()
+            .and_then(|r| r.model.as_deref())
+            .or(g.request.model.as_deref())
+            .unwrap_or("unknown");
+        let model = self.stats.model_label(model);
+        let route = record.route.clone().unwrap_or_default();
+        for (token_type, n) in [
+            ("input", usage.input_tokens),
+            ("output", usage.output_tokens),
+        ] {
+            if let Some(n) = n {
+                let labels = crate::metrics::TokenLabels {
+                    route: route.clone(),
+                    model: model.clone(),
+                    token_type,
+                };
+                self.stats.tokens.get_or_create(&labels).inc_by(n);
             }
         }
     }
@@ -712,15 +835,16 @@ impl Worker {
             b.head,
             &b.facts,
         ) {
-            Ok(()) => {
-                self.stats
-                    .written
-                    .fetch_add(u64::from(b.count), Ordering::Relaxed);
+            Ok(appended) => {
+                self.stats.written.inc_by(u64::from(b.count));
+                self.stats.bytes_written.inc_by(appended);
+                self.stats.failing.set(0);
                 self.batch = Batch::new(self.batch.head);
                 self.retry_at = None;
             }
             Err(e) => {
-                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.write_errors.inc();
+                self.stats.failing.set(1);
                 tracing::error!(error = %e, pending_records = b.count, "audit block write failed; will retry");
                 self.retry_at = Some(Instant::now() + Duration::from_millis(500));
             }
@@ -728,9 +852,13 @@ impl Worker {
     }
 
     fn sync(&mut self) {
+        let started = Instant::now();
         if let Err(e) = self.store.sync() {
             tracing::error!(error = %e, "audit fsync failed");
         }
         self.last_sync = Instant::now();
+        self.stats
+            .fsync_seconds
+            .observe(self.last_sync.duration_since(started).as_secs_f64());
     }
 }

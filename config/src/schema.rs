@@ -38,6 +38,101 @@ pub struct Config {
     /// Request headers that tie records to sessions and prompt templates.
     #[serde(default)]
     pub lineage: Lineage,
+    /// The admin listener: metrics, health, readiness, reload.
+    #[serde(default)]
+    pub admin: Admin,
+    /// Custody's own log.
+    #[serde(default)]
+    pub log: Log,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Admin {
+    /// Where `/metrics`, `/healthz`, `/readyz` and `/admin/*` are served; `"off"` for none.
+    #[serde(with = "optional_addr")]
+    pub addr: Option<SocketAddr>,
+    /// Bearer token for `/admin/*` endpoints (prefer `token_env`). Neither: they are off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Environment variable holding the admin token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Self {
+            addr: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+            token: None,
+            token_env: None,
+        }
+    }
+}
+
+/// An address, or `"off"`.
+mod optional_addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "off" {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!("`{text}` is not an address (or \"off\")"))
+        })
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Log {
+    /// `text` or `json` (one JSON object per line).
+    pub format: LogFormat,
+    /// One line per exchange (route, status, outcome, durations; no bodies, no keys).
+    pub exchanges: bool,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            exchanges: false,
+        }
+    }
+}
+
+/// `[log] format`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `[audit] on_full`: what a request meets when the writer is behind and the queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFull {
+    /// Wait (asynchronously, up to `admission_timeout_ms`) for room, then 503.
+    #[default]
+    Backpressure,
+    /// 503 at once: no unaudited traffic (fail closed).
+    Reject,
+    /// Proceed unaudited (fail open); the loss is recorded as a `gap` event.
+    Drop,
 }
 
 /// `[[key]]`: a virtual key a client presents instead of a provider key.
@@ -151,6 +246,14 @@ pub struct Audit {
     /// custody, oldest first, each deletion recorded as an event in the chain. Unset:
     /// keep everything. `0` deletes every segment as soon as it is sealed.
     pub retention_days: Option<u32>,
+    /// When the queue is full (`queue_capacity` exchanges or `queue_max_bytes` of
+    /// captured bodies): `backpressure`, `reject` or `drop`. Decided at admission, before
+    /// the request goes upstream; a response already streaming is never stalled.
+    pub on_full: OnFull,
+    /// Captured body bytes the queue may hold.
+    pub queue_max_bytes: u64,
+    /// Under `backpressure`, how long a request may wait for room before its 503.
+    pub admission_timeout_ms: u64,
 }
 
 /// `[audit] fsync`
@@ -177,6 +280,9 @@ impl Default for Audit {
             signing_key: None,
             checkpoint_interval_secs: 10,
             retention_days: None,
+            on_full: OnFull::Backpressure,
+            queue_max_bytes: 256 * 1024 * 1024,
+            admission_timeout_ms: 5000,
         }
     }
 }
@@ -445,6 +551,11 @@ impl Config {
             keys: Vec::new(),
             source: Default::default(),
             lineage: Lineage::default(),
+            admin: Admin {
+                addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+                ..Admin::default()
+            },
+            log: Log::default(),
         }
     }
 }

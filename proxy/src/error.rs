@@ -40,6 +40,8 @@ pub enum Refusal {
     UnknownKey,
     /// The client's virtual key does not allow this route or model.
     KeyNotAllowed,
+    /// The audit queue is full and `on_full` does not let unaudited traffic through.
+    AuditQueueFull,
 }
 
 impl Refusal {
@@ -51,6 +53,7 @@ impl Refusal {
             Refusal::BadRequest => StatusCode::BAD_REQUEST,
             Refusal::UnknownKey => StatusCode::UNAUTHORIZED,
             Refusal::KeyNotAllowed => StatusCode::FORBIDDEN,
+            Refusal::AuditQueueFull => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -62,6 +65,7 @@ impl Refusal {
             Refusal::BadRequest => "bad_request",
             Refusal::UnknownKey => "invalid_api_key",
             Refusal::KeyNotAllowed => "key_not_allowed",
+            Refusal::AuditQueueFull => "audit_queue_full",
         }
     }
 
@@ -75,6 +79,9 @@ impl Refusal {
             Refusal::BadRequest => "custody: the request could not be forwarded",
             Refusal::UnknownKey => "custody: missing or unknown API key",
             Refusal::KeyNotAllowed => "custody: this API key may not use this route or model",
+            Refusal::AuditQueueFull => {
+                "custody: the audit trail is behind; retry shortly (no unaudited traffic is let through)"
+            }
         }
     }
 
@@ -103,6 +110,7 @@ impl Refusal {
             Refusal::KeyNotAllowed => "permission_error",
             Refusal::BadRequest => "invalid_request_error",
             Refusal::UpstreamUnreachable | Refusal::UpstreamTimeout => "api_error",
+            Refusal::AuditQueueFull => "overloaded_error",
         }
     }
 
@@ -115,12 +123,13 @@ impl Refusal {
             Refusal::BadRequest => "INVALID_ARGUMENT",
             Refusal::UpstreamUnreachable => "UNAVAILABLE",
             Refusal::UpstreamTimeout => "DEADLINE_EXCEEDED",
+            Refusal::AuditQueueFull => "UNAVAILABLE",
         }
     }
 
-    /// Response headers for the refusal.
-    pub fn headers(self) -> [(header::HeaderName, HeaderValue); 2] {
-        [
+    /// Response headers for the refusal; a full audit queue asks SDKs to retry.
+    pub fn headers(self) -> Vec<(header::HeaderName, HeaderValue)> {
+        let mut h = vec![
             (
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
@@ -129,6 +138,10 @@ impl Refusal {
                 header::HeaderName::from_static("x-custody-error"),
                 HeaderValue::from_static(self.code()),
             ),
-        ]
+        ];
+        if self == Refusal::AuditQueueFull {
+            h.push((header::RETRY_AFTER, HeaderValue::from_static("1")));
+        }
+        h
     }
 }

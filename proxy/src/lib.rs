@@ -8,8 +8,11 @@
 //! mock provider used by `custody demo` and the SDK conformance tests.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod admission;
 pub mod error;
 pub mod keys;
+pub mod metrics;
 pub mod mock;
 pub mod route;
 pub mod server;
@@ -19,4 +22,4 @@ pub mod trace;
 pub mod upstream;
 
 pub use error::ProxyError;
-pub use server::{run, run_with_reloads, ReloadRequest, RunSummary};
+pub use server::{run, run_with, ReloadRequest, RunOptions, RunSummary};

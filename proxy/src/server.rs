@@ -1,9 +1,19 @@
 //! Accepting connections and shutting down in order: stop accepting, let in-flight
 //! exchanges finish (bounded), then drain the audit queue and close the segment.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
-use custody_audit::{writer::WriterSummary, AuditWriter, ConfigHandle};
+use custody_audit::{
+    writer::{WriterGate, WriterSummary},
+    AuditWriter, ConfigHandle,
+};
 use custody_config::Config;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -15,6 +25,8 @@ use tokio::{
 };
 
 use crate::{
+    admin::{self, AdminState, ReloadSource},
+    metrics::ProxyMetrics,
     service::{Active, ProxyService, Shared},
     ProxyError,
 };
@@ -31,37 +43,95 @@ pub struct RunSummary {
 /// why it was refused).
 pub type ReloadRequest = (Config, oneshot::Sender<Result<String, String>>);
 
+/// What a caller can add to [`run`].
+#[derive(Default)]
+pub struct RunOptions {
+    /// Configurations to apply (SIGHUP; tests).
+    pub reloads: Option<mpsc::UnboundedReceiver<ReloadRequest>>,
+    /// The admin listener, bound by the caller; else `[admin] addr` is bound here.
+    pub admin: Option<TcpListener>,
+    /// Reads the configuration anew for `POST /admin/reload`.
+    pub reload_source: Option<ReloadSource>,
+    /// Holds the writer still (tests make a slow writer with it).
+    pub writer_gate: Option<WriterGate>,
+}
+
 /// Serves `listener` with `config` until `shutdown` completes, then shuts down in order.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<RunSummary, ProxyError> {
-    let (_keep, reloads) = mpsc::unbounded_channel();
-    run_with_reloads(listener, config, shutdown, reloads).await
+    run_with(listener, config, shutdown, RunOptions::default()).await
 }
 
-/// [`run`], also applying configurations that arrive on `reloads` (SIGHUP, tests).
-pub async fn run_with_reloads(
+/// [`run`] with reloads, an admin listener and a writer gate.
+pub async fn run_with(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()>,
-    mut reloads: mpsc::UnboundedReceiver<ReloadRequest>,
+    opts: RunOptions,
 ) -> Result<RunSummary, ProxyError> {
     let writer_config = config.clone();
-    let writer = tokio::task::spawn_blocking(move || AuditWriter::start(&writer_config))
-        .await
-        .map_err(|e| ProxyError::Io {
-            what: "starting the audit writer".into(),
-            source: std::io::Error::other(e.to_string()),
-        })??;
+    let gate = opts.writer_gate.clone();
+    let writer =
+        tokio::task::spawn_blocking(move || AuditWriter::start_gated(&writer_config, gate))
+            .await
+            .map_err(|e| ProxyError::Io {
+                what: "starting the audit writer".into(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
     let stats = writer.stats();
     let config_handle = writer.config();
+    let metrics = Arc::new(ProxyMetrics::new(stats.clone()));
     let shared = Arc::new(Shared::new(
         &config,
         writer.sender(),
+        metrics.clone(),
         &config_handle.version(),
     )?);
+
+    // Reloads from the caller and from `POST /admin/reload` meet in one channel.
+    let (reload_tx, mut reloads) = mpsc::unbounded_channel::<ReloadRequest>();
+    if let Some(mut outside) = opts.reloads {
+        let tx = reload_tx.clone();
+        tokio::spawn(async move {
+            while let Some(r) = outside.recv().await {
+                if tx.send(r).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let admin_listener = match (opts.admin, config.admin.addr) {
+        (Some(l), _) => Some(l),
+        (None, Some(addr)) => {
+            Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ProxyError::Io {
+                        what: format!("binding the admin listener on {addr}"),
+                        source,
+                    })?,
+            )
+        }
+        (None, None) => None,
+    };
+    let admin_state = Arc::new(AdminState {
+        shared: shared.clone(),
+        registry: metrics.registry(),
+        token: admin_token(&config)?,
+        queue_capacity: config.audit.queue_capacity,
+        reloads: reload_tx,
+        reload_source: opts.reload_source,
+        stopping: AtomicBool::new(false),
+    });
+    let admin_task = admin_listener.map(|l| {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(%addr, "admin listener: /metrics /healthz /readyz /admin/reload");
+        }
+        tokio::spawn(admin::serve(l, admin_state.clone()))
+    });
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -113,6 +183,7 @@ pub async fn run_with_reloads(
         }
     }
     drop(listener);
+    admin_state.stopping.store(true, Ordering::Relaxed);
     let grace = Duration::from_secs(config.listen.shutdown_grace_secs);
     tracing::info!(
         grace_secs = grace.as_secs(),
@@ -129,6 +200,10 @@ pub async fn run_with_reloads(
         connections.abort_all();
     }
     while connections.join_next().await.is_some() {}
+    if let Some(t) = admin_task {
+        t.abort();
+    }
+    drop(admin_state);
     drop(shared);
     let writer = tokio::task::spawn_blocking(move || writer.shutdown())
         .await
@@ -136,12 +211,7 @@ pub async fn run_with_reloads(
             what: "stopping the audit writer".into(),
             source: std::io::Error::other(e.to_string()),
         })??;
-    let dropped = stats
-        .dropped_full
-        .load(std::sync::atomic::Ordering::Relaxed)
-        + stats
-            .dropped_closed
-            .load(std::sync::atomic::Ordering::Relaxed);
+    let dropped = stats.dropped_full.get() + stats.dropped_closed.get();
     tracing::info!(records = writer.written, dropped, "audit trail closed");
     Ok(RunSummary { writer, dropped })
 }
@@ -168,4 +238,16 @@ async fn reload(
     let active = Active::new(&new, &version).map_err(|e| e.to_string())?;
     shared.swap(active);
     Ok(version)
+}
+
+/// The `/admin/*` bearer token: `[admin] token_env`, else `[admin] token`.
+fn admin_token(config: &Config) -> Result<Option<String>, ProxyError> {
+    if let Some(var) = &config.admin.token_env {
+        let token = std::env::var(var).map_err(|_| ProxyError::Key {
+            what: "[admin] token_env".into(),
+            reason: format!("environment variable `{var}` is not set"),
+        })?;
+        return Ok(Some(token).filter(|t| !t.is_empty()));
+    }
+    Ok(config.admin.token.clone().filter(|t| !t.is_empty()))
 }

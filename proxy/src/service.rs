@@ -20,10 +20,12 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 
 use crate::{
+    admission::{Admission, Admit},
     error::Refusal,
     keys::{self, KeyTable},
+    metrics::ProxyMetrics,
     route::Router,
-    tee::{InFlight, Side, TeeBody},
+    tee::{InFlight, Reporter, Side, TeeBody},
     trace,
     upstream::{self, Connector},
     ProxyError,
@@ -61,21 +63,36 @@ impl Active {
 pub struct Shared {
     active: ArcSwap<Active>,
     client: Client<Connector, TeeBody<RequestBody>>,
-    audit: AuditSender,
+    reporter: Arc<Reporter>,
+    pub admission: Admission,
     capture_max: usize,
 }
 
 impl Shared {
-    pub fn new(config: &Config, audit: AuditSender, version: &str) -> Result<Self, ProxyError> {
+    pub fn new(
+        config: &Config,
+        audit: AuditSender,
+        metrics: Arc<ProxyMetrics>,
+        version: &str,
+    ) -> Result<Self, ProxyError> {
         Ok(Self {
             active: ArcSwap::from_pointee(Active::new(config, version)?),
             client: upstream::client(
                 Duration::from_secs(config.upstream.connect_timeout_secs),
                 Duration::from_secs(config.upstream.pool_idle_timeout_secs),
             )?,
-            audit,
+            admission: Admission::new(&config.audit, metrics.audit.clone()),
+            reporter: Arc::new(Reporter {
+                audit,
+                metrics,
+                log_exchanges: config.log.exchanges,
+            }),
             capture_max: config.audit.capture_max_bytes,
         })
+    }
+
+    pub fn metrics(&self) -> &Arc<ProxyMetrics> {
+        &self.reporter.metrics
     }
 
     /// Makes `active` the configuration of every request admitted from now on.
@@ -117,8 +134,18 @@ async fn proxy(
         Some(remote),
     );
     ex.config_version = Some(active.version.clone());
-    let Some(target) = active.router.find(parts.uri.path()) else {
-        return refuse(ex, &shared.audit, Refusal::NoRoute, Provider::Generic, None);
+    let audit = &shared.reporter;
+    let target = active.router.find(parts.uri.path());
+    match shared.admission.admit().await {
+        Admit::Audited(permit) => ex.permit = Some(permit),
+        Admit::Unaudited => {}
+        Admit::Refused => {
+            let provider = target.map_or(Provider::Generic, |t| t.provider);
+            return refuse(ex, audit, Refusal::AuditQueueFull, provider, None);
+        }
+    }
+    let Some(target) = target else {
+        return refuse(ex, audit, Refusal::NoRoute, Provider::Generic, None);
     };
     ex.route = Some(target.name.clone());
     ex.provider = target.provider;
@@ -129,18 +156,18 @@ async fn proxy(
         let found = keys::presented(&parts.headers, parts.uri.query())
             .and_then(|p| active.keys.authenticate(p));
         let Some(k) = found else {
-            return refuse(ex, &shared.audit, Refusal::UnknownKey, provider, None);
+            return refuse(ex, audit, Refusal::UnknownKey, provider, None);
         };
         ex.identity = Some(k.identity.clone());
         if !k.allows_route(&target.name) {
             let what = format!("route `{}`", target.name);
-            return not_allowed(ex, &shared.audit, provider, k, &what);
+            return not_allowed(ex, audit, provider, k, &what);
         }
         key = Some(k);
     }
     let (uri, forwarded) = match target.upstream_uri(&parts.uri, key.is_some()) {
         Ok(u) => u,
-        Err(_) => return refuse(ex, &shared.audit, Refusal::BadRequest, provider, None),
+        Err(_) => return refuse(ex, audit, Refusal::BadRequest, provider, None),
     };
     let body = match key.filter(|k| k.restricts_models()) {
         None => Either::Left(body),
@@ -148,13 +175,11 @@ async fn proxy(
             let (model, body) =
                 match requested_model(provider, &forwarded, body, shared.capture_max).await {
                     Ok(m) => m,
-                    Err(why) => {
-                        return refuse(ex, &shared.audit, Refusal::BadRequest, provider, Some(why))
-                    }
+                    Err(why) => return refuse(ex, audit, Refusal::BadRequest, provider, Some(why)),
                 };
             if !model.as_deref().is_some_and(|m| k.allows_model(m)) {
                 let what = format!("model `{}`", model.as_deref().unwrap_or("(none named)"));
-                return not_allowed(ex, &shared.audit, provider, k, &what);
+                return not_allowed(ex, audit, provider, k, &what);
             }
             body
         }
@@ -167,7 +192,7 @@ async fn proxy(
     }
     ex.trace = Some(trace::propagate(&mut parts.headers));
     ex.upstream_path = Some(forwarded);
-    let inflight = InFlight::new(ex, shared.audit.clone());
+    let inflight = InFlight::new(ex, shared.reporter.clone());
 
     parts.uri = uri;
     // The client picks HTTP/1.1 or HTTP/2 per upstream connection (ALPN); the response
@@ -179,6 +204,8 @@ async fn proxy(
     let upstream_req = Request::from_parts(parts, body);
 
     let timeout = active.response_timeout;
+    let sent_at = Instant::now();
+    inflight.update(|ex| ex.upstream_sent_at = Some(sent_at));
     let result = tokio::time::timeout(timeout, shared.client.request(upstream_req)).await;
     let (refusal, error) = match result {
         Ok(Ok(resp)) => {
@@ -191,7 +218,8 @@ async fn proxy(
                 ex.response_headers = parts.headers.clone();
                 ex.response_head_at = Some(head_at);
             });
-            let body = TeeBody::new(body, Side::Response, shared.capture_max, inflight);
+            let body = TeeBody::new(body, Side::Response, shared.capture_max, inflight.clone());
+            inflight.update(|ex| ex.response_returned_at = Some(Instant::now()));
             return Response::from_parts(parts, Either::Left(body));
         }
         Ok(Err(e)) if is_timeout(&e) => (Refusal::UpstreamTimeout, e.to_string()),
@@ -234,7 +262,7 @@ async fn requested_model(
 /// A 403 for a virtual key used outside what it allows; `what` names the route or model.
 fn not_allowed(
     ex: Exchange,
-    audit: &AuditSender,
+    audit: &Arc<Reporter>,
     provider: Provider,
     key: &keys::Key,
     what: &str,
@@ -246,7 +274,7 @@ fn not_allowed(
 /// Answers for custody itself and records the exchange.
 fn refuse(
     ex: Exchange,
-    audit: &AuditSender,
+    audit: &Arc<Reporter>,
     refusal: Refusal,
     provider: Provider,
     error: Option<String>,
@@ -282,7 +310,8 @@ fn respond_refusal(
             Refusal::NoRoute
             | Refusal::BadRequest
             | Refusal::UnknownKey
-            | Refusal::KeyNotAllowed => Outcome::Rejected,
+            | Refusal::KeyNotAllowed
+            | Refusal::AuditQueueFull => Outcome::Rejected,
             Refusal::UpstreamTimeout => Outcome::UpstreamTimeout,
             Refusal::UpstreamUnreachable => Outcome::UpstreamError,
         };

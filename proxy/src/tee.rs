@@ -15,20 +15,61 @@ use std::{
 
 use bytes::Bytes;
 use custody_audit::{AuditSender, Capture, Exchange, Outcome};
+
+use crate::metrics::ProxyMetrics;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+
+/// Where ended exchanges go: the metrics, the optional exchange log line, the audit queue.
+pub struct Reporter {
+    pub audit: AuditSender,
+    pub metrics: Arc<ProxyMetrics>,
+    pub log_exchanges: bool,
+}
+
+impl Reporter {
+    /// Counts the exchange and, when it holds an audit permit, queues it. One without a
+    /// permit was admitted unaudited (`on_full = "drop"`) and is already counted as lost.
+    fn report(&self, ex: Exchange) {
+        self.metrics.observe(&ex);
+        if self.log_exchanges {
+            let ms = |t: Option<Instant>| {
+                t.map_or(-1.0, |t| {
+                    t.saturating_duration_since(ex.started).as_secs_f64() * 1e3
+                })
+            };
+            tracing::info!(
+                target: "custody::exchange",
+                route = ex.route.as_deref().unwrap_or("-"),
+                method = %ex.method,
+                path = ex.upstream_path.as_deref().unwrap_or("-"),
+                status = ex.status.map_or(0, |s| s.as_u16()),
+                outcome = ex.outcome.as_str(),
+                duration_ms = ms(ex.ended_at),
+                ttfb_ms = ms(ex.response_head_at),
+                request_bytes = ex.request.total,
+                response_bytes = ex.response.total,
+                key_id = ex.identity.as_ref().map(|i| &*i.key_id),
+                audited = ex.permit.is_some(),
+            );
+        }
+        if ex.permit.is_some() {
+            self.audit.submit(ex);
+        }
+    }
+}
 
 /// One exchange while it is in flight.
 pub struct InFlight {
     exchange: Mutex<Option<Exchange>>,
-    audit: AuditSender,
+    reporter: Arc<Reporter>,
 }
 
 impl InFlight {
-    pub fn new(exchange: Exchange, audit: AuditSender) -> Arc<Self> {
+    pub fn new(exchange: Exchange, reporter: Arc<Reporter>) -> Arc<Self> {
         Arc::new(Self {
             exchange: Mutex::new(Some(exchange)),
-            audit,
+            reporter,
         })
     }
 
@@ -48,7 +89,7 @@ impl Drop for InFlight {
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(ex) = slot.take() {
-            self.audit.submit(ex);
+            self.reporter.report(ex);
         }
     }
 }

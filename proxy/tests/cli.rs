@@ -84,7 +84,7 @@ fn serve_records_then_sigterm_exits_cleanly_and_the_log_commands_read_the_trail(
     std::fs::write(
         &config,
         format!(
-            "[listen]\naddr = \"127.0.0.1:0\"\n\n[audit]\ndir = \"{}\"\n\n[[route]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n",
+            "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n\n[audit]\ndir = \"{}\"\n\n[[route]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n",
             audit.display()
         ),
     )
@@ -292,7 +292,7 @@ fn kill_9_under_load_loses_nothing_on_disk_and_verifies_after_restart() {
     std::fs::write(
         &config,
         format!(
-            "[listen]\naddr = \"127.0.0.1:0\"\n[audit]\ndir = \"{}\"\nfsync = \"always\"\nsigning_key = \"{}\"\n[[route]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n",
+            "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n[audit]\ndir = \"{}\"\nfsync = \"always\"\nsigning_key = \"{}\"\n[[route]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n",
             audit.display(),
             keys.join("custody.key").display()
         ),
@@ -433,7 +433,7 @@ fn sighup_reloads_the_config_and_log_chain_tells_the_conversation() {
         std::fs::write(
             &config,
             format!(
-                "[listen]\naddr = \"127.0.0.1:0\"\n\n[audit]\ndir = \"{}\"\n\n[[route]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n{extra}",
+                "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n\n[audit]\ndir = \"{}\"\n\n[[route]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n{extra}",
                 audit.display()
             ),
         )

@@ -34,6 +34,9 @@ class Stack:
 [listen]
 addr = "127.0.0.1:0"
 
+[admin]
+addr = "127.0.0.1:0"
+
 [audit]
 dir = "{self.audit_dir}"
 signing_key = "{keys / 'custody.key'}"

@@ -187,6 +187,23 @@ pub fn route(
     }
 }
 
+/// The writer's gate, opened again when dropped: a failing test must not leave the
+/// writer held still.
+pub struct Gate(pub custody_audit::writer::WriterGate);
+
+impl std::ops::Deref for Gate {
+    type Target = custody_audit::writer::WriterGate;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
 /// Custody running in-process on `127.0.0.1:0` with a fresh audit directory.
 pub struct Custody {
     pub addr: SocketAddr,
@@ -195,6 +212,12 @@ pub struct Custody {
     reloads: mpsc::UnboundedSender<custody_proxy::ReloadRequest>,
     /// The configuration custody was started with.
     pub config: Config,
+    /// The admin listener (`/metrics`, `/readyz`, `/admin/reload`).
+    pub admin_addr: SocketAddr,
+    /// Closing it holds the writer still: a deliberately slow writer.
+    pub gate: Gate,
+    /// What `POST /admin/reload` reads as "the file".
+    pub reload_file: Arc<Mutex<Option<Config>>>,
     task: JoinHandle<Result<custody_proxy::RunSummary, custody_proxy::ProxyError>>,
 }
 
@@ -221,13 +244,29 @@ impl Custody {
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let (reloads, reload_rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(custody_proxy::run_with_reloads(
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let gate = custody_audit::writer::WriterGate::default();
+        let reload_file: Arc<Mutex<Option<Config>>> = Arc::default();
+        let file = reload_file.clone();
+        let opts = custody_proxy::RunOptions {
+            reloads: Some(reload_rx),
+            admin: Some(admin),
+            reload_source: Some(Arc::new(move || {
+                file.lock()
+                    .unwrap()
+                    .clone()
+                    .ok_or_else(|| "no configuration file".to_owned())
+            })),
+            writer_gate: Some(gate.clone()),
+        };
+        let task = tokio::spawn(custody_proxy::run_with(
             listener,
             config.clone(),
             async {
                 let _ = stopped.await;
             },
-            reload_rx,
+            opts,
         ));
         Self {
             addr,
@@ -235,6 +274,9 @@ impl Custody {
             stop: Some(stop),
             reloads,
             config,
+            admin_addr,
+            gate: Gate(gate),
+            reload_file,
             task,
         }
     }
@@ -250,6 +292,10 @@ impl Custody {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin_addr, path)
     }
 
     pub fn audit_dir(&self) -> std::path::PathBuf {

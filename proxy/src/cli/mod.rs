@@ -4,7 +4,7 @@ mod demo;
 mod log;
 mod redact;
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -97,17 +97,13 @@ enum ConfigCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The server logs what it does; the review commands speak only when something is wrong.
-    init_tracing(
-        if matches!(
-            cli.command,
-            Command::Serve { .. } | Command::MockProvider { .. }
-        ) {
-            "info"
-        } else {
-            "warn"
-        },
-    );
+    // The server logs what it does (in the format its config asks for, set up once the
+    // config is read); the review commands speak only when something is wrong.
+    match cli.command {
+        Command::Serve { .. } => {}
+        Command::MockProvider { .. } => init_tracing("info", custody_config::LogFormat::Text),
+        _ => init_tracing("warn", custody_config::LogFormat::Text),
+    }
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {
@@ -117,14 +113,18 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(default: &str) {
+fn init_tracing(default: &str, format: custody_config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CUSTODY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        custody_config::LogFormat::Json => fmt.json().init(),
+        custody_config::LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }
 
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
@@ -209,7 +209,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn serve(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let config = load_config(path.as_ref())?;
+    let config = match load_config(path.as_ref()) {
+        Ok(c) => c,
+        Err(e) => {
+            init_tracing("info", custody_config::LogFormat::Text);
+            return Err(e);
+        }
+    };
+    init_tracing("info", config.log.format);
     runtime()?.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.listen.addr)
             .await
@@ -221,10 +228,28 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         tracing::info!(audit_dir = %config.audit.dir.display(), "auditing every exchange");
         // Scripts and tests read this line to learn the bound address.
         println!("custody listening on http://{addr}");
+        let admin = match config.admin.addr {
+            Some(a) => {
+                let l = tokio::net::TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("binding the admin listener on {a}"))?;
+                println!("custody admin on http://{}", l.local_addr()?);
+                Some(l)
+            }
+            None => None,
+        };
         let (reload_tx, reloads) = tokio::sync::mpsc::unbounded_channel();
+        let file = path.clone();
+        let reload_source: custody_proxy::admin::ReloadSource =
+            Arc::new(move || load_config(file.as_ref()).map_err(|e| format!("{e:#}")));
         tokio::spawn(reload_on_sighup(path, reload_tx));
-        let summary =
-            custody_proxy::run_with_reloads(listener, config, shutdown_signal(), reloads).await?;
+        let opts = custody_proxy::RunOptions {
+            reloads: Some(reloads),
+            admin,
+            reload_source: Some(reload_source),
+            writer_gate: None,
+        };
+        let summary = custody_proxy::run_with(listener, config, shutdown_signal(), opts).await?;
         if summary.dropped > 0 {
             eprintln!("custody: {} exchanges were not audited (queue full or writer stopped)", summary.dropped);
         }

@@ -1,0 +1,263 @@
+//! What the audit side counts, as Prometheus metrics shared by the proxy (which submits
+//! and admits) and the writer (which writes). Label values are bounded: entity names,
+//! configured routes, and at most [`MODEL_LABELS`] model names.
+
+use std::{
+    collections::HashSet,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Distinct model names kept as label values; later ones are counted as `other`.
+pub const MODEL_LABELS: usize = 200;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EntityLabels {
+    pub entity: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub route: String,
+    pub model: String,
+    pub token_type: &'static str,
+}
+
+/// Counters shared by the proxy and the writer.
+#[derive(Debug)]
+pub struct AuditStats {
+    /// Exchanges handed to the queue.
+    pub submitted: Counter,
+    /// Exchanges lost (not audited), by reason.
+    pub dropped: Family<ReasonLabels, Counter>,
+    /// Exchanges lost because the queue was full (`on_full = "drop"`).
+    pub dropped_full: Counter,
+    /// Exchanges lost because the writer had stopped.
+    pub dropped_closed: Counter,
+    /// Requests refused at admission because the queue was full.
+    pub rejected: Counter,
+    /// Records (and events) handed to the segment file.
+    pub written: Counter,
+    /// Compressed bytes appended to segments.
+    pub bytes_written: Counter,
+    /// Failed block writes (each retried).
+    pub write_errors: Counter,
+    /// 1 while the writer cannot write (disk full, read-only, I/O errors).
+    pub failing: Gauge,
+    /// Exchanges admitted and not yet written.
+    pub queue_depth: Gauge,
+    /// Captured body bytes of the exchanges waiting for the writer.
+    pub queue_bytes: Gauge,
+    /// Requests waiting at admission for room in the queue (`on_full = "backpressure"`).
+    pub admission_waiting: Gauge,
+    pub fsync_seconds: Histogram,
+    /// From an exchange's end to its record being assembled.
+    pub writer_lag_seconds: Histogram,
+    pub redactions: Family<EntityLabels, Counter>,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub segments: Gauge,
+    pub disk_bytes: Gauge,
+    /// Woken each time the writer takes an exchange (room for waiting admissions).
+    pub room: tokio::sync::Notify,
+    /// Traffic not audited because the queue was full, waiting to be told in the chain.
+    losses: Mutex<Losses>,
+    models: Mutex<HashSet<String>>,
+}
+
+/// Exchanges the trail does not hold, by reason, since the last event that told them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Losses {
+    /// Proceeded unaudited (`on_full = "drop"`).
+    pub unaudited: u64,
+    /// Refused with a 503 at admission (nothing went upstream).
+    pub refused: u64,
+    pub first_ms: Option<i64>,
+    pub last_ms: Option<i64>,
+}
+
+impl Default for AuditStats {
+    fn default() -> Self {
+        let dropped = Family::<ReasonLabels, Counter>::default();
+        let reason = |reason| dropped.get_or_create_owned(&ReasonLabels { reason });
+        let (dropped_full, dropped_closed) = (reason("queue_full"), reason("writer_stopped"));
+        let seconds =
+            || Histogram::new([0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
+        Self {
+            submitted: Counter::default(),
+            dropped,
+            dropped_full,
+            dropped_closed,
+            rejected: Counter::default(),
+            written: Counter::default(),
+            bytes_written: Counter::default(),
+            write_errors: Counter::default(),
+            failing: Gauge::default(),
+            queue_depth: Gauge::default(),
+            queue_bytes: Gauge::default(),
+            admission_waiting: Gauge::default(),
+            fsync_seconds: seconds(),
+            writer_lag_seconds: seconds(),
+            redactions: Family::default(),
+            tokens: Family::default(),
+            segments: Gauge::default(),
+            disk_bytes: Gauge::default(),
+            room: tokio::sync::Notify::new(),
+            losses: Mutex::new(Losses::default()),
+            models: Mutex::new(HashSet::new()),
+        }
+    }
+}
+
+impl AuditStats {
+    /// Registers every metric (counters get `_total` appended by the encoder).
+    pub fn register(self: &Arc<Self>, r: &mut Registry) {
+        r.register(
+            "custody_audit_submitted",
+            "Exchanges handed to the audit queue",
+            self.submitted.clone(),
+        );
+        r.register(
+            "custody_audit_dropped",
+            "Exchanges not audited, by reason (queue_full: on_full = drop; writer_stopped)",
+            self.dropped.clone(),
+        );
+        r.register(
+            "custody_audit_rejected",
+            "Requests refused at admission because the audit queue was full",
+            self.rejected.clone(),
+        );
+        r.register(
+            "custody_audit_records_written",
+            "Records and events appended to segments",
+            self.written.clone(),
+        );
+        r.register(
+            "custody_audit_bytes_written",
+            "Compressed bytes appended to segments",
+            self.bytes_written.clone(),
+        );
+        r.register(
+            "custody_audit_write_errors",
+            "Failed block writes (each retried)",
+            self.write_errors.clone(),
+        );
+        r.register(
+            "custody_audit_writer_failing",
+            "1 while the writer cannot write (disk full, read-only, I/O errors)",
+            self.failing.clone(),
+        );
+        r.register(
+            "custody_audit_queue_depth",
+            "Exchanges admitted and not yet written",
+            self.queue_depth.clone(),
+        );
+        r.register(
+            "custody_audit_queue_bytes",
+            "Captured body bytes waiting for the writer",
+            self.queue_bytes.clone(),
+        );
+        r.register(
+            "custody_audit_admission_waiting",
+            "Requests waiting at admission for room in the audit queue (on_full = backpressure)",
+            self.admission_waiting.clone(),
+        );
+        r.register(
+            "custody_audit_fsync_seconds",
+            "Time of each fsync of the live segment",
+            self.fsync_seconds.clone(),
+        );
+        r.register(
+            "custody_audit_writer_lag_seconds",
+            "From an exchange's end to its record being assembled",
+            self.writer_lag_seconds.clone(),
+        );
+        r.register(
+            "custody_audit_segments",
+            "Segment files in the audit directory",
+            self.segments.clone(),
+        );
+        r.register(
+            "custody_audit_disk_bytes",
+            "Bytes of segment files in the audit directory",
+            self.disk_bytes.clone(),
+        );
+        r.register(
+            "custody_redactions",
+            "Redactions applied, by entity",
+            self.redactions.clone(),
+        );
+        r.register(
+            "gen_ai_client_token_usage",
+            "Tokens used, by route, model (served, else requested) and token_type (input, output)",
+            self.tokens.clone(),
+        );
+    }
+
+    /// Counts an exchange that proceeded unaudited (`refused == false`) or was refused
+    /// at admission; returns true for the first of a run (worth one warning).
+    pub fn lose(&self, refused: bool) -> bool {
+        if refused {
+            self.rejected.inc();
+        } else {
+            self.dropped_full.inc();
+        }
+        let now = crate::store::now_ms();
+        let Ok(mut l) = self.losses.lock() else {
+            return false;
+        };
+        let first = l.unaudited == 0 && l.refused == 0;
+        if refused {
+            l.refused += 1;
+        } else {
+            l.unaudited += 1;
+        }
+        l.first_ms.get_or_insert(now);
+        l.last_ms = Some(now);
+        first
+    }
+
+    /// The losses not yet told in the chain, emptied.
+    pub fn take_losses(&self) -> Option<Losses> {
+        let mut l = self.losses.lock().ok()?;
+        (l.unaudited > 0 || l.refused > 0).then(|| std::mem::take(&mut *l))
+    }
+
+    /// The model label for `model`: itself while fewer than [`MODEL_LABELS`] are known.
+    pub fn model_label(&self, model: &str) -> String {
+        let Ok(mut known) = self.models.lock() else {
+            return "other".into();
+        };
+        if known.contains(model) || known.len() < MODEL_LABELS && known.insert(model.to_owned()) {
+            model.to_owned()
+        } else {
+            "other".into()
+        }
+    }
+
+    /// Segment count and bytes, from the directory.
+    pub fn measure_disk(&self, dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let (mut n, mut bytes) = (0i64, 0i64);
+        for e in entries.flatten() {
+            if e.path().extension().is_some_and(|x| x == "seg") {
+                n += 1;
+                bytes += e.metadata().map_or(0, |m| m.len() as i64);
+            }
+        }
+        self.segments.set(n);
+        self.disk_bytes.set(bytes);
+    }
+}

@@ -1,0 +1,357 @@
+//! Running custody in production: what happens when the writer falls behind (each
+//! `on_full` policy, with a writer held still), metrics, health and readiness, the admin
+//! reload, and a burst cut by shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use custody_config::OnFull;
+use custody_tests::*;
+use serde_json::Value;
+
+async fn get(url: &str) -> (u16, String) {
+    let req = http::Request::get(url)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let (parts, body) = send(&client(), req).await;
+    (
+        parts.status.as_u16(),
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+/// The value of one sample line of `/metrics` (`name{labels}`), 0 when absent.
+async fn metric(custody: &Custody, sample: &str) -> f64 {
+    let (_, text) = get(&custody.admin_url("/metrics")).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits until `/metrics` shows `sample` at `want` (a condition, not a fixed delay).
+async fn until_metric(custody: &Custody, sample: &str, want: f64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while metric(custody, sample).await != want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{sample} never reached {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+
+/// Custody with a two-slot queue and `policy`, its writer held still.
+async fn held(
+    policy: OnFull,
+    tweak: impl FnOnce(&mut custody_config::Config),
+) -> (Custody, MockUpstream) {
+    let up = chat_upstream().await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.audit.queue_capacity = 2;
+        c.audit.on_full = policy;
+        tweak(c);
+    })
+    .await;
+    custody.gate.close();
+    (custody, up)
+}
+
+/// Fills both slots: two requests that complete but whose records wait.
+async fn fill(custody: &Custody) {
+    for _ in 0..2 {
+        let (parts, _) = send(
+            &client(),
+            post(&custody.url("/v1/chat/completions"), &[], CHAT),
+        )
+        .await;
+        assert_eq!(parts.status, 200);
+    }
+    until_metric(custody, "custody_audit_queue_depth", 2.0).await;
+}
+
+#[tokio::test]
+async fn reject_refuses_with_503_until_the_writer_catches_up() {
+    let (custody, _up) = held(OnFull::Reject, |_| {}).await;
+    fill(&custody).await;
+    let (parts, body) = send(
+        &client(),
+        post(&custody.url("/v1/chat/completions"), &[], CHAT),
+    )
+    .await;
+    assert_eq!(parts.status, 503);
+    assert_eq!(parts.headers["retry-after"], "1");
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "audit_queue_full");
+    let (ready, why) = get(&custody.admin_url("/readyz")).await;
+    assert_eq!(ready, 503);
+    assert!(why.contains("audit_queue_high_water"), "{why}");
+    assert_eq!(metric(&custody, "custody_audit_rejected_total").await, 1.0);
+
+    custody.gate.open();
+    until_metric(&custody, "custody_audit_queue_depth", 0.0).await;
+    let (parts, _) = send(
+        &client(),
+        post(&custody.url("/v1/chat/completions"), &[], CHAT),
+    )
+    .await;
+    assert_eq!(parts.status, 200, "room again");
+    assert_eq!(get(&custody.admin_url("/readyz")).await.0, 200);
+    let done = custody.stop().await;
+    assert_eq!(done.records.len(), 3);
+    let gap = done
+        .events
+        .iter()
+        .find(|e| e["event"]["type"] == "gap")
+        .unwrap();
+    assert_eq!(gap["event"]["refused"], 1);
+    assert_eq!(gap["event"]["unaudited"], 0);
+}
+
+#[tokio::test]
+async fn drop_lets_traffic_through_and_records_the_gap() {
+    let (custody, mut up) = held(OnFull::Drop, |_| {}).await;
+    fill(&custody).await;
+    for _ in 0..2 {
+        up.next().await;
+    }
+    let (parts, _) = send(
+        &client(),
+        post(&custody.url("/v1/chat/completions"), &[], CHAT),
+    )
+    .await;
+    assert_eq!(parts.status, 200, "fail open");
+    up.next().await;
+    assert_eq!(
+        metric(
+            &custody,
+            "custody_audit_dropped_total{reason=\"queue_full\"}"
+        )
+        .await,
+        1.0
+    );
+    custody.gate.open();
+    let done = custody.stop().await;
+    assert_eq!(done.records.len(), 2, "the third went through unaudited");
+    let gap = done
+        .events
+        .iter()
+        .find(|e| e["event"]["type"] == "gap")
+        .unwrap();
+    assert_eq!(gap["event"]["unaudited"], 1);
+    assert!(gap["event"]["from"].as_str().unwrap().ends_with('Z'));
+    // The gap is in the chain: verify passes and counts it as an event.
+    custody_audit::verify::verify_dir(&done.audit_dir(), None, |_, _, _| {}).unwrap();
+}
+
+#[tokio::test]
+async fn backpressure_waits_for_room_then_proceeds() {
+    let (custody, _up) = held(OnFull::Backpressure, |c| {
+        c.audit.admission_timeout_ms = 60_000
+    })
+    .await;
+    fill(&custody).await;
+    let url = custody.url("/v1/chat/completions");
+    let waiting = tokio::spawn(async move { send(&client(), post(&url, &[], CHAT)).await });
+    until_metric(&custody, "custody_audit_admission_waiting", 1.0).await;
+    assert!(!waiting.is_finished(), "it waits while the writer is held");
+    custody.gate.open();
+    let (parts, _) = waiting.await.unwrap();
+    assert_eq!(parts.status, 200);
+    let done = custody.stop().await;
+    assert_eq!(done.records.len(), 3, "nothing lost");
+    assert!(done.events.iter().all(|e| e["event"]["type"] != "gap"));
+}
+
+#[tokio::test]
+async fn backpressure_gives_up_after_its_bound() {
+    let (custody, _up) = held(OnFull::Backpressure, |c| c.audit.admission_timeout_ms = 50).await;
+    fill(&custody).await;
+    let (parts, _) = send(
+        &client(),
+        post(&custody.url("/v1/chat/completions"), &[], CHAT),
+    )
+    .await;
+    assert_eq!(parts.status, 503);
+    custody.gate.open();
+    let done = custody.stop().await;
+    assert_eq!(done.records.len(), 2);
+    let gap = done
+        .events
+        .iter()
+        .find(|e| e["event"]["type"] == "gap")
+        .unwrap();
+    assert_eq!(gap["event"]["refused"], 1);
+}
+
+#[tokio::test]
+async fn the_queue_is_bounded_in_bytes_too() {
+    let up = chat_upstream().await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.audit.queue_max_bytes = 1000;
+        c.audit.on_full = OnFull::Reject;
+    })
+    .await;
+    custody.gate.close();
+    let big = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(2000)
+    );
+    let (parts, _) = send(
+        &client(),
+        post(&custody.url("/v1/chat/completions"), &[], big),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    until_metric(&custody, "custody_audit_queue_depth", 1.0).await;
+    let (parts, _) = send(
+        &client(),
+        post(&custody.url("/v1/chat/completions"), &[], CHAT),
+    )
+    .await;
+    assert_eq!(
+        parts.status, 503,
+        "one slot used of many, but the bytes are over"
+    );
+    custody.gate.open();
+    custody.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_health_and_readiness() {
+    let up = MockUpstream::start(|_, _| {
+        respond(
+            200,
+            &[("content-type", "application/json")],
+            r#"{"id":"c1","model":"gpt-4o-mini-2024-07-18","choices":[],"usage":{"prompt_tokens":11,"completion_tokens":5}}"#,
+        )
+    })
+    .await;
+    let custody = Custody::start(vec![openai_route(&up)]).await;
+    assert_eq!(
+        get(&custody.admin_url("/healthz")).await,
+        (200, "ok\n".into())
+    );
+    let (status, body) = get(&custody.admin_url("/readyz")).await;
+    assert_eq!(status, 200, "{body}");
+    let body =
+        r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"mail jane@example.com"}]}"#;
+    send(
+        &client(),
+        post(&custody.url("/v1/chat/completions"), &[], body),
+    )
+    .await;
+    send(&client(), post(&custody.url("/nowhere"), &[], "{}")).await;
+    // Records are counted by the writer: wait until both are written.
+    until_metric(&custody, "custody_audit_records_written_total", 3.0).await;
+    let (_, text) = get(&custody.admin_url("/metrics")).await;
+    for want in [
+        "custody_requests_total{route=\"openai\",status_class=\"2xx\",outcome=\"ok\"} 1",
+        "custody_requests_total{route=\"none\",status_class=\"4xx\",outcome=\"rejected\"} 1",
+        "gen_ai_client_token_usage_total{route=\"openai\",model=\"gpt-4o-mini-2024-07-18\",token_type=\"input\"} 11",
+        "gen_ai_client_token_usage_total{route=\"openai\",model=\"gpt-4o-mini-2024-07-18\",token_type=\"output\"} 5",
+        "custody_redactions_total{entity=\"EMAIL_ADDRESS\"} 1",
+        "custody_audit_queue_depth 0",
+        "custody_audit_writer_failing 0",
+        "custody_overhead_seconds_count{route=\"openai\"} 1",
+        "custody_request_duration_seconds_count{route=\"openai\"} 1",
+        "custody_time_to_first_byte_seconds_count{route=\"openai\"} 1",
+    ] {
+        assert!(text.contains(want), "missing `{want}` in\n{text}");
+    }
+    assert!(text.contains("# TYPE custody_audit_fsync_seconds histogram"));
+    assert!(text.contains("custody_audit_segments"));
+    assert!(!text.contains("jane"), "no user data in labels");
+    assert_eq!(get(&custody.admin_url("/nope")).await.0, 404);
+    custody.stop().await;
+}
+
+#[tokio::test]
+async fn admin_reload_needs_the_token_and_keeps_a_bad_config_out() {
+    let up = chat_upstream().await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.admin.token = Some("admin-secret-token".into());
+    })
+    .await;
+    let reload = |token: Option<&str>| {
+        let mut b = http::Request::post(custody.admin_url("/admin/reload"));
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        b.body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    let (parts, _) = send(&client(), reload(None)).await;
+    assert_eq!(parts.status, 401);
+    let (parts, _) = send(&client(), reload(Some("wrong"))).await;
+    assert_eq!(parts.status, 401);
+    // "The file" does not load: the running config stays.
+    let (parts, body) = send(&client(), reload(Some("admin-secret-token"))).await;
+    assert_eq!(parts.status, 422, "{body:?}");
+    let mut next = custody.config.clone();
+    next.source.insert("service".into(), "reloaded".into());
+    *custody.reload_file.lock().unwrap() = Some(next);
+    let (parts, body) = send(&client(), reload(Some("admin-secret-token"))).await;
+    assert_eq!(parts.status, 200);
+    let version: Value = serde_json::from_slice(&body).unwrap();
+    send(
+        &client(),
+        post(&custody.url("/v1/chat/completions"), &[], CHAT),
+    )
+    .await;
+    let done = custody.stop().await;
+    assert_eq!(done.records[0]["config"]["version"], version["version"]);
+    assert_eq!(done.records[0]["source"]["service"], "reloaded");
+    let text = all_audit_bytes(&done.audit_dir());
+    assert!(
+        !contains(&text, "admin-secret-token"),
+        "the token is a secret"
+    );
+}
+
+#[tokio::test]
+async fn without_a_token_admin_endpoints_are_off() {
+    let up = chat_upstream().await;
+    let custody = Custody::start(vec![openai_route(&up)]).await;
+    let req = http::Request::post(custody.admin_url("/admin/reload"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let (parts, _) = send(&client(), req).await;
+    assert_eq!(parts.status, 403);
+    custody.stop().await;
+}
+
+#[tokio::test]
+async fn a_burst_cut_by_shutdown_leaves_every_completed_exchange_in_the_trail() {
+    let up = chat_upstream().await;
+    let mut custody = Custody::start(vec![openai_route(&up)]).await;
+    let url = custody.url("/v1/chat/completions");
+    let burst: Vec<_> = (0..50)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let body = format!(r#"{{"model":"m","n":{i}}}"#);
+                client()
+                    .request(post(&url, &[], body))
+                    .await
+                    .ok()
+                    .map(|r| r.status())
+            })
+        })
+        .collect();
+    custody.signal_stop();
+    let mut completed = 0;
+    for b in burst {
+        if b.await.unwrap() == Some(http::StatusCode::OK) {
+            completed += 1;
+        }
+    }
+    let done = custody.stop().await;
+    let ok = done.records.iter().filter(|r| r["outcome"] == "ok").count();
+    assert!(
+        ok >= completed,
+        "{ok} records for {completed} completed exchanges"
+    );
+    custody_audit::verify::verify_dir(&done.audit_dir(), None, |_, _, _| {}).unwrap();
+}

@@ -420,8 +420,18 @@ impl SegmentStore {
         let line = signing::sign_line(&seal, self.opts.signer.as_ref())
             .map_err(|e| format_err(&seg.path, e.to_string()))?;
         let frame = segment::encode_seal(&line);
-        seg.file.write_all(&frame).map_err(io(&seg.path))?;
-        seg.file.sync_all().map_err(io(&seg.path))?;
+        if let Err(e) = seg
+            .file
+            .write_all(&frame)
+            .and_then(|()| seg.file.sync_all())
+        {
+            // Disk full or read-only: cut the partial seal off and keep the segment open,
+            // so that the next rotation seals it whole.
+            let _ = seg.file.set_len(seg.len);
+            let err = io(&seg.path)(e);
+            self.open = Some(seg);
+            return Err(err);
+        }
         seg.hasher.update(&frame);
         seg.len += frame.len() as u64;
         self.prev_seal = signing::line_hash(&line);
@@ -475,15 +485,20 @@ impl SegmentStore {
         let path = self.dir.join(CHECKPOINTS);
         let mut line = signing::sign_line(&cp, self.opts.signer.as_ref())
             .map_err(|e| format_err(&path, e.to_string()))?;
-        self.last_checkpoint = signing::line_hash(&line);
+        let hash = signing::line_hash(&line);
         line.push(b'\n');
         let mut opts = OpenOptions::new();
         opts.append(true).create(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
         let mut f = opts.open(&path).map_err(io(&path))?;
-        f.write_all(&line).map_err(io(&path))?;
-        f.sync_data().map_err(io(&path))?;
+        let before = f.metadata().map_err(io(&path))?.len();
+        if let Err(e) = f.write_all(&line).and_then(|()| f.sync_data()) {
+            // Disk full: no half line, and the chain of checkpoints stays as it was.
+            let _ = f.set_len(before);
+            return Err(io(&path)(e));
+        }
+        self.last_checkpoint = hash;
         self.covered = (last_seq, len);
         Ok(true)
     }
@@ -562,11 +577,17 @@ impl SegmentStore {
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
         let mut file = opts.open(&path).map_err(io(&path))?;
-        file.write_all(&header).map_err(io(&path))?;
-        file.sync_all().map_err(io(&path))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&self.dir))?;
+        let written = file
+            .write_all(&header)
+            .and_then(|()| file.sync_all())
+            .and_then(|()| File::open(&self.dir)?.sync_all());
+        if let Err(e) = written {
+            // Disk full: a segment without its whole header holds nothing; remove it so
+            // that the retry can create it again.
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+            return Err(io(&path)(e));
+        }
         self.next_segment += 1;
         let mut hasher = Sha256::new();
         hasher.update(&header);

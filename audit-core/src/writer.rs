@@ -518,6 +518,19 @@ impl Worker {
         let tick = self.fsync_interval;
         let mut taken = 0u32;
         loop {
+            // While blocks cannot be written (disk full, read-only), take nothing more:
+            // what is admitted stays queued, the queue fills, and `on_full` decides what
+            // new requests meet. Only a stop, a reload or the retry time wakes the writer.
+            if let Some(at) = self.retry_at {
+                let wait = at.saturating_duration_since(Instant::now());
+                select! {
+                    recv(stop) -> _ => break,
+                    recv(control) -> c => if let Ok(c) = c { self.apply(c) },
+                    default(wait) => {},
+                }
+                self.flush();
+                continue;
+            }
             // Take what is queued without the cost of a select; wait only when empty.
             match rx.try_recv() {
                 Ok(ex) => {
@@ -578,6 +591,10 @@ impl Worker {
             if self.retention.is_some() && self.last_retention.elapsed() >= RETENTION_EVERY {
                 self.apply_retention();
             }
+        }
+        // A stop while the disk was failing left exchanges queued: one last try.
+        while let Ok(ex) = rx.try_recv() {
+            self.add(&ex);
         }
         if let Some(l) = self.stats.take_losses() {
             self.add_event(loss_event(&l));

@@ -557,3 +557,133 @@ fn sighup_reloads_the_config_and_log_chain_tells_the_conversation() {
     let o = custody(&["log", "chain", middle, "--dir", d, "--json"]);
     assert_eq!(stdout(&o).lines().count(), 3);
 }
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// Polls `cond` until it holds (a condition, not a fixed delay); fails after 30 s.
+fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_full_disk_holds_traffic_back_and_custody_resumes_when_space_returns() {
+    let (mut mock, mock_addr) = spawn_listening(&["mock-provider"]);
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit");
+    let copy = dir.path().join("copy");
+    std::fs::create_dir_all(&audit).unwrap();
+    std::fs::create_dir_all(&copy).unwrap();
+    let config = dir.path().join("custody.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n[audit]\ndir = \"{}\"\non_full = \"reject\"\nqueue_capacity = 2\nfsync = \"always\"\n[[route]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n",
+            audit.display()
+        ),
+    )
+    .unwrap();
+    // Custody in its own mount namespace, its audit dir a 1 MiB tmpfs; when it exits,
+    // the shell copies the trail out for verification.
+    let pidfile = dir.path().join("custody.pid");
+    let script = format!(
+        "mount -t tmpfs -o size=1m tmpfs '{a}' || exit 97; '{BIN}' serve --config '{c}' & echo $! > '{p}'; wait $!; code=$?; cp -a '{a}/.' '{o}/'; exit $code",
+        a = audit.display(),
+        c = config.display(),
+        p = pidfile.display(),
+        o = copy.display(),
+    );
+    let mut shell = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(shell.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(
+        line.contains("listening"),
+        "custody did not start under unshare: {line:?}"
+    );
+    let addr = line.trim().rsplit("http://").next().unwrap().to_owned();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let admin = line.trim().rsplit("http://").next().unwrap().to_owned();
+    until("the pid file", || {
+        pidfile.exists() && std::fs::read_to_string(&pidfile).is_ok_and(|p| p.ends_with('\n'))
+    });
+    let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_owned();
+
+    // Fill the tmpfs from outside, through the process's view of its mounts.
+    let filler = format!("/proc/{pid}/root{}/filler", audit.display());
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 16 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+    }
+    let chat = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"while the disk is full"}]}"#;
+    assert!(http_post(&addr, "/v1/chat/completions", "", chat).starts_with("HTTP/1.1 200"));
+    until("not ready: writer failing", || {
+        http_get(&admin, "/readyz").contains("audit_writer_failing")
+    });
+    assert!(http_get(&admin, "/metrics").contains("custody_audit_writer_failing 1"));
+    // The writer takes nothing more: two requests fill the queue, then 503s.
+    let mut refused = false;
+    for _ in 0..4 {
+        let r = http_post(&addr, "/v1/chat/completions", "", chat);
+        if r.starts_with("HTTP/1.1 503") {
+            assert!(r.contains("audit_queue_full"), "{r}");
+            refused = true;
+            break;
+        }
+    }
+    assert!(
+        refused,
+        "a full disk must not let unaudited traffic through under reject"
+    );
+
+    // Space returns: custody resumes on its own.
+    std::fs::remove_file(&filler).unwrap();
+    until("ready again", || {
+        http_get(&admin, "/readyz").starts_with("HTTP/1.1 200")
+    });
+    assert!(http_post(&addr, "/v1/chat/completions", "", chat).starts_with("HTTP/1.1 200"));
+
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(shell.wait().unwrap().success());
+    mock.kill().unwrap();
+    let _ = mock.wait();
+    let d = copy.to_str().unwrap();
+    let o = custody(&["log", "verify", "--dir", d]);
+    assert!(
+        o.status.success(),
+        "{}{}",
+        stdout(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = custody(&["log", "search", "--dir", d, "--json"]);
+    assert_eq!(
+        stdout(&o).lines().count(),
+        4,
+        "every admitted exchange was written"
+    );
+    let o = custody(&["log", "search", "--dir", d, "--events", "--json"]);
+    assert!(
+        stdout(&o).contains("\"type\":\"gap\""),
+        "the refusal is told in the chain"
+    );
+}

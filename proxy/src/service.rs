@@ -141,10 +141,12 @@ async fn proxy(
         Admit::Unaudited => {}
         Admit::Refused => {
             let provider = target.map_or(Provider::Generic, |t| t.provider);
+            drain(body).await;
             return refuse(ex, audit, Refusal::AuditQueueFull, provider, None);
         }
     }
     let Some(target) = target else {
+        drain(body).await;
         return refuse(ex, audit, Refusal::NoRoute, Provider::Generic, None);
     };
     ex.route = Some(target.name.clone());
@@ -156,18 +158,23 @@ async fn proxy(
         let found = keys::presented(&parts.headers, parts.uri.query())
             .and_then(|p| active.keys.authenticate(p));
         let Some(k) = found else {
+            drain(body).await;
             return refuse(ex, audit, Refusal::UnknownKey, provider, None);
         };
         ex.identity = Some(k.identity.clone());
         if !k.allows_route(&target.name) {
             let what = format!("route `{}`", target.name);
+            drain(body).await;
             return not_allowed(ex, audit, provider, k, &what);
         }
         key = Some(k);
     }
     let (uri, forwarded) = match target.upstream_uri(&parts.uri, key.is_some()) {
         Ok(u) => u,
-        Err(_) => return refuse(ex, audit, Refusal::BadRequest, provider, None),
+        Err(_) => {
+            drain(body).await;
+            return refuse(ex, audit, Refusal::BadRequest, provider, None);
+        }
     };
     let body = match key.filter(|k| k.restricts_models()) {
         None => Either::Left(body),
@@ -257,6 +264,15 @@ async fn requested_model(
         .ok()
         .and_then(|m| m.model);
     Ok((model, Either::Right(Full::new(bytes))))
+}
+
+/// Reads (and discards) a little of a request body custody answers without forwarding:
+/// an HTTP/1.1 server that closes with unread request bytes makes the kernel reset the
+/// connection, and the client would see the reset instead of custody's answer.
+async fn drain(body: Incoming) {
+    const DRAIN_MAX: usize = 256 * 1024;
+    let read = http_body_util::Limited::new(body, DRAIN_MAX).collect();
+    let _ = tokio::time::timeout(Duration::from_secs(1), read).await;
 }
 
 /// A 403 for a virtual key used outside what it allows; `what` names the route or model.

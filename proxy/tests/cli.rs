@@ -609,9 +609,10 @@ fn a_full_disk_holds_traffic_back_and_custody_resumes_when_space_returns() {
     let mut shell = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c", &script])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
         .spawn()
         .unwrap();
+    let log = || std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
     let mut out = BufReader::new(shell.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
@@ -628,6 +629,10 @@ fn a_full_disk_holds_traffic_back_and_custody_resumes_when_space_returns() {
     });
     let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_owned();
 
+    // Ready first: custody creates its key and first segment at start.
+    until("ready", || {
+        http_get(&admin, "/readyz").starts_with("HTTP/1.1 200")
+    });
     // Fill the tmpfs from outside, through the process's view of its mounts.
     let filler = format!("/proc/{pid}/root{}/filler", audit.display());
     {
@@ -636,7 +641,8 @@ fn a_full_disk_holds_traffic_back_and_custody_resumes_when_space_returns() {
         while f.write_all(&chunk).is_ok() {}
     }
     let chat = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"while the disk is full"}]}"#;
-    assert!(http_post(&addr, "/v1/chat/completions", "", chat).starts_with("HTTP/1.1 200"));
+    let first = http_post(&addr, "/v1/chat/completions", "", chat);
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}\n{}", log());
     until("not ready: writer failing", || {
         http_get(&admin, "/readyz").contains("audit_writer_failing")
     });

@@ -15,7 +15,7 @@ pub mod schema;
 pub use error::ConfigError;
 pub use redaction::{Alphabet, CustomRule, Mode, Redaction, BUILTIN_ENTITIES};
 pub use schema::{
-    Admin, Audit, Config, Fsync, Lineage, Listen, Log, LogFormat, OnFull, Provider, Route,
+    Admin, Audit, Config, Fsync, Limits, Lineage, Listen, Log, LogFormat, OnFull, Provider, Route,
     Upstream, UpstreamUrl, VirtualKey,
 };
 

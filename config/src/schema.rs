@@ -44,6 +44,9 @@ pub struct Config {
     /// Custody's own log.
     #[serde(default)]
     pub log: Log,
+    /// What one client may do.
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 /// `[admin]`
@@ -298,6 +301,41 @@ pub struct Upstream {
     pub response_timeout_secs: u64,
     /// Idle pooled upstream connections are closed after this long.
     pub pool_idle_timeout_secs: u64,
+    /// Longest silence between two chunks of an upstream response (a stalled stream);
+    /// past it the exchange ends as `upstream_timeout`. `0`: no limit.
+    pub idle_timeout_secs: u64,
+    /// Longest a whole exchange may take, head to last byte. `0`: no limit.
+    pub total_timeout_secs: u64,
+    /// PEM file of extra CA certificates trusted for upstreams (a private gateway, a
+    /// corporate proxy), on top of the public roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `[limits]`: what one client may do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body; larger gets a 413 (recorded).
+    pub max_request_body_bytes: u64,
+    /// Largest request head (request line and headers); larger gets a 431 (recorded).
+    pub max_header_bytes: usize,
+    /// Client connections served at once; beyond it, requests get a 503 (recorded).
+    pub max_connections: usize,
+    /// Longest a client may take to send its request head, and the longest silence
+    /// while it sends its body (slow clients).
+    pub client_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_request_body_bytes: 64 * 1024 * 1024,
+            max_header_bytes: 64 * 1024,
+            max_connections: 10_000,
+            client_timeout_secs: 30,
+        }
+    }
 }
 
 impl Default for Upstream {
@@ -306,6 +344,9 @@ impl Default for Upstream {
             connect_timeout_secs: 10,
             response_timeout_secs: 600,
             pool_idle_timeout_secs: 90,
+            idle_timeout_secs: 300,
+            total_timeout_secs: 3600,
+            ca_file: None,
         }
     }
 }
@@ -556,6 +597,7 @@ impl Config {
                 ..Admin::default()
             },
             log: Log::default(),
+            limits: Limits::default(),
         }
     }
 }

@@ -42,6 +42,14 @@ pub enum Refusal {
     KeyNotAllowed,
     /// The audit queue is full and `on_full` does not let unaudited traffic through.
     AuditQueueFull,
+    /// The request body is larger than `[limits] max_request_body_bytes`.
+    BodyTooLarge,
+    /// The request head is larger than `[limits] max_header_bytes`.
+    HeadersTooLarge,
+    /// More client connections than `[limits] max_connections`.
+    TooManyConnections,
+    /// The client went silent while sending its body.
+    ClientTimeout,
 }
 
 impl Refusal {
@@ -53,7 +61,12 @@ impl Refusal {
             Refusal::BadRequest => StatusCode::BAD_REQUEST,
             Refusal::UnknownKey => StatusCode::UNAUTHORIZED,
             Refusal::KeyNotAllowed => StatusCode::FORBIDDEN,
-            Refusal::AuditQueueFull => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::AuditQueueFull | Refusal::TooManyConnections => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Refusal::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Refusal::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -66,6 +79,10 @@ impl Refusal {
             Refusal::UnknownKey => "invalid_api_key",
             Refusal::KeyNotAllowed => "key_not_allowed",
             Refusal::AuditQueueFull => "audit_queue_full",
+            Refusal::BodyTooLarge => "request_too_large",
+            Refusal::HeadersTooLarge => "headers_too_large",
+            Refusal::TooManyConnections => "too_many_connections",
+            Refusal::ClientTimeout => "client_timeout",
         }
     }
 
@@ -82,6 +99,10 @@ impl Refusal {
             Refusal::AuditQueueFull => {
                 "custody: the audit trail is behind; retry shortly (no unaudited traffic is let through)"
             }
+            Refusal::BodyTooLarge => "custody: the request body is larger than this gateway accepts",
+            Refusal::HeadersTooLarge => "custody: the request headers are larger than this gateway accepts",
+            Refusal::TooManyConnections => "custody: too many connections; retry shortly",
+            Refusal::ClientTimeout => "custody: the request body stopped arriving",
         }
     }
 
@@ -110,7 +131,9 @@ impl Refusal {
             Refusal::KeyNotAllowed => "permission_error",
             Refusal::BadRequest => "invalid_request_error",
             Refusal::UpstreamUnreachable | Refusal::UpstreamTimeout => "api_error",
-            Refusal::AuditQueueFull => "overloaded_error",
+            Refusal::AuditQueueFull | Refusal::TooManyConnections => "overloaded_error",
+            Refusal::BodyTooLarge => "request_too_large",
+            Refusal::HeadersTooLarge | Refusal::ClientTimeout => "invalid_request_error",
         }
     }
 
@@ -123,7 +146,9 @@ impl Refusal {
             Refusal::BadRequest => "INVALID_ARGUMENT",
             Refusal::UpstreamUnreachable => "UNAVAILABLE",
             Refusal::UpstreamTimeout => "DEADLINE_EXCEEDED",
-            Refusal::AuditQueueFull => "UNAVAILABLE",
+            Refusal::AuditQueueFull | Refusal::TooManyConnections => "UNAVAILABLE",
+            Refusal::BodyTooLarge | Refusal::HeadersTooLarge => "INVALID_ARGUMENT",
+            Refusal::ClientTimeout => "DEADLINE_EXCEEDED",
         }
     }
 
@@ -139,7 +164,7 @@ impl Refusal {
                 HeaderValue::from_static(self.code()),
             ),
         ];
-        if self == Refusal::AuditQueueFull {
+        if matches!(self, Refusal::AuditQueueFull | Refusal::TooManyConnections) {
             h.push((header::RETRY_AFTER, HeaderValue::from_static("1")));
         }
         h

@@ -18,6 +18,7 @@ pub mod route;
 pub mod server;
 pub mod service;
 pub mod tee;
+pub mod timeout;
 pub mod trace;
 pub mod upstream;
 

@@ -133,12 +133,18 @@ pub async fn run_with(
         tokio::spawn(admin::serve(l, admin_state.clone()))
     });
 
+    let limits = &config.limits;
+    let connection_slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(Duration::from_secs(limits.client_timeout_secs.max(1)));
+    // Heads up to the limit reach the service, which answers a recorded 431 past it.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes * 2).unwrap_or(u32::MAX));
     let graceful = GracefulShutdown::new();
     // Connection tasks, so that those still open when the grace period ends can be cut
     // (which ends their exchanges and submits their records) before the writer stops.
@@ -170,11 +176,23 @@ pub async fn run_with(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let svc = ProxyService { shared: shared.clone(), remote };
+                // Beyond the connection limit a connection is still served, with 503s
+                // that say why and are recorded, rather than left hanging in the backlog.
+                let slot = connection_slots.clone().try_acquire_owned().ok();
+                let svc = ProxyService {
+                    shared: shared.clone(),
+                    remote,
+                    over_capacity: slot.is_none(),
+                };
                 let conn = builder.serve_connection(TokioIo::new(stream), svc);
                 let conn = graceful.watch(conn.into_owned());
+                let open = metrics.connections.clone();
+                open.inc();
                 connections.spawn(async move {
-                    if let Err(e) = conn.await {
+                    let _slot = slot;
+                    let result = conn.await;
+                    open.dec();
+                    if let Err(e) = result {
                         tracing::debug!(error = %e, %remote, "connection ended with an error");
                     }
                 });

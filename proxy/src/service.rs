@@ -26,17 +26,18 @@ use crate::{
     metrics::ProxyMetrics,
     route::Router,
     tee::{InFlight, Reporter, Side, TeeBody},
+    timeout::{Limited, Limits},
     trace,
     upstream::{self, Connector},
     ProxyError,
 };
 
 /// What custody answers with: the upstream's body, teed, or its own JSON error.
-pub type ProxyBody = Either<TeeBody<Incoming>, Full<Bytes>>;
+pub type ProxyBody = Either<TeeBody<Limited<Incoming>>, Full<Bytes>>;
 
 /// What goes upstream: the client's body as it streams in, or, when custody had to
 /// read it first (a key restricted to some models), the bytes it read.
-pub type RequestBody = Either<Incoming, Full<Bytes>>;
+pub type RequestBody = Either<Limited<Incoming>, Full<Bytes>>;
 
 /// The part of the configuration that a reload replaces, swapped atomically: each
 /// request works with the one it loaded at admission.
@@ -45,6 +46,9 @@ pub struct Active {
     keys: KeyTable,
     version: Arc<str>,
     response_timeout: Duration,
+    upstream_idle: Option<Duration>,
+    total: Option<Duration>,
+    limits: custody_config::Limits,
 }
 
 impl Active {
@@ -55,8 +59,16 @@ impl Active {
             keys: KeyTable::from_config(config)?,
             version: Arc::from(version),
             response_timeout: Duration::from_secs(config.upstream.response_timeout_secs),
+            upstream_idle: secs(config.upstream.idle_timeout_secs),
+            total: secs(config.upstream.total_timeout_secs),
+            limits: config.limits.clone(),
         })
     }
+}
+
+/// A limit in seconds, `0` meaning none.
+fn secs(n: u64) -> Option<Duration> {
+    (n > 0).then(|| Duration::from_secs(n))
 }
 
 /// State shared by every connection.
@@ -106,6 +118,8 @@ impl Shared {
 pub struct ProxyService {
     pub shared: Arc<Shared>,
     pub remote: SocketAddr,
+    /// Accepted beyond `[limits] max_connections`: every request gets a 503.
+    pub over_capacity: bool,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ProxyService {
@@ -116,13 +130,15 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let shared = self.shared.clone();
         let remote = self.remote;
-        Box::pin(async move { Ok(proxy(shared, remote, req).await) })
+        let over = self.over_capacity;
+        Box::pin(async move { Ok(proxy(shared, remote, over, req).await) })
     }
 }
 
 async fn proxy(
     shared: Arc<Shared>,
     remote: SocketAddr,
+    over_capacity: bool,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let active = shared.active.load_full();
@@ -152,6 +168,23 @@ async fn proxy(
     ex.route = Some(target.name.clone());
     ex.provider = target.provider;
     let provider = target.provider;
+    if let Some(refusal) = over_limits(&active.limits, &parts, over_capacity) {
+        if refusal != Refusal::BodyTooLarge {
+            drain(body).await;
+        }
+        return refuse(ex, audit, refusal, provider, None);
+    }
+    let deadline = active.total.map(|t| tokio::time::Instant::now() + t);
+    let body = Limited::new(
+        body,
+        Limits {
+            side: "client",
+            idle: secs(active.limits.client_timeout_secs),
+            deadline,
+            total_secs: active.total.map_or(0, |t| t.as_secs()),
+            max_bytes: Some(active.limits.max_request_body_bytes),
+        },
+    );
 
     let mut key = None;
     if active.keys.enabled() {
@@ -225,12 +258,31 @@ async fn proxy(
                 ex.response_headers = parts.headers.clone();
                 ex.response_head_at = Some(head_at);
             });
+            let limits = Limits {
+                side: "upstream",
+                idle: active.upstream_idle,
+                deadline,
+                total_secs: active.total.map_or(0, |t| t.as_secs()),
+                max_bytes: None,
+            };
+            let body = Limited::new(body, limits);
             let body = TeeBody::new(body, Side::Response, shared.capture_max, inflight.clone());
             inflight.update(|ex| ex.response_returned_at = Some(Instant::now()));
             return Response::from_parts(parts, Either::Left(body));
         }
-        Ok(Err(e)) if is_timeout(&e) => (Refusal::UpstreamTimeout, e.to_string()),
-        Ok(Err(e)) => (Refusal::UpstreamUnreachable, error_chain(&e)),
+        Ok(Err(e)) => {
+            let chain = error_chain(&e);
+            // The client's own body broke the limits before the upstream answered.
+            if chain.contains("request body exceeds") {
+                (Refusal::BodyTooLarge, chain)
+            } else if chain.contains("client idle") {
+                (Refusal::ClientTimeout, chain)
+            } else if is_timeout(&e) {
+                (Refusal::UpstreamTimeout, chain)
+            } else {
+                (Refusal::UpstreamUnreachable, chain)
+            }
+        }
         Err(_) => (
             Refusal::UpstreamTimeout,
             format!("no response head within {timeout:?}"),
@@ -245,7 +297,7 @@ async fn proxy(
 async fn requested_model(
     provider: Provider,
     path: &str,
-    body: Incoming,
+    body: Limited<Incoming>,
     limit: usize,
 ) -> Result<(Option<String>, RequestBody), String> {
     if let Some(m) = custody_audit::genai::path_model(provider, path) {
@@ -266,10 +318,44 @@ async fn requested_model(
     Ok((model, Either::Right(Full::new(bytes))))
 }
 
+/// The limit a request head breaks, if any: too many connections, a head or a declared
+/// body too large.
+fn over_limits(
+    limits: &custody_config::Limits,
+    parts: &http::request::Parts,
+    over_capacity: bool,
+) -> Option<Refusal> {
+    if over_capacity {
+        return Some(Refusal::TooManyConnections);
+    }
+    let head: usize = parts.uri.to_string().len()
+        + parts
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if head > limits.max_header_bytes {
+        return Some(Refusal::HeadersTooLarge);
+    }
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_request_body_bytes) {
+        return Some(Refusal::BodyTooLarge);
+    }
+    None
+}
+
 /// Reads (and discards) a little of a request body custody answers without forwarding:
 /// an HTTP/1.1 server that closes with unread request bytes makes the kernel reset the
 /// connection, and the client would see the reset instead of custody's answer.
-async fn drain(body: Incoming) {
+async fn drain<B>(body: B)
+where
+    B: http_body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     const DRAIN_MAX: usize = 256 * 1024;
     let read = http_body_util::Limited::new(body, DRAIN_MAX).collect();
     let _ = tokio::time::timeout(Duration::from_secs(1), read).await;
@@ -327,7 +413,11 @@ fn respond_refusal(
             | Refusal::BadRequest
             | Refusal::UnknownKey
             | Refusal::KeyNotAllowed
-            | Refusal::AuditQueueFull => Outcome::Rejected,
+            | Refusal::AuditQueueFull
+            | Refusal::BodyTooLarge
+            | Refusal::HeadersTooLarge
+            | Refusal::TooManyConnections => Outcome::Rejected,
+            Refusal::ClientTimeout => Outcome::ClientCancelled,
             Refusal::UpstreamTimeout => Outcome::UpstreamTimeout,
             Refusal::UpstreamUnreachable => Outcome::UpstreamError,
         };

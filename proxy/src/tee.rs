@@ -169,7 +169,13 @@ fn finish(
             match end {
                 End::Complete => ex.outcome = Outcome::Ok,
                 End::Error => {
-                    ex.outcome = Outcome::UpstreamError;
+                    // A stalled stream or an exchange past its total limit timed out.
+                    let timed_out = error.as_deref().is_some_and(|e| e.contains("timed out"));
+                    ex.outcome = if timed_out {
+                        Outcome::UpstreamTimeout
+                    } else {
+                        Outcome::UpstreamError
+                    };
                     ex.error = error.map(|e| format!("upstream body: {e}"));
                 }
                 End::Dropped => ex.outcome = Outcome::ClientCancelled,

@@ -355,3 +355,119 @@ async fn a_burst_cut_by_shutdown_leaves_every_completed_exchange_in_the_trail() 
     );
     custody_audit::verify::verify_dir(&done.audit_dir(), None, |_, _, _| {}).unwrap();
 }
+
+#[tokio::test]
+async fn limits_answer_with_clear_errors_and_are_recorded() {
+    let up = chat_upstream().await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.limits.max_request_body_bytes = 1000;
+        c.limits.max_header_bytes = 2000;
+    })
+    .await;
+    let url = custody.url("/v1/chat/completions");
+    // A declared body over the limit.
+    let (parts, body) = send(&client(), post(&url, &[], "x".repeat(5000))).await;
+    assert_eq!(parts.status, 413);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "request_too_large");
+    // A streamed (chunked) body that grows past it.
+    let chunks = futures_util::stream::iter((0..10).map(|_| {
+        Ok::<_, std::io::Error>(hyper::body::Frame::data(bytes::Bytes::from(vec![
+            b'y';
+            500
+        ])))
+    }));
+    let req = http::Request::post(&url)
+        .body(http_body_util::StreamBody::new(chunks))
+        .unwrap();
+    let resp = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http()
+        .request(req)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    // A head over the limit.
+    let big = "h".repeat(3000);
+    let (parts, _) = send(&client(), post(&url, &[("x-big", &big)], CHAT)).await;
+    assert_eq!(parts.status, 431);
+    let done = custody.stop().await;
+    let codes: Vec<(u64, &str)> = done
+        .records
+        .iter()
+        .map(|r| {
+            (
+                r["http"]["status"].as_u64().unwrap(),
+                r["error"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(codes.len(), 3, "{codes:?}");
+    assert_eq!(codes[0], (413, "request_too_large"));
+    assert_eq!(codes[1].0, 413);
+    assert!(
+        codes[1].1.contains("request body exceeds 1000 bytes"),
+        "{codes:?}"
+    );
+    assert_eq!(codes[2], (431, "headers_too_large"));
+}
+
+#[tokio::test]
+async fn a_stalled_upstream_stream_times_out_and_is_recorded() {
+    let (tx, handler) = one_stream(&[("content-type", "text/event-stream")]);
+    let up = MockUpstream::start(handler).await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.upstream.idle_timeout_secs = 1;
+    })
+    .await;
+    let resp = client()
+        .request(post(&custody.url("/v1/chat/completions"), &[], CHAT))
+        .await
+        .unwrap();
+    tx.send(Ok(bytes::Bytes::from_static(b"data: {\"id\":\"x\"}\n\n")))
+        .await
+        .unwrap();
+    // Then silence: custody cuts the stream after a second of it.
+    let collected = http_body_util::BodyExt::collect(resp.into_body()).await;
+    assert!(
+        collected.is_err(),
+        "the client sees the stream end abnormally"
+    );
+    let done = custody.stop().await;
+    let r = done.one();
+    assert_eq!(r["outcome"], "upstream_timeout");
+    assert!(r["error"]
+        .as_str()
+        .unwrap()
+        .contains("upstream idle for more than 1s"));
+    drop(tx);
+}
+
+#[tokio::test]
+async fn connections_past_the_limit_get_503s_that_are_recorded() {
+    let up = chat_upstream().await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.limits.max_connections = 1;
+    })
+    .await;
+    // One connection held open (HTTP/2 keeps it), a second one beyond the limit.
+    let first = h2_client();
+    let (parts, _) = send(
+        &first,
+        post(&custody.url("/v1/chat/completions"), &[], CHAT),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    let second = h2_client();
+    let (parts, body) = send(
+        &second,
+        post(&custody.url("/v1/chat/completions"), &[], CHAT),
+    )
+    .await;
+    assert_eq!(parts.status, 503);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "too_many_connections");
+    drop((first, second));
+    let done = custody.stop().await;
+    assert_eq!(done.records.len(), 2);
+    assert_eq!(done.records[1]["error"], "too_many_connections");
+}

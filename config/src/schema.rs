@@ -204,6 +204,30 @@ pub struct Listen {
     pub addr: SocketAddr,
     /// On SIGTERM/SIGINT, how long in-flight exchanges may take to finish before they are cut.
     pub shutdown_grace_secs: u64,
+    /// Serve TLS (1.2 and 1.3, HTTP/2 and HTTP/1.1 by ALPN) instead of cleartext.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenTls>,
+}
+
+/// `[listen.tls]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenTls {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA certificates: set, every client must present a certificate they signed (mTLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+    /// How often the files are checked for changes; a change is loaded for new
+    /// connections without a restart.
+    #[serde(default = "default_tls_reload_secs")]
+    pub reload_secs: u64,
+}
+
+fn default_tls_reload_secs() -> u64 {
+    10
 }
 
 impl Default for Listen {
@@ -211,6 +235,7 @@ impl Default for Listen {
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             shutdown_grace_secs: 30,
+            tls: None,
         }
     }
 }
@@ -581,6 +606,7 @@ impl Config {
             listen: Listen {
                 addr: SocketAddr::from(([127, 0, 0, 1], 0)),
                 shutdown_grace_secs: 5,
+                tls: None,
             },
             audit: Audit {
                 dir: dir.into(),

@@ -19,6 +19,7 @@ pub mod server;
 pub mod service;
 pub mod tee;
 pub mod timeout;
+pub mod tls;
 pub mod trace;
 pub mod upstream;
 

@@ -133,6 +133,17 @@ pub async fn run_with(
         tokio::spawn(admin::serve(l, admin_state.clone()))
     });
 
+    let mut tls_watch = None;
+    let tls = match &config.listen.tls {
+        Some(t) => {
+            let reloader = crate::tls::TlsReloader::new(t)?;
+            tls_watch = Some(tokio::spawn(reloader.clone().watch()));
+            tracing::info!(cert = %t.cert.display(), mtls = t.client_ca.is_some(), "serving TLS");
+            Some(reloader)
+        }
+        None => None,
+    };
+    let handshake_timeout = Duration::from_secs(config.limits.client_timeout_secs.max(1));
     let limits = &config.limits;
     let connection_slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -184,13 +195,32 @@ pub async fn run_with(
                     remote,
                     over_capacity: slot.is_none(),
                 };
-                let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn.into_owned());
                 let open = metrics.connections.clone();
                 open.inc();
+                let watcher = graceful.watcher();
+                let builder = builder.clone();
+                let tls = tls
+                    .as_ref()
+                    .map(|t| tokio_rustls::TlsAcceptor::from(t.current.load_full()));
                 connections.spawn(async move {
                     let _slot = slot;
-                    let result = conn.await;
+                    let result = match tls {
+                        None => {
+                            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Some(acceptor) => {
+                            let handshake = acceptor.accept(stream);
+                            match tokio::time::timeout(handshake_timeout, handshake).await {
+                                Ok(Ok(stream)) => {
+                                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                                    watcher.watch(conn.into_owned()).await
+                                }
+                                Ok(Err(e)) => Err(e.into()),
+                                Err(_) => Err("TLS handshake timed out".into()),
+                            }
+                        }
+                    };
                     open.dec();
                     if let Err(e) = result {
                         tracing::debug!(error = %e, %remote, "connection ended with an error");
@@ -218,7 +248,7 @@ pub async fn run_with(
         connections.abort_all();
     }
     while connections.join_next().await.is_some() {}
-    if let Some(t) = admin_task {
+    for t in admin_task.into_iter().chain(tls_watch) {
         t.abort();
     }
     drop(admin_state);

@@ -92,6 +92,7 @@ impl Shared {
             client: upstream::client(
                 Duration::from_secs(config.upstream.connect_timeout_secs),
                 Duration::from_secs(config.upstream.pool_idle_timeout_secs),
+                config.upstream.ca_file.as_deref(),
             )?,
             admission: Admission::new(&config.audit, metrics.audit.clone()),
             reporter: Arc::new(Reporter {

@@ -14,10 +14,12 @@ use crate::ProxyError;
 
 pub type Connector = HttpsConnector<HttpConnector>;
 
-/// Builds the pooled upstream client.
+/// Builds the pooled upstream client. Certificates are verified against the public
+/// roots and the CAs in `ca_file`, if any.
 pub fn client<B>(
     connect_timeout: Duration,
     idle_timeout: Duration,
+    ca_file: Option<&std::path::Path>,
 ) -> Result<Client<Connector, B>, ProxyError>
 where
     B: http_body::Body + Send + 'static,
@@ -28,9 +30,13 @@ where
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(provider)
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| ProxyError::Tls(e.to_string()))?
+        .with_root_certificates(crate::tls::upstream_roots(ca_file)?)
+        .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()

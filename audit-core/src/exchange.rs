@@ -136,6 +136,9 @@ pub struct Exchange {
     pub response_returned_at: Option<Instant>,
     /// The audit queue slot taken at admission; the writer frees it with the exchange.
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Under `durability = "durable"`: told once the record is fsynced, so that the
+    /// response's last frame can be released.
+    pub durable: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// A client authenticated by a virtual key.
@@ -190,6 +193,7 @@ impl Exchange {
             upstream_sent_at: None,
             response_returned_at: None,
             permit: None,
+            durable: None,
         }
     }
 }

@@ -405,6 +405,8 @@ struct Batch {
     head: ChainHead,
     /// Searchable values of the records in `buf`, for the segment index.
     facts: Facts,
+    /// Responses held until these records are fsynced (`durability = "durable"`).
+    waiters: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Batch {
@@ -417,6 +419,7 @@ impl Batch {
             last_ms: i64::MIN,
             head,
             facts: Facts::default(),
+            waiters: Vec::new(),
         }
     }
 }
@@ -534,7 +537,7 @@ impl Worker {
             // Take what is queued without the cost of a select; wait only when empty.
             match rx.try_recv() {
                 Ok(ex) => {
-                    self.add(&ex);
+                    self.add(ex);
                     taken = taken.wrapping_add(1);
                     // Under sustained load the queue never empties: look for a stop and
                     // reloads now and then.
@@ -544,7 +547,7 @@ impl Worker {
                         }
                         if !matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
                             while let Ok(ex) = rx.try_recv() {
-                                self.add(&ex);
+                                self.add(ex);
                             }
                             break;
                         }
@@ -553,13 +556,13 @@ impl Worker {
                 Err(TryRecvError::Disconnected) => break,
                 Err(TryRecvError::Empty) => select! {
                     recv(rx) -> msg => match msg {
-                        Ok(ex) => self.add(&ex),
+                        Ok(ex) => self.add(ex),
                         Err(_) => break,
                     },
                     recv(control) -> c => if let Ok(c) = c { self.apply(c) },
                     recv(stop) -> _ => {
                         while let Ok(ex) = rx.try_recv() {
-                            self.add(&ex);
+                            self.add(ex);
                         }
                         break;
                     },
@@ -594,7 +597,7 @@ impl Worker {
         }
         // A stop while the disk was failing left exchanges queued: one last try.
         while let Ok(ex) = rx.try_recv() {
-            self.add(&ex);
+            self.add(ex);
         }
         if let Some(l) = self.stats.take_losses() {
             self.add_event(loss_event(&l));
@@ -630,7 +633,11 @@ impl Worker {
         }
     }
 
-    fn add(&mut self, ex: &Exchange) {
+    fn add(&mut self, mut ex: Exchange) {
+        if let Some(tx) = ex.durable.take() {
+            self.batch.waiters.push(tx);
+        }
+        let ex = &ex;
         if let Some(gate) = &self.gate {
             gate.wait_open();
         }
@@ -856,8 +863,17 @@ impl Worker {
                 self.stats.written.inc_by(u64::from(b.count));
                 self.stats.bytes_written.inc_by(appended);
                 self.stats.failing.set(0);
-                self.batch = Batch::new(self.batch.head);
+                let head = self.batch.head;
+                let done = std::mem::replace(&mut self.batch, Batch::new(head));
                 self.retry_at = None;
+                // Group commit: one fsync for every record of the block, then the
+                // responses waiting for them are released. If the fsync fails they are
+                // dropped, and their clients see the stream fail rather than complete.
+                if !done.waiters.is_empty() && self.sync() {
+                    for w in done.waiters {
+                        let _ = w.send(());
+                    }
+                }
             }
             Err(e) => {
                 self.stats.write_errors.inc();
@@ -868,14 +884,20 @@ impl Worker {
         }
     }
 
-    fn sync(&mut self) {
+    /// fsyncs the live segment; whether it worked.
+    fn sync(&mut self) -> bool {
         let started = Instant::now();
-        if let Err(e) = self.store.sync() {
-            tracing::error!(error = %e, "audit fsync failed");
-        }
+        let result = self.store.sync();
         self.last_sync = Instant::now();
         self.stats
             .fsync_seconds
             .observe(self.last_sync.duration_since(started).as_secs_f64());
+        match result {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "audit fsync failed");
+                false
+            }
+        }
     }
 }

@@ -15,8 +15,8 @@ pub mod schema;
 pub use error::ConfigError;
 pub use redaction::{Alphabet, CustomRule, Mode, Redaction, BUILTIN_ENTITIES};
 pub use schema::{
-    Admin, Audit, Config, Fsync, Limits, Lineage, Listen, ListenTls, Log, LogFormat, OnFull,
-    Provider, Route, Upstream, UpstreamUrl, VirtualKey,
+    Admin, Audit, Config, Durability, Fsync, Limits, Lineage, Listen, ListenTls, Log, LogFormat,
+    OnFull, Provider, Route, Upstream, UpstreamUrl, VirtualKey,
 };
 
 /// The embedded default configuration, printed by `custody config default`.

@@ -282,6 +282,18 @@ pub struct Audit {
     pub queue_max_bytes: u64,
     /// Under `backpressure`, how long a request may wait for room before its 503.
     pub admission_timeout_ms: u64,
+    /// `async`: records are fsynced within `fsync_interval_ms`. `durable`: a response's
+    /// last frame reaches the client only once its record is fsynced (group commit).
+    pub durability: Durability,
+}
+
+/// `[audit] durability`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    #[default]
+    Async,
+    Durable,
 }
 
 /// `[audit] fsync`
@@ -311,6 +323,7 @@ impl Default for Audit {
             on_full: OnFull::Backpressure,
             queue_max_bytes: 256 * 1024 * 1024,
             admission_timeout_ms: 5000,
+            durability: Durability::Async,
         }
     }
 }

@@ -78,6 +78,8 @@ pub struct Shared {
     reporter: Arc<Reporter>,
     pub admission: Admission,
     capture_max: usize,
+    /// `durability = "durable"`: responses end only once their record is fsynced.
+    durable: bool,
 }
 
 impl Shared {
@@ -101,6 +103,7 @@ impl Shared {
                 log_exchanges: config.log.exchanges,
             }),
             capture_max: config.audit.capture_max_bytes,
+            durable: config.audit.durability == custody_config::Durability::Durable,
         })
     }
 
@@ -267,7 +270,8 @@ async fn proxy(
                 max_bytes: None,
             };
             let body = Limited::new(body, limits);
-            let body = TeeBody::new(body, Side::Response, shared.capture_max, inflight.clone());
+            let body = TeeBody::new(body, Side::Response, shared.capture_max, inflight.clone())
+                .durable(shared.durable);
             inflight.update(|ex| ex.response_returned_at = Some(Instant::now()));
             return Response::from_parts(parts, Either::Left(body));
         }

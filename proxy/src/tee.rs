@@ -7,9 +7,10 @@
 //! an exchange is submitted once, when nothing more can be learned about it.
 
 use std::{
+    future::Future,
     pin::Pin,
     sync::{Arc, Mutex, PoisonError},
-    task::{Context, Poll},
+    task::{ready, Context, Poll},
     time::Instant,
 };
 
@@ -19,6 +20,7 @@ use custody_audit::{AuditSender, Capture, Exchange, Outcome};
 use crate::metrics::ProxyMetrics;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::sync::oneshot;
 
 /// Where ended exchanges go: the metrics, the optional exchange log line, the audit queue.
 pub struct Reporter {
@@ -82,6 +84,24 @@ impl InFlight {
     }
 }
 
+impl InFlight {
+    /// Hands the exchange over now, with a channel the writer answers once its record
+    /// is fsynced; `None` when it is not audited (nothing to wait for).
+    fn submit_durable(&self) -> Option<oneshot::Receiver<()>> {
+        let mut guard = self.exchange.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ex = guard.take()?;
+        if ex.permit.is_none() {
+            *guard = Some(ex);
+            return None;
+        }
+        drop(guard);
+        let (tx, rx) = oneshot::channel();
+        ex.durable = Some(tx);
+        self.reporter.report(ex);
+        Some(rx)
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         let slot = self
@@ -118,6 +138,10 @@ pin_project! {
         capture: Capture,
         first_chunk_at: Option<Instant>,
         inflight: Option<Arc<InFlight>>,
+        // `durability = "durable"` (response side): the end waits for the record's fsync.
+        durable: bool,
+        waiting: Option<oneshot::Receiver<()>>,
+        held: Option<Option<Result<Frame<Bytes>, B::Error>>>,
     }
 
     impl<B: Body> PinnedDrop for TeeBody<B> {
@@ -125,7 +149,7 @@ pin_project! {
             let this = this.project();
             // An empty body (204, HEAD, GET) may be dropped without a poll: that is its end.
             let end = if this.inner.is_end_stream() { End::Complete } else { End::Dropped };
-            finish(this.inflight, *this.side, this.capture, *this.first_chunk_at, end, None);
+            let _ = finish(this.inflight, *this.side, this.capture, *this.first_chunk_at, end, None);
         }
     }
 }
@@ -139,7 +163,16 @@ impl<B: Body> TeeBody<B> {
             capture: Capture::default(),
             first_chunk_at: None,
             inflight: Some(inflight),
+            durable: false,
+            waiting: None,
+            held: None,
         }
+    }
+
+    /// Holds the end of the body until the exchange's record is fsynced.
+    pub fn durable(mut self, on: bool) -> Self {
+        self.durable = on;
+        self
     }
 }
 
@@ -150,8 +183,8 @@ fn finish(
     first_chunk_at: Option<Instant>,
     end: End,
     error: Option<String>,
-) {
-    let Some(state) = inflight.take() else { return };
+) -> Option<Arc<InFlight>> {
+    let state = inflight.take()?;
     let mut capture = std::mem::take(capture);
     capture.complete = end == End::Complete;
     let now = Instant::now();
@@ -182,75 +215,84 @@ fn finish(
             }
         }
     });
+    Some(state)
+}
+
+/// A tee's error: its body's, or (durable mode) a record that could not be fsynced, so
+/// the response must not look complete.
+#[derive(Debug, thiserror::Error)]
+pub enum TeeError {
+    #[error(transparent)]
+    Inner(Box<dyn std::error::Error + Send + Sync>),
+    #[error("the audit record of this exchange could not be made durable")]
+    NotDurable,
+}
+
+fn inner<E: Into<Box<dyn std::error::Error + Send + Sync>>>(e: E) -> TeeError {
+    TeeError::Inner(e.into())
 }
 
 impl<B> Body for TeeBody<B>
 where
     B: Body<Data = Bytes>,
-    B::Error: std::fmt::Display,
+    B::Error: std::fmt::Display + Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = TeeError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let mut this = self.project();
-        let polled = this.inner.as_mut().poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
+        // Durable mode: the end waits until its record is on disk.
+        if let Some(rx) = this.waiting.as_mut() {
+            let synced = ready!(Pin::new(rx).poll(cx));
+            *this.waiting = None;
+            let held = this.held.take().flatten();
+            return Poll::Ready(match synced {
+                Ok(()) => held.map(|r| r.map_err(inner)),
+                Err(_) => Some(Err(TeeError::NotDurable)),
+            });
+        }
+        let polled = ready!(this.inner.as_mut().poll_frame(cx));
+        let end = match &polled {
+            Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     if this.first_chunk_at.is_none() && !data.is_empty() {
                         *this.first_chunk_at = Some(Instant::now());
                     }
                     this.capture.push(data, *this.cap);
-                    // A consumer that knows the length may never poll again.
-                    if this.inner.is_end_stream() {
-                        finish(
-                            this.inflight,
-                            *this.side,
-                            this.capture,
-                            *this.first_chunk_at,
-                            End::Complete,
-                            None,
-                        );
-                    }
-                } else if frame.is_trailers() {
-                    finish(
-                        this.inflight,
-                        *this.side,
-                        this.capture,
-                        *this.first_chunk_at,
-                        End::Complete,
-                        None,
-                    );
+                }
+                // A consumer that knows the length may never poll again.
+                (frame.is_trailers() || this.inner.is_end_stream()).then_some((End::Complete, None))
+            }
+            Some(Err(e)) => Some((End::Error, Some(e.to_string()))),
+            None => Some((End::Complete, None)),
+        };
+        let Some((end, error)) = end else {
+            return Poll::Ready(polled.map(|r| r.map_err(inner)));
+        };
+        let state = finish(
+            this.inflight,
+            *this.side,
+            this.capture,
+            *this.first_chunk_at,
+            end,
+            error,
+        );
+        if let (Some(state), true, Side::Response, End::Complete) =
+            (state, *this.durable, *this.side, end)
+        {
+            if let Some(mut rx) = state.submit_durable() {
+                if Pin::new(&mut rx).poll(cx).is_pending() {
+                    *this.held = Some(polled);
+                    *this.waiting = Some(rx);
+                    return Poll::Pending;
                 }
             }
-            Poll::Ready(Some(Err(e))) => {
-                let msg = e.to_string();
-                finish(
-                    this.inflight,
-                    *this.side,
-                    this.capture,
-                    *this.first_chunk_at,
-                    End::Error,
-                    Some(msg),
-                );
-            }
-            Poll::Ready(None) => {
-                finish(
-                    this.inflight,
-                    *this.side,
-                    this.capture,
-                    *this.first_chunk_at,
-                    End::Complete,
-                    None,
-                );
-            }
-            Poll::Pending => {}
         }
-        polled
+        Poll::Ready(polled.map(|r| r.map_err(inner)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -693,3 +693,83 @@ fn a_full_disk_holds_traffic_back_and_custody_resumes_when_space_returns() {
         "the refusal is told in the chain"
     );
 }
+
+#[test]
+fn durable_mode_kill_9_keeps_every_exchange_a_client_saw_complete() {
+    use std::sync::{Arc, Mutex};
+    let (mut mock, mock_addr) = spawn_listening(&["mock-provider"]);
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit");
+    let config = dir.path().join("custody.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n[audit]\ndir = \"{}\"\ndurability = \"durable\"\nfsync_interval_ms = 60000\n[[route]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n",
+            audit.display()
+        ),
+    )
+    .unwrap();
+    let (mut serve, addr) = spawn_listening(&["serve", "--config", config.to_str().unwrap()]);
+
+    // Four clients; each remembers the requests whose response it read to the end.
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let clients: Vec<_> = (0..4)
+        .map(|t| {
+            let (seen, addr) = (seen.clone(), addr.clone());
+            std::thread::spawn(move || {
+                for i in 0..100_000 {
+                    let Ok(mut s) = TcpStream::connect(&addr) else { break };
+                    let marker = format!("durable-{t}-{i}");
+                    let body = format!(r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{marker}"}}]}}"#);
+                    let req = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                    if s.write_all(req.as_bytes()).is_err() {
+                        break;
+                    }
+                    let mut out = String::new();
+                    match s.read_to_string(&mut out) {
+                        Ok(_) if out.starts_with("HTTP/1.1 200") && out.ends_with('}') => {
+                            seen.lock().unwrap().push(marker)
+                        }
+                        _ => break,
+                    }
+                }
+            })
+        })
+        .collect();
+    until("60 exchanges seen complete", || {
+        seen.lock().unwrap().len() >= 60
+    });
+    assert!(Command::new("kill")
+        .args(["-KILL", &serve.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let _ = serve.wait();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let completed = seen.lock().unwrap().clone();
+
+    // Restart repairs the tail; then a clean stop, and every completed one is there.
+    let (mut serve, _) = spawn_listening(&["serve", "--config", config.to_str().unwrap()]);
+    Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(serve.wait().unwrap().success());
+    mock.kill().unwrap();
+    let _ = mock.wait();
+    let d = audit.to_str().unwrap();
+    let trail = stdout(&custody(&["log", "export", "--dir", d]));
+    let missing: Vec<&String> = completed
+        .iter()
+        .filter(|m| !trail.contains(&format!("\"{m}\"")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} completed exchanges missing: {missing:?}",
+        missing.len(),
+        completed.len()
+    );
+    assert!(custody(&["log", "verify", "--dir", d]).status.success());
+}

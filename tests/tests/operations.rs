@@ -471,3 +471,30 @@ async fn connections_past_the_limit_get_503s_that_are_recorded() {
     assert_eq!(done.records.len(), 2);
     assert_eq!(done.records[1]["error"], "too_many_connections");
 }
+
+#[tokio::test]
+async fn durable_responses_end_only_once_their_record_is_fsynced() {
+    let up = chat_upstream().await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.audit.durability = custody_config::Durability::Durable;
+    })
+    .await;
+    custody.gate.close();
+    let url = custody.url("/v1/chat/completions");
+    let pending = tokio::spawn(async move { send(&client(), post(&url, &[], CHAT)).await });
+    // The exchange reached the writer, which is held: its record is not on disk yet.
+    until_metric(&custody, "custody_audit_queue_depth", 1.0).await;
+    assert!(
+        !pending.is_finished(),
+        "the response must wait for its record"
+    );
+    custody.gate.open();
+    let (parts, body) = pending.await.unwrap();
+    assert_eq!(parts.status, 200);
+    assert!(
+        body.ends_with(b"}"),
+        "the whole body arrives once the record is durable"
+    );
+    let done = custody.stop().await;
+    assert_eq!(done.one()["outcome"], "ok");
+}

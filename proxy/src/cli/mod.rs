@@ -226,6 +226,7 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
             tracing::info!(route = %r.name, prefix = %r.prefix, upstream = %r.upstream, provider = %r.provider, "route");
         }
         tracing::info!(audit_dir = %config.audit.dir.display(), "auditing every exchange");
+        let shutdown = shutdown_signal();
         // Scripts and tests read this line to learn the bound address.
         println!("custody listening on http://{addr}");
         let admin = match config.admin.addr {
@@ -249,7 +250,7 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
             reload_source: Some(reload_source),
             writer_gate: None,
         };
-        let summary = custody_proxy::run_with(listener, config, shutdown_signal(), opts).await?;
+        let summary = custody_proxy::run_with(listener, config, shutdown, opts).await?;
         if summary.dropped > 0 {
             eprintln!("custody: {} exchanges were not audited (queue full or writer stopped)", summary.dropped);
         }
@@ -292,26 +293,28 @@ async fn reload_on_sighup(
     }
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Completes on SIGTERM or SIGINT. The handlers are installed when this is called, not
+/// when it is first awaited: a SIGTERM right after start must not kill the process
+/// without its orderly shutdown.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let interrupt = tokio::signal::ctrl_c();
+    async move {
+        #[cfg(unix)]
+        match term {
+            Some(mut term) => {
                 tokio::select! {
                     _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+                    _ = interrupt => {}
                 }
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+            None => {
+                let _ = interrupt.await;
             }
         }
+        #[cfg(not(unix))]
+        let _ = interrupt.await;
+        tracing::info!("shutdown signal received");
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    tracing::info!("shutdown signal received");
 }

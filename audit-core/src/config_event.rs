@@ -122,8 +122,8 @@ impl Snapshot {
 
     pub fn store_last(&self, dir: &Path) {
         let tmp = dir.join(format!("{LAST_FILE}.tmp"));
-        let result = std::fs::write(&tmp, self.canonical.to_string())
-            .and_then(|_| std::fs::rename(&tmp, dir.join(LAST_FILE)));
+        let result = crate::index::write_private(&tmp, self.canonical.to_string().as_bytes())
+            .and_then(|()| std::fs::rename(&tmp, dir.join(LAST_FILE)));
         if let Err(e) = result {
             tracing::warn!(error = %e, "could not keep the configuration snapshot; the next start will not list changes");
         }

@@ -116,8 +116,18 @@ pub fn write(segment: &Path, index: &SegmentIndex) -> Result<(), AuditError> {
         source,
     };
     let body = serde_json::to_vec(index).map_err(|e| io(std::io::Error::other(e)))?;
-    fs::write(&tmp, body).map_err(io)?;
+    write_private(&tmp, &body).map_err(io)?;
     fs::rename(&tmp, &path).map_err(io)
+}
+
+/// Writes a file readable by custody's user only (0600), as every file of the trail.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    opts.open(path)?.write_all(bytes)
 }
 
 /// The index of a segment, if it has a readable one that matches the file's length.

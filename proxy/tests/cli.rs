@@ -439,7 +439,9 @@ fn sighup_reloads_the_config_and_log_chain_tells_the_conversation() {
         )
         .unwrap()
     };
-    write_config("");
+    // JSON logs with a line per exchange (both survive the reload below).
+    let logs = "\n[log]\nformat = \"json\"\nexchanges = true\n";
+    write_config(logs);
     // The environment the Kubernetes downward API would set.
     let (mut serve, addr) = spawn_with(
         &["serve", "--config", config.to_str().unwrap()],
@@ -449,7 +451,7 @@ fn sighup_reloads_the_config_and_log_chain_tells_the_conversation() {
     // The server's log, line by line, to learn when the reload is done.
     let (log_tx, log) = std::sync::mpsc::channel();
     let stderr = serve.stderr.take().unwrap();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for l in BufReader::new(stderr).lines().map_while(Result::ok) {
             let _ = log_tx.send(l);
         }
@@ -481,7 +483,7 @@ fn sighup_reloads_the_config_and_log_chain_tells_the_conversation() {
 
     // A new route and a source tag, applied on SIGHUP without a restart.
     write_config(&format!(
-        "\n[source]\nservice = \"cli-test\"\n\n[[route]]\nname = \"second\"\nprefix = \"/second/\"\nstrip_prefix = true\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n"
+        "{logs}\n[source]\nservice = \"cli-test\"\n\n[[route]]\nname = \"second\"\nprefix = \"/second/\"\nstrip_prefix = true\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n"
     ));
     let hup = Command::new("kill")
         .args(["-HUP", &serve.id().to_string()])
@@ -489,10 +491,13 @@ fn sighup_reloads_the_config_and_log_chain_tells_the_conversation() {
         .unwrap();
     assert!(hup.success());
     let deadline = std::time::Duration::from_secs(30);
+    let mut lines = Vec::new();
     loop {
         let l = log.recv_timeout(deadline).expect("no reload logged");
         assert!(!l.contains("reload refused"), "{l}");
-        if l.contains("configuration reloaded") {
+        let done = l.contains("configuration reloaded");
+        lines.push(l);
+        if done {
             break;
         }
     }
@@ -512,6 +517,20 @@ fn sighup_reloads_the_config_and_log_chain_tells_the_conversation() {
     assert!(serve.wait().unwrap().success());
     mock.kill().unwrap();
     let _ = mock.wait();
+    reader.join().unwrap();
+    lines.extend(log.try_iter());
+    let exchange_lines: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("every log line is JSON"))
+        .filter(|v| v["target"] == "custody::exchange")
+        .collect();
+    assert_eq!(exchange_lines.len(), 4, "{lines:#?}");
+    assert_eq!(exchange_lines[0]["fields"]["status"], 200);
+    assert_eq!(exchange_lines[0]["fields"]["outcome"], "ok");
+    assert!(
+        !lines.iter().any(|l| l.contains("What is custody")),
+        "no bodies in the log"
+    );
 
     let d = audit.to_str().unwrap();
     let o = custody(&["log", "search", "--dir", d, "--events", "--json"]);

@@ -498,3 +498,136 @@ async fn durable_responses_end_only_once_their_record_is_fsynced() {
     let done = custody.stop().await;
     assert_eq!(done.one()["outcome"], "ok");
 }
+
+#[tokio::test]
+async fn an_exchange_past_its_total_limit_is_cut_and_recorded() {
+    let (tx, handler) = one_stream(&[("content-type", "text/event-stream")]);
+    let up = MockUpstream::start(handler).await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.upstream.total_timeout_secs = 1;
+    })
+    .await;
+    let resp = client()
+        .request(post(&custody.url("/v1/chat/completions"), &[], CHAT))
+        .await
+        .unwrap();
+    // A stream that keeps trickling, never idle, never done.
+    let feeder = tokio::spawn(async move {
+        while tx
+            .send(Ok(bytes::Bytes::from_static(b": keep-alive\n\n")))
+            .await
+            .is_ok()
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    assert!(http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .is_err());
+    feeder.abort();
+    let done = custody.stop().await;
+    let r = done.one();
+    assert_eq!(r["outcome"], "upstream_timeout");
+    assert!(
+        r["error"].as_str().unwrap().contains("longer than 1s"),
+        "{r}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_stops_sending_its_body_gets_408() {
+    let up = chat_upstream().await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.limits.client_timeout_secs = 1;
+    })
+    .await;
+    let (body_tx, body_rx) =
+        tokio::sync::mpsc::channel::<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>>(1);
+    let stream = Box::pin(futures_util::stream::unfold(body_rx, |mut rx| async move {
+        rx.recv().await.map(|f| (f, rx))
+    }));
+    let req = http::Request::post(custody.url("/v1/chat/completions"))
+        .body(http_body_util::StreamBody::new(stream))
+        .unwrap();
+    body_tx
+        .send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+            b"{\"model\":",
+        ))))
+        .await
+        .unwrap();
+    // ...and then nothing more.
+    let resp = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http()
+        .request(req)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 408);
+    drop(body_tx);
+    let done = custody.stop().await;
+    let r = done.one();
+    assert_eq!(r["http"]["status"], 408);
+    assert!(r["error"].as_str().unwrap().contains("client idle"), "{r}");
+}
+
+#[tokio::test]
+async fn an_exchange_in_flight_during_a_reload_keeps_the_config_it_started_with() {
+    let (tx, handler) = one_stream(&[("content-type", "text/event-stream")]);
+    let up = MockUpstream::start(handler).await;
+    let custody = Custody::start(vec![openai_route(&up)]).await;
+    let resp = client()
+        .request(post(&custody.url("/v1/chat/completions"), &[], CHAT))
+        .await
+        .unwrap();
+    let mut next = custody.config.clone();
+    next.source.insert("service".into(), "after".into());
+    let new_version = custody.reload(next).await.unwrap();
+    tx.send(Ok(bytes::Bytes::from_static(b"data: [DONE]\n\n")))
+        .await
+        .unwrap();
+    drop(tx);
+    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+    let done = custody.stop().await;
+    let r = done.one();
+    assert_ne!(r["config"]["version"], new_version.as_str());
+    let start = done
+        .events
+        .iter()
+        .find(|e| e["event"]["reason"] == "start")
+        .unwrap();
+    assert_eq!(r["config"]["version"], start["event"]["version"]);
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn audit_files_are_private_to_custody() {
+    use std::os::unix::fs::PermissionsExt;
+    let up = chat_upstream().await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.audit.segment_max_bytes = 1;
+    })
+    .await;
+    for _ in 0..2 {
+        send(
+            &client(),
+            post(&custody.url("/v1/chat/completions"), &[], CHAT),
+        )
+        .await;
+    }
+    let done = custody.stop().await;
+    let dir = done.audit_dir();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    let mut kinds = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        kinds.insert(
+            p.extension()
+                .map(|x| x.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
+        assert_eq!(mode(&p), 0o600, "{}", p.display());
+    }
+    for k in ["seg", "idx", "key", "log", "json"] {
+        assert!(kinds.contains(k), "no .{k} file to check: {kinds:?}");
+    }
+}

@@ -20,3 +20,19 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/conformance/requirements.txt
 CUSTODY_BIN="$PWD/target/debug/custody" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/conformance
+
+echo "== deploy manifests (kubectl kustomize, kubernetes-validate --strict)"
+target/debug/custody config check deploy/k8s/base/custody.toml
+kvenv=.venv-deploy
+if [ ! -x "$kvenv/bin/python" ]; then
+  python3 -m venv "$kvenv"
+fi
+"$kvenv/bin/python" -m pip install --quiet --disable-pip-version-check -r deploy/requirements.txt
+rendered=$(mktemp -d)
+trap 'rm -rf "$rendered"' EXIT
+for overlay in base overlays/sidecar overlays/gateway; do
+  out="$rendered/$(basename "$overlay").yaml"
+  kubectl kustomize "deploy/k8s/$overlay" > "$out"
+  "$kvenv/bin/kubernetes-validate" --strict --quiet -k 1.32.0 "$out"
+done
+echo "deploy manifests: ok"

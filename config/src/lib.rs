@@ -7,6 +7,7 @@
 //! - [`error`]: [`ConfigError`], which always names the file, and the key or line at fault.
 #![forbid(unsafe_code)]
 
+pub mod env;
 pub mod error;
 pub mod load;
 pub mod redaction;

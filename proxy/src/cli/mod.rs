@@ -194,11 +194,15 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The configuration: `--config`, else `CUSTODY_CONFIG`, else the embedded default;
+/// then the `CUSTODY_*` overrides (docs/deploy.md lists them).
 pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
-    Ok(match path {
+    let from_env = std::env::var_os("CUSTODY_CONFIG").map(PathBuf::from);
+    let config = match path.or(from_env.as_ref()) {
         Some(p) => Config::load(p)?,
         None => Config::embedded_default()?,
-    })
+    };
+    Ok(config.with_env(|k| std::env::var(k).ok())?)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # Every test custody has, from a fresh checkout: lint, Rust unit and integration tests,
 # then the official OpenAI and Anthropic Python SDKs through the real binary.
-# Needs only cargo and python3; installs the SDKs into .venv-conformance from PyPI.
+# Needs cargo, python3 and kubectl; installs from PyPI the SDKs (.venv-conformance), moto
+# for the object-storage tests (.venv-moto) and the manifest validator (.venv-deploy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== cargo fmt / clippy"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== moto (S3-protocol server for the shipping tests, from PyPI)"
+moto=.venv-moto
+if [ ! -x "$moto/bin/python" ]; then
+  python3 -m venv "$moto"
+fi
+"$moto/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/requirements-moto.txt
+export CUSTODY_MOTO_SERVER="$PWD/$moto/bin/moto_server"
 
 echo "== cargo test"
 cargo build --locked -p custody-proxy --bin custody

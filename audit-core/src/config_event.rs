@@ -60,6 +60,22 @@ impl Snapshot {
         if let Some(env) = &config.admin.token_env {
             secrets.insert("admin.token_env".into(), json!(env_fp(env)));
         }
+        // Object store options may carry credentials.
+        if let Some(opts) = canonical
+            .get_mut("ship")
+            .and_then(|s| s.get_mut("options"))
+            .and_then(Value::as_object_mut)
+        {
+            for (k, v) in opts.iter_mut() {
+                let k = k.to_ascii_lowercase();
+                if ["secret", "key", "token", "password", "credential", "sas"]
+                    .iter()
+                    .any(|s| k.contains(s))
+                {
+                    *v = json!(fp.key_id(v.as_str().unwrap_or("").as_bytes()));
+                }
+            }
+        }
         if let Some(r) = canonical.get_mut("redaction") {
             fingerprint_all(r.get_mut("allow"));
             for rule in r

@@ -17,7 +17,7 @@ pub use error::ConfigError;
 pub use redaction::{Alphabet, CustomRule, Mode, Redaction, BUILTIN_ENTITIES};
 pub use schema::{
     Admin, Audit, Config, Durability, Fsync, Limits, Lineage, Listen, ListenTls, Log, LogFormat,
-    OnFull, Provider, Route, Upstream, UpstreamUrl, VirtualKey,
+    OnFull, Provider, Route, Ship, Upstream, UpstreamUrl, VirtualKey,
 };
 
 /// The embedded default configuration, printed by `custody config default`.

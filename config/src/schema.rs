@@ -47,6 +47,31 @@ pub struct Config {
     /// What one client may do.
     #[serde(default)]
     pub limits: Limits,
+    /// Where sealed segments are shipped.
+    #[serde(default)]
+    pub ship: Ship,
+}
+
+/// `[ship]`: sealed segments, their indexes and the checkpoint log, uploaded to object
+/// storage under `<url>/<source>/`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Ship {
+    /// `s3://bucket/prefix`, `gs://...`, `az://...` or `file:///path`; unset: no shipping.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// This trail's name under the prefix; default `POD_NAME`, else the host name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Delete local copies once their upload is confirmed (the newest segment stays).
+    pub delete_local: bool,
+    /// How often the audit directory is scanned for sealed segments (seconds; default 5).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval_secs: Option<u64>,
+    /// Options for the object store (`endpoint`, `region`, `allow_http`...); credentials
+    /// come from each cloud's standard environment.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub options: std::collections::BTreeMap<String, String>,
 }
 
 /// `[admin]`
@@ -637,6 +662,7 @@ impl Config {
             },
             log: Log::default(),
             limits: Limits::default(),
+            ship: Ship::default(),
         }
     }
 }

@@ -17,6 +17,8 @@ pub enum ProxyError {
     Route(#[from] http::Error),
     #[error("{what}: {reason}")]
     Key { what: String, reason: String },
+    #[error("shipping: {0}")]
+    Ship(String),
     #[error("{what}: {source}")]
     Io {
         what: String,

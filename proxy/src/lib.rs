@@ -17,6 +17,7 @@ pub mod mock;
 pub mod route;
 pub mod server;
 pub mod service;
+pub mod ship;
 pub mod tee;
 pub mod timeout;
 pub mod tls;

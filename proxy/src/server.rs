@@ -117,9 +117,15 @@ pub async fn run_with(
         }
         (None, None) => None,
     };
+    let shipper = crate::ship::Shipper::new(&config.ship, &config.audit.dir)?.map(Arc::new);
+    let mut registry = metrics.registry();
+    if let Some(s) = &shipper {
+        s.metrics.register(&mut registry);
+    }
+    let ship_task = shipper.clone().map(|s| tokio::spawn(s.run()));
     let admin_state = Arc::new(AdminState {
         shared: shared.clone(),
-        registry: metrics.registry(),
+        registry,
         token: admin_token(&config)?,
         queue_capacity: config.audit.queue_capacity,
         reloads: reload_tx,
@@ -248,7 +254,7 @@ pub async fn run_with(
         connections.abort_all();
     }
     while connections.join_next().await.is_some() {}
-    for t in admin_task.into_iter().chain(tls_watch) {
+    for t in admin_task.into_iter().chain(tls_watch).chain(ship_task) {
         t.abort();
     }
     drop(admin_state);
@@ -259,6 +265,19 @@ pub async fn run_with(
             what: "stopping the audit writer".into(),
             source: std::io::Error::other(e.to_string()),
         })??;
+    // The segment sealed at shutdown goes now if it can, else at the next start.
+    if let Some(s) = shipper {
+        let bound = Duration::from_secs(config.listen.shutdown_grace_secs.clamp(1, 10));
+        match tokio::time::timeout(bound, s.pass()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the last segment is not shipped; it goes at the next start")
+            }
+            Err(_) => {
+                tracing::warn!("shipping the last segment took too long; it goes at the next start")
+            }
+        }
+    }
     let dropped = stats.dropped_full.get() + stats.dropped_closed.get();
     tracing::info!(records = writer.written, dropped, "audit trail closed");
     Ok(RunSummary { writer, dropped })

@@ -1,0 +1,322 @@
+//! Shipping sealed segments to object storage, against a real S3-protocol server on
+//! loopback: moto (`moto_server`, installed by `tests/run.sh` into `.venv-moto`; the
+//! tests start their own instances on free ports).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{collections::BTreeMap, process::Child, sync::Arc, time::Duration};
+
+use custody_tests::*;
+use futures_util::TryStreamExt;
+use object_store::{path::Path as ObjectPath, ObjectStore};
+
+fn moto_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("CUSTODY_MOTO_SERVER") {
+        return p.into();
+    }
+    let local =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-moto/bin/moto_server");
+    assert!(
+        local.exists(),
+        "moto_server not found: run tests/run.sh (it installs moto[server] into .venv-moto) or set CUSTODY_MOTO_SERVER"
+    );
+    local
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A moto server on `port`, with bucket `trails`; killed when dropped.
+struct Moto(Child);
+
+impl Moto {
+    async fn start(port: u16) -> Self {
+        let child = std::process::Command::new(moto_bin())
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let url = format!("http://127.0.0.1:{port}/trails");
+        loop {
+            let req = http::Request::put(&url)
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            if let Ok(resp) = client().request(req).await {
+                assert!(
+                    resp.status().is_success(),
+                    "creating the bucket: {}",
+                    resp.status()
+                );
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "moto did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Self(child)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn s3_options(port: u16) -> BTreeMap<String, String> {
+    [
+        ("endpoint", format!("http://127.0.0.1:{port}")),
+        ("allow_http", "true".into()),
+        ("region", "us-east-1".into()),
+        ("access_key_id", "custody-test".into()),
+        ("secret_access_key", "custody-test-secret".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+fn bucket(port: u16) -> Arc<dyn ObjectStore> {
+    custody_proxy::ship::open_store("s3://trails/fleet", &s3_options(port))
+        .unwrap()
+        .0
+}
+
+/// The objects under `fleet/test-pod/`, by name, with their bytes.
+async fn objects(port: u16) -> BTreeMap<String, Vec<u8>> {
+    let store = bucket(port);
+    let prefix = ObjectPath::from("fleet/test-pod");
+    let metas: Vec<_> = store.list(Some(&prefix)).try_collect().await.unwrap();
+    let mut out = BTreeMap::new();
+    for m in metas {
+        let bytes = store.get(&m.location).await.unwrap().bytes().await.unwrap();
+        out.insert(m.location.filename().unwrap().to_owned(), bytes.to_vec());
+    }
+    out
+}
+
+/// Custody shipping to port `port`; every block seals its segment.
+async fn shipping(
+    dir: tempfile::TempDir,
+    port: u16,
+    tweak: impl FnOnce(&mut custody_config::Config),
+) -> Custody {
+    let up = chat_upstream().await;
+    let route = openai_route(&up);
+    std::mem::forget(up);
+    Custody::start_in(dir, vec![route], |c| {
+        c.audit.segment_max_bytes = 1;
+        c.listen.shutdown_grace_secs = 2;
+        c.ship.url = Some("s3://trails/fleet".into());
+        c.ship.source = Some("test-pod".into());
+        c.ship.interval_secs = Some(1);
+        c.ship.options = s3_options(port);
+        tweak(c);
+    })
+    .await
+}
+
+/// `n` requests, each written (hence sealed in a segment of its own) before the next.
+async fn requests(custody: &Custody, n: usize) {
+    for i in 0..n {
+        let before = metric(custody, "custody_audit_records_written_total").await;
+        send(
+            &client(),
+            post(
+                &custody.url("/v1/chat/completions"),
+                &[],
+                format!("{{\"n\":{i}}}"),
+            ),
+        )
+        .await;
+        until_metric(custody, "custody_audit_records_written_total", |v| {
+            v > before
+        })
+        .await;
+    }
+}
+
+async fn metric(custody: &Custody, sample: &str) -> f64 {
+    let req = http::Request::get(custody.admin_url("/metrics"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let (_, body) = send(&client(), req).await;
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+async fn until_metric(custody: &Custody, sample: &str, ok: impl Fn(f64) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let req = http::Request::get(custody.admin_url("/metrics"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let (_, body) = send(&client(), req).await;
+        let text = String::from_utf8_lossy(&body);
+        let v = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(sample)?
+                    .strip_prefix(' ')?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0);
+        if ok(v) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{sample} stuck at {v}\n{}",
+            text.lines()
+                .filter(|l| l.starts_with("custody_ship") || l.starts_with("custody_audit_rec"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn local_segments(dir: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
+    custody_audit::reader::segments(dir)
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.name(), std::fs::read(&s.path).unwrap()))
+        .collect()
+}
+
+#[tokio::test]
+async fn sealed_segments_are_shipped_whole_with_index_and_checkpoints() {
+    let port = free_port();
+    let _moto = Moto::start(port).await;
+    let custody = shipping(tempfile::tempdir().unwrap(), port, |_| {}).await;
+    requests(&custody, 3).await;
+    until_metric(&custody, "custody_ship_segments_total", |v| v >= 1.0).await;
+    let done = custody.stop().await;
+    let shipped = objects(port).await;
+    let local = local_segments(&done.audit_dir());
+    assert!(local.len() >= 2, "{:?}", local.keys());
+    for (name, bytes) in &local {
+        assert_eq!(shipped.get(name), Some(bytes), "{name} shipped whole");
+        assert!(shipped.contains_key(&name.replace(".seg", ".idx")));
+        assert!(done.audit_dir().join(format!("{name}.shipped")).exists());
+    }
+    assert!(shipped.contains_key("checkpoints.log"));
+    // What was shipped verifies as the local trail does.
+    let copy = tempfile::tempdir().unwrap();
+    for (name, bytes) in &shipped {
+        std::fs::write(copy.path().join(name), bytes).unwrap();
+    }
+    custody_audit::verify::verify_dir(copy.path(), None, |_, _, _| {}).unwrap();
+}
+
+#[tokio::test]
+async fn segments_wait_while_the_store_is_down_then_go() {
+    let port = free_port();
+    let custody = shipping(tempfile::tempdir().unwrap(), port, |_| {}).await;
+    requests(&custody, 2).await;
+    until_metric(&custody, "custody_ship_failures_total", |v| v >= 1.0).await;
+    until_metric(&custody, "custody_ship_pending_segments", |v| v >= 1.0).await;
+    // The requests themselves were never held up by it.
+    let moto = Moto::start(port).await;
+    until_metric(&custody, "custody_ship_pending_segments", |v| v == 0.0).await;
+    let done = custody.stop().await;
+    let shipped = objects(port).await;
+    for name in local_segments(&done.audit_dir()).keys() {
+        assert!(
+            shipped.contains_key(name),
+            "{name} shipped after the store came back"
+        );
+    }
+    drop(moto);
+}
+
+#[tokio::test]
+async fn a_restart_mid_upload_neither_loses_nor_duplicates() {
+    // A store that accepts connections and never answers: uploads hang.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_port = hole.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            open.push(s);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let custody = shipping(dir, hole_port, |_| {}).await;
+    requests(&custody, 2).await;
+    until_metric(&custody, "custody_ship_uploading", |v| v == 1.0).await;
+    let stopped = custody.stop().await;
+    held.abort();
+    let unshipped: Vec<String> = local_segments(&stopped.audit_dir())
+        .keys()
+        .filter(|n| !stopped.audit_dir().join(format!("{n}.shipped")).exists())
+        .cloned()
+        .collect();
+    assert!(
+        !unshipped.is_empty(),
+        "nothing was confirmed while the store hung"
+    );
+
+    // Restarted against a working store: every segment goes, each once, whole.
+    let port = free_port();
+    let _moto = Moto::start(port).await;
+    let custody = shipping(stopped.dir, port, |_| {}).await;
+    requests(&custody, 1).await;
+    let done = custody.stop().await;
+    let shipped = objects(port).await;
+    let local = local_segments(&done.audit_dir());
+    for (name, bytes) in &local {
+        assert_eq!(shipped.get(name), Some(bytes), "{name}");
+    }
+    let seg_objects = shipped.keys().filter(|k| k.ends_with(".seg")).count();
+    assert_eq!(
+        seg_objects,
+        local.len(),
+        "no duplicates: {:?}",
+        shipped.keys()
+    );
+}
+
+#[tokio::test]
+async fn delete_local_keeps_the_newest_segment() {
+    let port = free_port();
+    let _moto = Moto::start(port).await;
+    let custody = shipping(tempfile::tempdir().unwrap(), port, |c| {
+        c.ship.delete_local = true
+    })
+    .await;
+    requests(&custody, 3).await;
+    let done = custody.stop().await;
+    let local = local_segments(&done.audit_dir());
+    assert_eq!(local.len(), 1, "only the newest stays: {:?}", local.keys());
+    let shipped = objects(port).await;
+    assert!(
+        shipped.keys().filter(|k| k.ends_with(".seg")).count() >= 2,
+        "{:?} {:?}",
+        shipped.keys(),
+        local.keys()
+    );
+    // A restart continues the chain from the segment that stayed.
+    let custody = shipping(done.dir, port, |c| c.ship.delete_local = true).await;
+    requests(&custody, 1).await;
+    custody.stop().await;
+    let copy = tempfile::tempdir().unwrap();
+    for (name, bytes) in objects(port).await {
+        std::fs::write(copy.path().join(name), bytes).unwrap();
+    }
+    custody_audit::verify::verify_dir(copy.path(), None, |_, _, _| {}).unwrap();
+}

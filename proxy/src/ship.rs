@@ -99,33 +99,29 @@ pub fn open_store(
     let parsed = url::Url::parse(url).map_err(|e| ship_err(format!("[ship] url `{url}`: {e}")))?;
     let (scheme, path) = object_store::ObjectStoreScheme::parse(&parsed)
         .map_err(|e| ship_err(format!("[ship] url `{url}`: {e}")))?;
-    let opts = options.iter();
+    // The three cloud builders differ in type but not in shape: the environment first,
+    // then the URL, then the options (unknown keys are left to the other clouds).
+    macro_rules! configured {
+        ($builder:expr) => {{
+            let b = options
+                .iter()
+                .fold($builder.with_url(url), |b, (k, v)| match k.parse() {
+                    Ok(key) => b.with_config(key, v),
+                    Err(_) => b,
+                });
+            Arc::new(b.build().map_err(ship_err)?)
+        }};
+    }
     let store: Arc<dyn ObjectStore> = match scheme {
         object_store::ObjectStoreScheme::AmazonS3 => {
-            let b = object_store::aws::AmazonS3Builder::from_env()
-                .with_url(url)
-                .with_checksum_algorithm(object_store::aws::Checksum::SHA256);
-            let b = opts.fold(b, |b, (k, v)| match k.parse() {
-                Ok(key) => b.with_config(key, v),
-                Err(_) => b,
-            });
-            Arc::new(b.build().map_err(ship_err)?)
+            configured!(object_store::aws::AmazonS3Builder::from_env()
+                .with_checksum_algorithm(object_store::aws::Checksum::SHA256))
         }
         object_store::ObjectStoreScheme::GoogleCloudStorage => {
-            let b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url);
-            let b = opts.fold(b, |b, (k, v)| match k.parse() {
-                Ok(key) => b.with_config(key, v),
-                Err(_) => b,
-            });
-            Arc::new(b.build().map_err(ship_err)?)
+            configured!(object_store::gcp::GoogleCloudStorageBuilder::from_env())
         }
         object_store::ObjectStoreScheme::MicrosoftAzure => {
-            let b = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url);
-            let b = opts.fold(b, |b, (k, v)| match k.parse() {
-                Ok(key) => b.with_config(key, v),
-                Err(_) => b,
-            });
-            Arc::new(b.build().map_err(ship_err)?)
+            configured!(object_store::azure::MicrosoftAzureBuilder::from_env())
         }
         object_store::ObjectStoreScheme::Local => {
             Arc::new(object_store::local::LocalFileSystem::new())

@@ -411,18 +411,23 @@ async fn limits_answer_with_clear_errors_and_are_recorded() {
     assert_eq!(codes[2], (431, "headers_too_large"));
 }
 
-#[tokio::test]
-async fn a_stalled_upstream_stream_times_out_and_is_recorded() {
+/// Custody in front of an SSE upstream the test feeds, and the open response.
+async fn open_stream(
+    tweak: impl FnOnce(&mut custody_config::Config),
+) -> (ChunkSender, Custody, http::Response<hyper::body::Incoming>) {
     let (tx, handler) = one_stream(&[("content-type", "text/event-stream")]);
     let up = MockUpstream::start(handler).await;
-    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
-        c.upstream.idle_timeout_secs = 1;
-    })
-    .await;
+    let custody = Custody::start_with(vec![openai_route(&up)], tweak).await;
     let resp = client()
         .request(post(&custody.url("/v1/chat/completions"), &[], CHAT))
         .await
         .unwrap();
+    (tx, custody, resp)
+}
+
+#[tokio::test]
+async fn a_stalled_upstream_stream_times_out_and_is_recorded() {
+    let (tx, custody, resp) = open_stream(|c| c.upstream.idle_timeout_secs = 1).await;
     tx.send(Ok(bytes::Bytes::from_static(b"data: {\"id\":\"x\"}\n\n")))
         .await
         .unwrap();
@@ -501,16 +506,7 @@ async fn durable_responses_end_only_once_their_record_is_fsynced() {
 
 #[tokio::test]
 async fn an_exchange_past_its_total_limit_is_cut_and_recorded() {
-    let (tx, handler) = one_stream(&[("content-type", "text/event-stream")]);
-    let up = MockUpstream::start(handler).await;
-    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
-        c.upstream.total_timeout_secs = 1;
-    })
-    .await;
-    let resp = client()
-        .request(post(&custody.url("/v1/chat/completions"), &[], CHAT))
-        .await
-        .unwrap();
+    let (tx, custody, resp) = open_stream(|c| c.upstream.total_timeout_secs = 1).await;
     // A stream that keeps trickling, never idle, never done.
     let feeder = tokio::spawn(async move {
         while tx
@@ -571,13 +567,7 @@ async fn a_client_that_stops_sending_its_body_gets_408() {
 
 #[tokio::test]
 async fn an_exchange_in_flight_during_a_reload_keeps_the_config_it_started_with() {
-    let (tx, handler) = one_stream(&[("content-type", "text/event-stream")]);
-    let up = MockUpstream::start(handler).await;
-    let custody = Custody::start(vec![openai_route(&up)]).await;
-    let resp = client()
-        .request(post(&custody.url("/v1/chat/completions"), &[], CHAT))
-        .await
-        .unwrap();
+    let (tx, custody, resp) = open_stream(|_| {}).await;
     let mut next = custody.config.clone();
     next.source.insert("service".into(), "after".into());
     let new_version = custody.reload(next).await.unwrap();

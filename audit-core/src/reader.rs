@@ -24,6 +24,49 @@ impl SegmentRef {
     }
 }
 
+/// Where a trail's files are: a local directory, or (in the CLI) an object-store
+/// prefix. Verify reads through it, one segment at a time, so a shipped trail is checked
+/// where it lies.
+pub trait TrailSource: Sync {
+    /// What the source is, for messages.
+    fn describe(&self) -> String;
+    /// The segments, oldest first.
+    fn segments(&self) -> Result<Vec<SegmentRef>, AuditError>;
+    /// A segment's bytes.
+    fn read(&self, seg: &SegmentRef) -> Result<Vec<u8>, AuditError>;
+    /// The checkpoint log, if there is one.
+    fn checkpoints(&self) -> Result<Option<Vec<u8>>, AuditError>;
+}
+
+/// A trail in a local directory.
+pub struct DirSource<'a>(pub &'a Path);
+
+impl TrailSource for DirSource<'_> {
+    fn describe(&self) -> String {
+        self.0.display().to_string()
+    }
+
+    fn segments(&self) -> Result<Vec<SegmentRef>, AuditError> {
+        segments(self.0)
+    }
+
+    fn read(&self, seg: &SegmentRef) -> Result<Vec<u8>, AuditError> {
+        fs::read(&seg.path).map_err(|source| AuditError::Io {
+            path: seg.path.clone(),
+            source,
+        })
+    }
+
+    fn checkpoints(&self) -> Result<Option<Vec<u8>>, AuditError> {
+        let path = self.0.join(crate::store::CHECKPOINTS);
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(AuditError::Io { path, source }),
+        }
+    }
+}
+
 /// The segments of the trail in `dir`, oldest first.
 pub fn segments(dir: &Path) -> Result<Vec<SegmentRef>, AuditError> {
     if !dir.is_dir() {

@@ -5,7 +5,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs,
     path::Path,
 };
 
@@ -194,6 +193,7 @@ struct SegmentCheck {
 /// it, the seal's fields and signature, and the newest checkpoint's prefix if it is the
 /// checkpoint's segment. Links to other segments are checked by the caller.
 fn check_segment(
+    source: &dyn reader::TrailSource,
     seg: &reader::SegmentRef,
     newest: bool,
     trusted: Option<&VerifyingKey>,
@@ -202,10 +202,7 @@ fn check_segment(
     fast: bool,
 ) -> Result<SegmentCheck, VerifyError> {
     let name = seg.name();
-    let bytes = fs::read(&seg.path).map_err(|source| AuditError::Io {
-        path: seg.path.clone(),
-        source,
-    })?;
+    let bytes = source.read(seg)?;
     if fast {
         if let Some(c) = check_sealed_fast(seg, &name, &bytes, trusted, newest_cp)? {
             return Ok(c);
@@ -520,9 +517,19 @@ pub fn verify_dir_with(
     dir: &Path,
     trusted: Option<&VerifyingKey>,
     depth: Depth,
+    progress: impl FnMut(usize, usize, u64),
+) -> Result<VerifyReport, VerifyError> {
+    verify_source(&reader::DirSource(dir), trusted, depth, progress)
+}
+
+/// [`verify_dir_with`] for a trail wherever it lies (a shipped one, read where it is).
+pub fn verify_source(
+    source: &dyn reader::TrailSource,
+    trusted: Option<&VerifyingKey>,
+    depth: Depth,
     mut progress: impl FnMut(usize, usize, u64),
 ) -> Result<VerifyReport, VerifyError> {
-    let segs = reader::segments(dir)?;
+    let segs = source.segments()?;
     // Retention events are inside the records: a shortened trail is read in full.
     let fast =
         depth == Depth::Fast && trusted.is_some() && segs.first().is_none_or(|s| s.number == 1);
@@ -530,7 +537,7 @@ pub fn verify_dir_with(
         trusted: trusted.is_some(),
         ..VerifyReport::default()
     };
-    let checkpoints = read_checkpoints(dir, trusted, &mut report)?;
+    let checkpoints = read_checkpoints(source, trusted, &mut report)?;
     let newest_cp = checkpoints.last().cloned();
     let cp_seqs: BTreeSet<u64> = checkpoints
         .iter()
@@ -555,6 +562,7 @@ pub fn verify_dir_with(
                             (
                                 i,
                                 check_segment(
+                                    source,
                                     &segs[i],
                                     i + 1 == segs.len(),
                                     trusted,
@@ -717,15 +725,12 @@ pub fn verify_dir_with(
 }
 
 fn read_checkpoints(
-    dir: &Path,
+    source: &dyn reader::TrailSource,
     trusted: Option<&VerifyingKey>,
     report: &mut VerifyReport,
 ) -> Result<Vec<Checkpoint>, VerifyError> {
-    let path = dir.join(CHECKPOINTS);
-    let bytes = match fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(AuditError::Io { path, source }.into()),
+    let Some(bytes) = source.checkpoints()? else {
+        return Ok(Vec::new());
     };
     let mut out = Vec::new();
     let mut prev = ZERO_HEX.to_owned();

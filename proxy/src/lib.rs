@@ -14,6 +14,7 @@ pub mod error;
 pub mod keys;
 pub mod metrics;
 pub mod mock;
+pub mod remote;
 pub mod route;
 pub mod server;
 pub mod service;

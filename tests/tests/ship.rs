@@ -320,3 +320,58 @@ async fn delete_local_keeps_the_newest_segment() {
     }
     custody_audit::verify::verify_dir(copy.path(), None, |_, _, _| {}).unwrap();
 }
+
+#[tokio::test]
+async fn verify_reads_shipped_trails_where_they_lie_and_catches_a_deleted_segment() {
+    use custody_audit::{reader::TrailSource, verify};
+    let port = free_port();
+    let _moto = Moto::start(port).await;
+    let custody = shipping(tempfile::tempdir().unwrap(), port, |_| {}).await;
+    requests(&custody, 3).await;
+    custody.stop().await;
+    // A second pod's trail beside it.
+    let custody = shipping(tempfile::tempdir().unwrap(), port, |c| {
+        c.ship.source = Some("other-pod".into());
+    })
+    .await;
+    requests(&custody, 1).await;
+    custody.stop().await;
+
+    let runtime = tokio::runtime::Handle::current();
+    let check = move |only: Option<&'static str>| {
+        let runtime = runtime.clone();
+        tokio::task::spawn_blocking(move || {
+            let sources = custody_proxy::remote::sources(
+                "s3://trails/fleet",
+                &s3_options(port),
+                only,
+                &runtime,
+            )
+            .unwrap();
+            sources
+                .iter()
+                .map(|s| {
+                    let r = verify::verify_source(s, None, verify::Depth::Full, |_, _, _| {});
+                    (
+                        s.describe(),
+                        r.map(|r| r.records).map_err(|e| e.to_string()),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    let all = check(None).await.unwrap();
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert!(all.iter().all(|(_, r)| r.is_ok()), "{all:?}");
+    let ours = check(Some("test-pod")).await.unwrap();
+    assert_eq!(ours[0].1, Ok(3));
+
+    // Someone deletes a middle segment in the bucket: verify names it.
+    bucket(port)
+        .delete(&ObjectPath::from("fleet/test-pod/00000000000000000002.seg"))
+        .await
+        .unwrap();
+    let after = check(Some("test-pod")).await.unwrap();
+    let err = after[0].1.clone().unwrap_err();
+    assert!(err.contains("segment 2 is missing"), "{err}");
+}

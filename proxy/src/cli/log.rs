@@ -78,7 +78,51 @@ pub enum LogCommand {
         /// record: disk speed. Needs --pubkey.
         #[arg(long, requires = "pubkey")]
         fast: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
+    /// List the trails shipped under an object-store URL, one per source (pod).
+    Ls {
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+}
+
+/// A shipped trail, read where it lies.
+#[derive(Args, Clone, Default)]
+pub struct RemoteArgs {
+    /// Read the trails shipped under this URL (`s3://bucket/prefix`, `gs://`, `az://`,
+    /// `file://`) instead of a local directory; credentials from the cloud's environment.
+    #[arg(long)]
+    from: Option<String>,
+    /// Only this source (pod) under `--from`; default: every one.
+    #[arg(long, requires = "from")]
+    source: Option<String>,
+    /// An object-store option, `key=value` (`endpoint=...`, `region=...`); repeatable.
+    #[arg(long = "option", value_parser = key_value, requires = "from")]
+    options: Vec<(String, String)>,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("`{s}` is not key=value"))
+}
+
+impl RemoteArgs {
+    fn sources(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+    ) -> anyhow::Result<Vec<custody_proxy::remote::ObjectSource>> {
+        let url = self.from.as_deref().unwrap_or_default();
+        let options = self.options.iter().cloned().collect();
+        Ok(custody_proxy::remote::sources(
+            url,
+            &options,
+            self.source.as_deref(),
+            runtime.handle(),
+        )?)
+    }
 }
 
 #[derive(Args)]
@@ -268,49 +312,98 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
             out.flush()?;
             Ok(ExitCode::SUCCESS)
         }
+        LogCommand::Ls { remote } => {
+            let runtime = super::runtime()?;
+            for source in remote.sources(&runtime)? {
+                use custody_audit::reader::TrailSource;
+                let segs = source.segments()?;
+                println!(
+                    "{}  {} segments ({} to {})",
+                    source.describe(),
+                    segs.len(),
+                    segs.first().map_or("-".into(), |s| s.name()),
+                    segs.last().map_or("-".into(), |s| s.name()),
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         LogCommand::Verify {
             trail,
             pubkey,
             allow_uncovered_tail,
             fast,
+            remote,
         } => {
-            let dir = trail.dir()?;
             let trusted = pubkey.as_deref().map(signing::load_public).transpose()?;
             let depth = if fast {
                 verify::Depth::Fast
             } else {
                 verify::Depth::Full
             };
-            let result =
-                verify::verify_dir_with(&dir, trusted.as_ref(), depth, |done, all, bytes| {
-                    if all >= 10 {
-                        eprintln!("verified {done}/{all} segments ({} MiB)", bytes >> 20);
-                    }
-                });
-            let r = match result {
-                Ok(r) => r,
-                Err(VerifyError::Broken(b)) => {
-                    eprintln!("custody: verify FAILED in {}: {b}", dir.display());
-                    return Ok(ExitCode::from(1));
+            let progress = |done: usize, all: usize, bytes: u64| {
+                if all >= 10 {
+                    eprintln!("verified {done}/{all} segments ({} MiB)", bytes >> 20);
                 }
-                Err(VerifyError::Audit(e)) => return Err(e.into()),
             };
-            println!(
-                "records: {} (+{} events) in {} segments, {} bytes; chain head {}",
-                r.records,
-                r.events,
-                r.segments,
-                r.bytes,
-                r.head.as_deref().unwrap_or("(empty trail)")
-            );
-            println!(
-                "seals: {}, checkpoints: {}, unsigned: {}",
-                r.seals, r.checkpoints, r.unsigned
-            );
-            if r.fast {
-                println!("mode: fast (sealed segments checked through their signed SHA-256; records not re-hashed one by one)");
+            if remote.from.is_some() {
+                // Every shipped trail on its own: each pod has its own chain.
+                let runtime = super::runtime()?;
+                let mut code = ExitCode::SUCCESS;
+                for source in remote.sources(&runtime)? {
+                    use custody_audit::reader::TrailSource;
+                    let name = source.describe();
+                    let result = verify::verify_source(&source, trusted.as_ref(), depth, progress);
+                    let outcome = report(&name, result, pubkey.as_deref(), allow_uncovered_tail)?;
+                    if outcome != ExitCode::SUCCESS {
+                        code = outcome;
+                    }
+                }
+                return Ok(code);
             }
-            match (&pubkey, r.keys.is_empty()) {
+            let dir = trail.dir()?;
+            let result = verify::verify_dir_with(&dir, trusted.as_ref(), depth, progress);
+            report(
+                &dir.display().to_string(),
+                result,
+                pubkey.as_deref(),
+                allow_uncovered_tail,
+            )
+        }
+    }
+}
+
+/// Prints what verify found in `what`; exit 1 on a break.
+fn report(
+    what: &str,
+    result: Result<verify::VerifyReport, VerifyError>,
+    pubkey: Option<&std::path::Path>,
+    allow_uncovered_tail: bool,
+) -> anyhow::Result<ExitCode> {
+    let r = match result {
+        Ok(r) => r,
+        Err(VerifyError::Broken(b)) => {
+            eprintln!("custody: verify FAILED in {what}: {b}");
+            return Ok(ExitCode::from(1));
+        }
+        Err(VerifyError::Audit(e)) => return Err(e.into()),
+    };
+    println!("{what}:");
+    println!(
+        "records: {} (+{} events) in {} segments, {} bytes; chain head {}",
+        r.records,
+        r.events,
+        r.segments,
+        r.bytes,
+        r.head.as_deref().unwrap_or("(empty trail)")
+    );
+    println!(
+        "seals: {}, checkpoints: {}, unsigned: {}",
+        r.seals, r.checkpoints, r.unsigned
+    );
+    if r.fast {
+        println!("mode: fast (sealed segments checked through their signed SHA-256; records not re-hashed one by one)");
+    }
+    match (pubkey, r.keys.is_empty()) {
                 (Some(p), _) => println!("signatures: all checked against {}", p.display()),
                 (None, true) => println!("signatures: none (signing is off: the trail is a hash chain only)"),
                 (None, false) => println!(
@@ -318,27 +411,24 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
                     r.keys.iter().cloned().collect::<Vec<_>>().join(", ")
                 ),
             }
-            if r.retired > 0 {
-                println!("retention: segments 1 to {} were deleted under the retention policy, as the chain records", r.retired);
-            }
-            if r.recoveries > 0 {
-                println!(
-                    "recoveries: {} crash(es) repaired at start-up, recorded in the chain",
-                    r.recoveries
-                );
-            }
-            if r.uncovered > 0 && !allow_uncovered_tail {
-                eprintln!(
-                    "custody: verify FAILED in {}: {} record(s) after the newest checkpoint are not covered by it (a live trail? verify after the next checkpoint, or pass --allow-uncovered-tail)",
-                    dir.display(),
+    if r.retired > 0 {
+        println!("retention: segments 1 to {} were deleted under the retention policy, as the chain records", r.retired);
+    }
+    if r.recoveries > 0 {
+        println!(
+            "recoveries: {} crash(es) repaired at start-up, recorded in the chain",
+            r.recoveries
+        );
+    }
+    if r.uncovered > 0 && !allow_uncovered_tail {
+        eprintln!(
+                    "custody: verify FAILED in {what}: {} record(s) after the newest checkpoint are not covered by it (a live trail? verify after the next checkpoint, or pass --allow-uncovered-tail)",
                     r.uncovered
                 );
-                return Ok(ExitCode::from(1));
-            }
-            println!("ok");
-            Ok(ExitCode::SUCCESS)
-        }
+        return Ok(ExitCode::from(1));
     }
+    println!("ok");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The newest message of a request, as text (redacted, as stored).

@@ -18,12 +18,35 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// A child process killed when dropped: a failing test leaves no server behind.
+struct Proc(Child);
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts a long-running subcommand and reads the address it prints on its first line.
-fn spawn_listening(args: &[&str]) -> (Child, String) {
+fn spawn_listening(args: &[&str]) -> (Proc, String) {
     spawn_with(args, Stdio::null(), &[])
 }
 
-fn spawn_with(args: &[&str], stderr: Stdio, env: &[(&str, &str)]) -> (Child, String) {
+fn spawn_with(args: &[&str], stderr: Stdio, env: &[(&str, &str)]) -> (Proc, String) {
     let mut child = Command::new(BIN)
         .args(args)
         .envs(env.iter().copied())
@@ -36,7 +59,7 @@ fn spawn_with(args: &[&str], stderr: Stdio, env: &[(&str, &str)]) -> (Child, Str
         .read_line(&mut line)
         .unwrap();
     let addr = line.trim().rsplit("http://").next().unwrap().to_owned();
-    (child, addr)
+    (Proc(child), addr)
 }
 
 /// A minimal HTTP/1.1 exchange over a plain socket; returns the raw response.

@@ -65,6 +65,11 @@ impl TrailSource for ObjectSource {
             })
             .collect();
         out.sort_by_key(|s| s.number);
+        // A local trail that does not exist is an error; so is a prefix holding none
+        // (a mistyped source must not verify as an empty trail).
+        if out.is_empty() {
+            return Err(remote_err(format!("no segments under {}", self.label)));
+        }
         Ok(out)
     }
 

@@ -365,6 +365,12 @@ async fn verify_reads_shipped_trails_where_they_lie_and_catches_a_deleted_segmen
     assert!(all.iter().all(|(_, r)| r.is_ok()), "{all:?}");
     let ours = check(Some("test-pod")).await.unwrap();
     assert_eq!(ours[0].1, Ok(3));
+    // A mistyped source is not an empty trail that verifies.
+    let none = check(Some("no-such-pod")).await.unwrap();
+    assert!(
+        none[0].1.as_ref().unwrap_err().contains("no segments"),
+        "{none:?}"
+    );
 
     // Someone deletes a middle segment in the bucket: verify names it.
     bucket(port)

@@ -333,7 +333,10 @@ fn over_limits(
     if over_capacity {
         return Some(Refusal::TooManyConnections);
     }
-    let head: usize = parts.uri.to_string().len()
+    // Measured in place: no copy of the URI or headers on the hot path.
+    let uri_len = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len())
+        + parts.uri.authority().map_or(0, |a| a.as_str().len());
+    let head: usize = uri_len
         + parts
             .headers
             .iter()

@@ -298,6 +298,35 @@ impl Custody {
         format!("http://{}{}", self.admin_addr, path)
     }
 
+    /// The value of one sample line of `/metrics` (`name{labels}`), 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let req = Request::get(self.admin_url("/metrics"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let (_, body) = send(&client(), req).await;
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Waits until `/metrics` shows `sample` with a value that is `ok` (a condition,
+    /// not a fixed delay); fails after 30 s naming the last value.
+    pub async fn until_metric(&self, sample: &str, ok: impl Fn(f64) -> bool) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let v = self.metric(sample).await;
+            if ok(v) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{sample} stuck at {v}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn audit_dir(&self) -> std::path::PathBuf {
         self.dir.path().join("audit")
     }
@@ -351,6 +380,14 @@ impl Stopped {
             .iter()
             .map(|r| r["seq"].as_u64().unwrap())
             .collect()
+    }
+
+    /// The first event of `kind` (`gap`, `config`, `recovery`...); fails if there is none.
+    pub fn event(&self, kind: &str) -> &Value {
+        self.events
+            .iter()
+            .find(|e| e["event"]["type"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} event in {:#?}", self.events))
     }
 
     /// The only record; fails if there is not exactly one.

@@ -20,26 +20,6 @@ async fn get(url: &str) -> (u16, String) {
     )
 }
 
-/// The value of one sample line of `/metrics` (`name{labels}`), 0 when absent.
-async fn metric(custody: &Custody, sample: &str) -> f64 {
-    let (_, text) = get(&custody.admin_url("/metrics")).await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// Waits until `/metrics` shows `sample` at `want` (a condition, not a fixed delay).
-async fn until_metric(custody: &Custody, sample: &str, want: f64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while metric(custody, sample).await != want {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{sample} never reached {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
 
 /// Custody with a two-slot queue and `policy`, its writer held still.
@@ -68,7 +48,9 @@ async fn fill(custody: &Custody) {
         .await;
         assert_eq!(parts.status, 200);
     }
-    until_metric(custody, "custody_audit_queue_depth", 2.0).await;
+    custody
+        .until_metric("custody_audit_queue_depth", |v| v == 2.0)
+        .await;
 }
 
 #[tokio::test]
@@ -87,10 +69,12 @@ async fn reject_refuses_with_503_until_the_writer_catches_up() {
     let (ready, why) = get(&custody.admin_url("/readyz")).await;
     assert_eq!(ready, 503);
     assert!(why.contains("audit_queue_high_water"), "{why}");
-    assert_eq!(metric(&custody, "custody_audit_rejected_total").await, 1.0);
+    assert_eq!(custody.metric("custody_audit_rejected_total").await, 1.0);
 
     custody.gate.open();
-    until_metric(&custody, "custody_audit_queue_depth", 0.0).await;
+    custody
+        .until_metric("custody_audit_queue_depth", |v| v == 0.0)
+        .await;
     let (parts, _) = send(
         &client(),
         post(&custody.url("/v1/chat/completions"), &[], CHAT),
@@ -100,11 +84,7 @@ async fn reject_refuses_with_503_until_the_writer_catches_up() {
     assert_eq!(get(&custody.admin_url("/readyz")).await.0, 200);
     let done = custody.stop().await;
     assert_eq!(done.records.len(), 3);
-    let gap = done
-        .events
-        .iter()
-        .find(|e| e["event"]["type"] == "gap")
-        .unwrap();
+    let gap = done.event("gap");
     assert_eq!(gap["event"]["refused"], 1);
     assert_eq!(gap["event"]["unaudited"], 0);
 }
@@ -124,21 +104,15 @@ async fn drop_lets_traffic_through_and_records_the_gap() {
     assert_eq!(parts.status, 200, "fail open");
     up.next().await;
     assert_eq!(
-        metric(
-            &custody,
-            "custody_audit_dropped_total{reason=\"queue_full\"}"
-        )
-        .await,
+        custody
+            .metric("custody_audit_dropped_total{reason=\"queue_full\"}")
+            .await,
         1.0
     );
     custody.gate.open();
     let done = custody.stop().await;
     assert_eq!(done.records.len(), 2, "the third went through unaudited");
-    let gap = done
-        .events
-        .iter()
-        .find(|e| e["event"]["type"] == "gap")
-        .unwrap();
+    let gap = done.event("gap");
     assert_eq!(gap["event"]["unaudited"], 1);
     assert!(gap["event"]["from"].as_str().unwrap().ends_with('Z'));
     // The gap is in the chain: verify passes and counts it as an event.
@@ -154,7 +128,9 @@ async fn backpressure_waits_for_room_then_proceeds() {
     fill(&custody).await;
     let url = custody.url("/v1/chat/completions");
     let waiting = tokio::spawn(async move { send(&client(), post(&url, &[], CHAT)).await });
-    until_metric(&custody, "custody_audit_admission_waiting", 1.0).await;
+    custody
+        .until_metric("custody_audit_admission_waiting", |v| v == 1.0)
+        .await;
     assert!(!waiting.is_finished(), "it waits while the writer is held");
     custody.gate.open();
     let (parts, _) = waiting.await.unwrap();
@@ -177,11 +153,7 @@ async fn backpressure_gives_up_after_its_bound() {
     custody.gate.open();
     let done = custody.stop().await;
     assert_eq!(done.records.len(), 2);
-    let gap = done
-        .events
-        .iter()
-        .find(|e| e["event"]["type"] == "gap")
-        .unwrap();
+    let gap = done.event("gap");
     assert_eq!(gap["event"]["refused"], 1);
 }
 
@@ -204,7 +176,9 @@ async fn the_queue_is_bounded_in_bytes_too() {
     )
     .await;
     assert_eq!(parts.status, 200);
-    until_metric(&custody, "custody_audit_queue_depth", 1.0).await;
+    custody
+        .until_metric("custody_audit_queue_depth", |v| v == 1.0)
+        .await;
     let (parts, _) = send(
         &client(),
         post(&custody.url("/v1/chat/completions"), &[], CHAT),
@@ -244,7 +218,9 @@ async fn metrics_health_and_readiness() {
     .await;
     send(&client(), post(&custody.url("/nowhere"), &[], "{}")).await;
     // Records are counted by the writer: wait until both are written.
-    until_metric(&custody, "custody_audit_records_written_total", 3.0).await;
+    custody
+        .until_metric("custody_audit_records_written_total", |v| v == 3.0)
+        .await;
     let (_, text) = get(&custody.admin_url("/metrics")).await;
     for want in [
         "custody_requests_total{route=\"openai\",status_class=\"2xx\",outcome=\"ok\"} 1",
@@ -488,7 +464,9 @@ async fn durable_responses_end_only_once_their_record_is_fsynced() {
     let url = custody.url("/v1/chat/completions");
     let pending = tokio::spawn(async move { send(&client(), post(&url, &[], CHAT)).await });
     // The exchange reached the writer, which is held: its record is not on disk yet.
-    until_metric(&custody, "custody_audit_queue_depth", 1.0).await;
+    custody
+        .until_metric("custody_audit_queue_depth", |v| v == 1.0)
+        .await;
     assert!(
         !pending.is_finished(),
         "the response must wait for its record"

@@ -125,7 +125,7 @@ async fn shipping(
 /// `n` requests, each written (hence sealed in a segment of its own) before the next.
 async fn requests(custody: &Custody, n: usize) {
     for i in 0..n {
-        let before = metric(custody, "custody_audit_records_written_total").await;
+        let before = custody.metric("custody_audit_records_written_total").await;
         send(
             &client(),
             post(
@@ -135,58 +135,9 @@ async fn requests(custody: &Custody, n: usize) {
             ),
         )
         .await;
-        until_metric(custody, "custody_audit_records_written_total", |v| {
-            v > before
-        })
-        .await;
-    }
-}
-
-async fn metric(custody: &Custody, sample: &str) -> f64 {
-    let req = http::Request::get(custody.admin_url("/metrics"))
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let (_, body) = send(&client(), req).await;
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(sample)?
-                .strip_prefix(' ')?
-                .parse::<f64>()
-                .ok()
-        })
-        .unwrap_or(0.0)
-}
-
-async fn until_metric(custody: &Custody, sample: &str, ok: impl Fn(f64) -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let req = http::Request::get(custody.admin_url("/metrics"))
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .unwrap();
-        let (_, body) = send(&client(), req).await;
-        let text = String::from_utf8_lossy(&body);
-        let v = text
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(sample)?
-                    .strip_prefix(' ')?
-                    .parse::<f64>()
-                    .ok()
-            })
-            .unwrap_or(0.0);
-        if ok(v) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{sample} stuck at {v}\n{}",
-            text.lines()
-                .filter(|l| l.starts_with("custody_ship") || l.starts_with("custody_audit_rec"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        custody
+            .until_metric("custody_audit_records_written_total", |v| v > before)
+            .await;
     }
 }
 
@@ -204,7 +155,9 @@ async fn sealed_segments_are_shipped_whole_with_index_and_checkpoints() {
     let _moto = Moto::start(port).await;
     let custody = shipping(tempfile::tempdir().unwrap(), port, |_| {}).await;
     requests(&custody, 3).await;
-    until_metric(&custody, "custody_ship_segments_total", |v| v >= 1.0).await;
+    custody
+        .until_metric("custody_ship_segments_total", |v| v >= 1.0)
+        .await;
     let done = custody.stop().await;
     let shipped = objects(port).await;
     let local = local_segments(&done.audit_dir());
@@ -228,11 +181,17 @@ async fn segments_wait_while_the_store_is_down_then_go() {
     let port = free_port();
     let custody = shipping(tempfile::tempdir().unwrap(), port, |_| {}).await;
     requests(&custody, 2).await;
-    until_metric(&custody, "custody_ship_failures_total", |v| v >= 1.0).await;
-    until_metric(&custody, "custody_ship_pending_segments", |v| v >= 1.0).await;
+    custody
+        .until_metric("custody_ship_failures_total", |v| v >= 1.0)
+        .await;
+    custody
+        .until_metric("custody_ship_pending_segments", |v| v >= 1.0)
+        .await;
     // The requests themselves were never held up by it.
     let moto = Moto::start(port).await;
-    until_metric(&custody, "custody_ship_pending_segments", |v| v == 0.0).await;
+    custody
+        .until_metric("custody_ship_pending_segments", |v| v == 0.0)
+        .await;
     let done = custody.stop().await;
     let shipped = objects(port).await;
     for name in local_segments(&done.audit_dir()).keys() {
@@ -258,7 +217,9 @@ async fn a_restart_mid_upload_neither_loses_nor_duplicates() {
     let dir = tempfile::tempdir().unwrap();
     let custody = shipping(dir, hole_port, |_| {}).await;
     requests(&custody, 2).await;
-    until_metric(&custody, "custody_ship_uploading", |v| v == 1.0).await;
+    custody
+        .until_metric("custody_ship_uploading", |v| v == 1.0)
+        .await;
     let stopped = custody.stop().await;
     held.abort();
     let unshipped: Vec<String> = local_segments(&stopped.audit_dir())

@@ -5,6 +5,7 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::TcpStream,
+    path::Path,
     process::{Child, Command, Output, Stdio},
 };
 
@@ -62,6 +63,20 @@ fn spawn_with(args: &[&str], stderr: Stdio, env: &[(&str, &str)]) -> (Proc, Stri
     (Proc(child), addr)
 }
 
+/// Writes a `serve` configuration to `path`: both listeners on free ports, the trail in
+/// `audit` with `audit_extra` lines under `[audit]`, an `openai` route to the mock
+/// provider, then `tail`.
+fn write_serve_config(path: &Path, audit: &Path, mock_addr: &str, audit_extra: &str, tail: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n[audit]\ndir = \"{}\"\n{audit_extra}\n[[route]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n{tail}",
+            audit.display()
+        ),
+    )
+    .unwrap();
+}
+
 /// A minimal HTTP/1.1 exchange over a plain socket; returns the raw response.
 fn http_post(addr: &str, path: &str, headers: &str, body: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -104,14 +119,7 @@ fn serve_records_then_sigterm_exits_cleanly_and_the_log_commands_read_the_trail(
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit");
     let config = dir.path().join("custody.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n\n[audit]\ndir = \"{}\"\n\n[[route]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n",
-            audit.display()
-        ),
-    )
-    .unwrap();
+    write_serve_config(&config, &audit, &mock_addr, "", "");
     let (mut serve, addr) = spawn_listening(&["serve", "--config", config.to_str().unwrap()]);
 
     let plain = http_post(
@@ -312,15 +320,16 @@ fn kill_9_under_load_loses_nothing_on_disk_and_verifies_after_restart() {
         .status
         .success());
     let config = dir.path().join("custody.toml");
-    std::fs::write(
+    write_serve_config(
         &config,
-        format!(
-            "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n[audit]\ndir = \"{}\"\nfsync = \"always\"\nsigning_key = \"{}\"\n[[route]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n",
-            audit.display(),
+        &audit,
+        &mock_addr,
+        &format!(
+            "fsync = \"always\"\nsigning_key = \"{}\"",
             keys.join("custody.key").display()
         ),
-    )
-    .unwrap();
+        "",
+    );
     let (mut serve, addr) = spawn_listening(&["serve", "--config", config.to_str().unwrap()]);
 
     // Load from four clients until the trail holds at least 40 records, then kill -9.
@@ -452,16 +461,7 @@ fn sighup_reloads_the_config_and_log_chain_tells_the_conversation() {
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit");
     let config = dir.path().join("custody.toml");
-    let write_config = |extra: &str| {
-        std::fs::write(
-            &config,
-            format!(
-                "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n\n[audit]\ndir = \"{}\"\n\n[[route]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n{extra}",
-                audit.display()
-            ),
-        )
-        .unwrap()
-    };
+    let write_config = |tail: &str| write_serve_config(&config, &audit, &mock_addr, "", tail);
     // JSON logs with a line per exchange (both survive the reload below).
     let logs = "\n[log]\nformat = \"json\"\nexchanges = true\n";
     write_config(logs);
@@ -630,14 +630,13 @@ fn a_full_disk_holds_traffic_back_and_custody_resumes_when_space_returns() {
     std::fs::create_dir_all(&audit).unwrap();
     std::fs::create_dir_all(&copy).unwrap();
     let config = dir.path().join("custody.toml");
-    std::fs::write(
+    write_serve_config(
         &config,
-        format!(
-            "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n[audit]\ndir = \"{}\"\non_full = \"reject\"\nqueue_capacity = 2\nfsync = \"always\"\n[[route]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n",
-            audit.display()
-        ),
-    )
-    .unwrap();
+        &audit,
+        &mock_addr,
+        "on_full = \"reject\"\nqueue_capacity = 2\nfsync = \"always\"",
+        "",
+    );
     // Custody in its own mount namespace, its audit dir a 1 MiB tmpfs; when it exits,
     // the shell copies the trail out for verification.
     let pidfile = dir.path().join("custody.pid");
@@ -743,14 +742,13 @@ fn durable_mode_kill_9_keeps_every_exchange_a_client_saw_complete() {
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit");
     let config = dir.path().join("custody.toml");
-    std::fs::write(
+    write_serve_config(
         &config,
-        format!(
-            "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n[audit]\ndir = \"{}\"\ndurability = \"durable\"\nfsync_interval_ms = 60000\n[[route]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n",
-            audit.display()
-        ),
-    )
-    .unwrap();
+        &audit,
+        &mock_addr,
+        "durability = \"durable\"\nfsync_interval_ms = 60000",
+        "",
+    );
     let (mut serve, addr) = spawn_listening(&["serve", "--config", config.to_str().unwrap()]);
 
     // Four clients; each remembers the requests whose response it read to the end.

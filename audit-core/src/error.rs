@@ -26,6 +26,9 @@ pub enum AuditError {
     /// No record has this id.
     #[error("no record with id {0}")]
     NotFound(String),
+    /// A Parquet export could not be written.
+    #[error("parquet export: {0}")]
+    Export(String),
     /// The writer thread could not be started or ended abnormally.
     #[error("audit writer: {0}")]
     Writer(String),

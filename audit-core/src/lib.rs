@@ -7,7 +7,7 @@
 //! - [`assemble`]: exchange -> [`record::Record`]: [`decode`], [`genai`] (with [`sse`]), [`redact`], [`fingerprint`].
 //! - [`store`]: appending blocks to segments, rotation, fsync, torn-tail recovery.
 //! - [`segment`]: the on-disk format (its module doc is the spec).
-//! - [`reader`], [`search`], [`verify`]: reading, searching and checking a trail.
+//! - [`reader`], [`search`], [`verify`], [`export`]: reading, searching, checking and exporting a trail.
 #![forbid(unsafe_code)]
 
 pub mod assemble;
@@ -15,6 +15,7 @@ pub mod config_event;
 pub mod decode;
 pub mod error;
 pub mod exchange;
+pub mod export;
 pub mod fingerprint;
 pub mod genai;
 pub mod index;

@@ -2,17 +2,19 @@
 
 use std::{
     fs,
-    ops::ControlFlow,
+    ops::{ControlFlow, Range},
     path::{Path, PathBuf},
 };
 
-use crate::{segment, store::list_segments, AuditError};
+use crate::{index::SegmentIndex, segment, store::list_segments, AuditError};
 
 /// A segment file of a trail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentRef {
     pub number: u64,
     pub path: PathBuf,
+    /// Its length, when the listing said (object stores do; local files are asked).
+    pub len: Option<u64>,
 }
 
 impl SegmentRef {
@@ -25,8 +27,8 @@ impl SegmentRef {
 }
 
 /// Where a trail's files are: a local directory, or (in the CLI) an object-store
-/// prefix. Verify reads through it, one segment at a time, so a shipped trail is checked
-/// where it lies.
+/// prefix. Verify, search, show and export read through it, one segment at a time, so
+/// a shipped trail is read where it lies.
 pub trait TrailSource: Sync {
     /// What the source is, for messages.
     fn describe(&self) -> String;
@@ -36,18 +38,38 @@ pub trait TrailSource: Sync {
     fn read(&self, seg: &SegmentRef) -> Result<Vec<u8>, AuditError>;
     /// The checkpoint log, if there is one.
     fn checkpoints(&self) -> Result<Option<Vec<u8>>, AuditError>;
+    /// The segment's index, if it has one that matches the segment's length.
+    fn index(&self, _seg: &SegmentRef) -> Option<SegmentIndex> {
+        None
+    }
+    /// Bytes `range` of a segment (the blocks a search needs).
+    fn read_range(&self, seg: &SegmentRef, range: Range<u64>) -> Result<Vec<u8>, AuditError> {
+        let all = self.read(seg)?;
+        usize::try_from(range.start)
+            .ok()
+            .zip(usize::try_from(range.end).ok())
+            .and_then(|(a, b)| all.get(a..b))
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| AuditError::Io {
+                path: seg.path.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the index points past the segment's end",
+                ),
+            })
+    }
 }
 
-/// A trail in a local directory.
-pub struct DirSource<'a>(pub &'a Path);
+/// A trail in a local directory (`DirSource(&dir)` or an owned `DirSource(dir)`).
+pub struct DirSource<P>(pub P);
 
-impl TrailSource for DirSource<'_> {
+impl<P: AsRef<Path> + Sync> TrailSource for DirSource<P> {
     fn describe(&self) -> String {
-        self.0.display().to_string()
+        self.0.as_ref().display().to_string()
     }
 
     fn segments(&self) -> Result<Vec<SegmentRef>, AuditError> {
-        segments(self.0)
+        segments(self.0.as_ref())
     }
 
     fn read(&self, seg: &SegmentRef) -> Result<Vec<u8>, AuditError> {
@@ -58,12 +80,29 @@ impl TrailSource for DirSource<'_> {
     }
 
     fn checkpoints(&self) -> Result<Option<Vec<u8>>, AuditError> {
-        let path = self.0.join(crate::store::CHECKPOINTS);
+        let path = self.0.as_ref().join(crate::store::CHECKPOINTS);
         match fs::read(&path) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(AuditError::Io { path, source }),
         }
+    }
+
+    fn index(&self, seg: &SegmentRef) -> Option<SegmentIndex> {
+        crate::index::load(&seg.path)
+    }
+
+    fn read_range(&self, seg: &SegmentRef, range: Range<u64>) -> Result<Vec<u8>, AuditError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let io = |source| AuditError::Io {
+            path: seg.path.clone(),
+            source,
+        };
+        let mut f = fs::File::open(&seg.path).map_err(io)?;
+        let mut buf = vec![0u8; range.end.saturating_sub(range.start) as usize];
+        f.seek(SeekFrom::Start(range.start)).map_err(io)?;
+        f.read_exact(&mut buf).map_err(io)?;
+        Ok(buf)
     }
 }
 
@@ -77,21 +116,34 @@ pub fn segments(dir: &Path) -> Result<Vec<SegmentRef>, AuditError> {
     }
     Ok(list_segments(dir)?
         .into_iter()
-        .map(|(number, path)| SegmentRef { number, path })
+        .map(|(number, path)| SegmentRef {
+            number,
+            path,
+            len: None,
+        })
         .collect())
+}
+
+/// Calls `f` with every record line of the trail in `dir` (without `\n`), oldest first.
+/// See [`for_each_line_of`].
+pub fn for_each_line(
+    dir: &Path,
+    f: impl FnMut(&SegmentRef, &[u8]) -> ControlFlow<()>,
+) -> Result<(), AuditError> {
+    for_each_line_of(&DirSource(dir), f)
 }
 
 /// Calls `f` with every record line (without `\n`), oldest first. Stops early when
 /// `f` breaks. A damaged frame is an error naming the segment and offset, except at the
 /// end of the newest, unsealed segment (a live trail). Use [`crate::verify`] for a full check.
-pub fn for_each_line(
-    dir: &Path,
+pub fn for_each_line_of(
+    source: &dyn TrailSource,
     mut f: impl FnMut(&SegmentRef, &[u8]) -> ControlFlow<()>,
 ) -> Result<(), AuditError> {
-    let segs = segments(dir)?;
+    let segs = source.segments()?;
     let count = segs.len();
     for (i, seg) in segs.iter().enumerate() {
-        if scan_segment(seg, i + 1 == count, |line| f(seg, line))?.is_break() {
+        if scan_segment(source, seg, i + 1 == count, |line| f(seg, line))?.is_break() {
             break;
         }
     }
@@ -100,24 +152,23 @@ pub fn for_each_line(
 
 /// Calls `f` with every record line of one segment (lenient on a live, unsealed tail).
 pub fn for_each_line_in(
+    source: &dyn TrailSource,
     seg: &SegmentRef,
     f: impl FnMut(&[u8]) -> ControlFlow<()>,
 ) -> Result<(), AuditError> {
-    scan_segment(seg, true, f).map(|_| ())
+    scan_segment(source, seg, true, f).map(|_| ())
 }
 
 /// One segment's lines. With `may_be_live`, an unsealed segment may end in a block
 /// still being written: what is whole is read and the rest ignored. Anywhere else a
 /// damaged frame is an error.
 fn scan_segment(
+    source: &dyn TrailSource,
     seg: &SegmentRef,
     may_be_live: bool,
     mut f: impl FnMut(&[u8]) -> ControlFlow<()>,
 ) -> Result<ControlFlow<()>, AuditError> {
-    let bytes = fs::read(&seg.path).map_err(|source| AuditError::Io {
-        path: seg.path.clone(),
-        source,
-    })?;
+    let bytes = source.read(seg)?;
     let parsed = segment::parse_segment(&bytes).map_err(|source| AuditError::Format {
         path: seg.path.clone(),
         source,
@@ -141,23 +192,16 @@ fn scan_segment(
 
 /// Reads only the given blocks of a segment (from its index's seek table).
 pub fn read_blocks(
-    path: &Path,
+    source: &dyn TrailSource,
+    seg: &SegmentRef,
     blocks: &[&crate::index::BlockEntry],
 ) -> Result<Vec<segment::Block>, AuditError> {
-    use std::io::{Read, Seek, SeekFrom};
-    let io = |source| AuditError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let mut f = fs::File::open(path).map_err(io)?;
     let mut out = Vec::with_capacity(blocks.len());
     for b in blocks {
-        let mut buf = vec![0u8; b.len as usize];
-        f.seek(SeekFrom::Start(b.offset)).map_err(io)?;
-        f.read_exact(&mut buf).map_err(io)?;
-        let (mut block, _) = segment::read_block(&buf, 0).map_err(|source| AuditError::Format {
-            path: path.to_owned(),
-            source,
+        let buf = source.read_range(seg, b.offset..b.offset + b.len)?;
+        let (mut block, _) = segment::read_block(&buf, 0).map_err(|e| AuditError::Format {
+            path: seg.path.clone(),
+            source: e,
         })?;
         block.offset = b.offset;
         out.push(block);
@@ -167,12 +211,12 @@ pub fn read_blocks(
 
 /// The record line with this `id`: the segments whose time range holds the id's
 /// timestamp (UUID v7) are read first.
-pub fn find_by_id(dir: &Path, id: &str) -> Result<Vec<u8>, AuditError> {
+pub fn find_by_id(source: &dyn TrailSource, id: &str) -> Result<Vec<u8>, AuditError> {
     let needle = format!("\"id\":{}", serde_json::Value::String(id.to_owned()));
-    let mut segs = segments(dir)?;
+    let mut segs = source.segments()?;
     if let Some(t) = crate::assemble::id_time_ms(id) {
         // Segments whose index covers the id's time first; unindexed (live) ones next.
-        segs.sort_by_key(|s| match crate::index::load(&s.path) {
+        segs.sort_by_cached_key(|s| match source.index(s) {
             Some(i) if i.first_ms <= t && t <= i.last_ms => 0,
             Some(_) => 2,
             None => 1,
@@ -180,7 +224,7 @@ pub fn find_by_id(dir: &Path, id: &str) -> Result<Vec<u8>, AuditError> {
     }
     for seg in &segs {
         let mut found = None;
-        for_each_line_in(seg, |line| {
+        for_each_line_in(source, seg, |line| {
             if memchr::memmem::find(line, needle.as_bytes()).is_some() {
                 found = Some(line.to_vec());
                 return ControlFlow::Break(());

@@ -1,12 +1,13 @@
 //! `custody log search`: filters over a trail, newest first.
 
-use std::{ops::ControlFlow, path::Path, time::SystemTime};
+use std::{ops::ControlFlow, time::SystemTime};
 
 use serde_json::Value;
 
 use crate::{
-    index::{self, BlockEntry, SegmentIndex},
-    reader, AuditError,
+    index::{BlockEntry, SegmentIndex},
+    reader::{self, TrailSource},
+    AuditError,
 };
 
 /// A status filter: an exact code (`429`) or a class (`5xx`).
@@ -203,12 +204,12 @@ impl Query {
 /// The newest `query.limit` matching records, newest first. Segments are read newest
 /// first and skipped when their index rules them out; within an indexed segment, only
 /// the blocks whose time range overlaps the query are read.
-pub fn search(dir: &Path, query: &Query) -> Result<Vec<Value>, AuditError> {
+pub fn search(source: &dyn TrailSource, query: &Query) -> Result<Vec<Value>, AuditError> {
     let needle = query.text.as_ref().map(|t| t.to_lowercase());
     let limit = query.limit.max(1);
     let mut found = Vec::new();
-    for seg in reader::segments(dir)?.iter().rev() {
-        let idx = index::load(&seg.path);
+    for seg in source.segments()?.iter().rev() {
+        let idx = source.index(seg);
         if idx.as_ref().is_some_and(|i| !query.may_match(i)) {
             continue;
         }
@@ -236,11 +237,11 @@ pub fn search(dir: &Path, query: &Query) -> Result<Vec<Value>, AuditError> {
                     .iter()
                     .filter(|b| query.block_may_match(b))
                     .collect();
-                for block in reader::read_blocks(&seg.path, &blocks)? {
+                for block in reader::read_blocks(source, seg, &blocks)? {
                     block.lines().for_each(&mut consider);
                 }
             }
-            _ => reader::for_each_line_in(seg, |line| {
+            _ => reader::for_each_line_in(source, seg, |line| {
                 consider(line);
                 ControlFlow::Continue(())
             })?,
@@ -258,12 +259,12 @@ pub fn search(dir: &Path, query: &Query) -> Result<Vec<Value>, AuditError> {
 /// The conversation a record belongs to, oldest first: its ancestors (each record's
 /// `chain.conversation_parent`, found by id) and every later record that descends from
 /// any of them (a forward scan from the first turn's time; regenerated answers branch).
-pub fn conversation(dir: &Path, id: &str) -> Result<Vec<Value>, AuditError> {
+pub fn conversation(source: &dyn TrailSource, id: &str) -> Result<Vec<Value>, AuditError> {
     let parse = |line: &[u8]| {
         serde_json::from_slice::<Value>(line)
             .map_err(|e| AuditError::Writer(format!("record {id} is not JSON: {e}")))
     };
-    let mut turn = parse(&reader::find_by_id(dir, id)?)?;
+    let mut turn = parse(&reader::find_by_id(source, id)?)?;
     let mut ancestors = Vec::new();
     // Parents are older records; the bound only guards against a forged cycle.
     for _ in 0..100_000 {
@@ -272,7 +273,7 @@ pub fn conversation(dir: &Path, id: &str) -> Result<Vec<Value>, AuditError> {
             .map(str::to_owned);
         ancestors.push(turn);
         let Some(p) = parent else { break };
-        match reader::find_by_id(dir, &p) {
+        match reader::find_by_id(source, &p) {
             Ok(line) => turn = parse(&line)?,
             // Retention may have removed the start of a long conversation.
             Err(AuditError::NotFound(_)) => break,
@@ -287,13 +288,13 @@ pub fn conversation(dir: &Path, id: &str) -> Result<Vec<Value>, AuditError> {
         .collect();
     let root_ms = root["id"].as_str().and_then(crate::assemble::id_time_ms);
     let mut out = Vec::new();
-    for seg in reader::segments(dir)? {
-        if let (Some(t), Some(i)) = (root_ms, index::load(&seg.path)) {
+    for seg in source.segments()? {
+        if let (Some(t), Some(i)) = (root_ms, source.index(&seg)) {
             if i.last_ms < t {
                 continue;
             }
         }
-        reader::for_each_line_in(&seg, |line| {
+        reader::for_each_line_in(source, &seg, |line| {
             if memchr::memmem::find(line, b"\"conversation_parent\":").is_none()
                 && memchr::memmem::find(line, root["id"].to_string().as_bytes()).is_none()
             {

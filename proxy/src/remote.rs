@@ -1,9 +1,15 @@
 //! Reading shipped trails where they lie: an object-store prefix as a
 //! [`TrailSource`], one source (pod) per sub-prefix.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    collections::HashMap,
+    ops::Range,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
 use custody_audit::{
+    index::SegmentIndex,
     reader::{SegmentRef, TrailSource},
     AuditError,
 };
@@ -18,6 +24,8 @@ pub struct ObjectSource {
     prefix: ObjectPath,
     label: String,
     runtime: tokio::runtime::Handle,
+    /// Indexes already fetched (a search, or `show`'s ordering, asks more than once).
+    indexes: Mutex<HashMap<u64, Option<SegmentIndex>>>,
 }
 
 fn remote_err(what: impl std::fmt::Display) -> AuditError {
@@ -39,7 +47,14 @@ impl ObjectSource {
             prefix,
             label,
             runtime,
+            indexes: Mutex::default(),
         }
+    }
+
+    fn get(&self, name: &str) -> object_store::Result<bytes::Bytes> {
+        let location = self.prefix.child(name);
+        self.runtime
+            .block_on(async { self.store.get(&location).await?.bytes().await })
     }
 }
 
@@ -61,6 +76,7 @@ impl TrailSource for ObjectSource {
                 Some(SegmentRef {
                     number,
                     path: PathBuf::from(format!("{}/{name}", self.label)),
+                    len: Some(m.size),
                 })
             })
             .collect();
@@ -74,23 +90,39 @@ impl TrailSource for ObjectSource {
     }
 
     fn read(&self, seg: &SegmentRef) -> Result<Vec<u8>, AuditError> {
-        let location = self.prefix.child(seg.name().as_str());
-        self.runtime
-            .block_on(async { self.store.get(&location).await?.bytes().await })
+        self.get(&seg.name())
             .map(|b| b.to_vec())
             .map_err(|e| remote_err(format!("{}: {e}", seg.path.display())))
     }
 
     fn checkpoints(&self) -> Result<Option<Vec<u8>>, AuditError> {
-        let location = self.prefix.child(custody_audit::store::CHECKPOINTS);
-        match self
-            .runtime
-            .block_on(async { self.store.get(&location).await?.bytes().await })
-        {
+        match self.get(custody_audit::store::CHECKPOINTS) {
             Ok(b) => Ok(Some(b.to_vec())),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(remote_err(e)),
         }
+    }
+
+    fn index(&self, seg: &SegmentRef) -> Option<SegmentIndex> {
+        let mut cache = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .entry(seg.number)
+            .or_insert_with(|| {
+                let name = custody_audit::index::index_path(std::path::Path::new(&seg.name()));
+                // A missing or stale index only means a full read of the segment.
+                let bytes = self.get(&name.to_string_lossy()).ok()?;
+                let idx: SegmentIndex = serde_json::from_slice(&bytes).ok()?;
+                (Some(idx.segment_bytes) == seg.len).then_some(idx)
+            })
+            .clone()
+    }
+
+    fn read_range(&self, seg: &SegmentRef, range: Range<u64>) -> Result<Vec<u8>, AuditError> {
+        let location = self.prefix.child(seg.name().as_str());
+        self.runtime
+            .block_on(self.store.get_range(&location, range))
+            .map(|b| b.to_vec())
+            .map_err(|e| remote_err(format!("{}: {e}", seg.path.display())))
     }
 }
 

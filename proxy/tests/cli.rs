@@ -35,6 +35,18 @@ impl std::ops::DerefMut for Proc {
     }
 }
 
+impl Proc {
+    /// SIGTERM; the process must drain and exit 0.
+    fn terminate(&mut self) {
+        let term = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(term.success());
+        assert!(self.0.wait().unwrap().success(), "exits 0 on SIGTERM");
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -148,12 +160,7 @@ fn serve_records_then_sigterm_exits_cleanly_and_the_log_commands_read_the_trail(
         "{limited}"
     );
 
-    let term = Command::new("kill")
-        .args(["-TERM", &serve.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    assert!(serve.wait().unwrap().success(), "serve exits 0 on SIGTERM");
+    serve.terminate();
     mock.kill().unwrap();
     let _ = mock.wait();
 
@@ -246,6 +253,97 @@ fn serve_records_then_sigterm_exits_cleanly_and_the_log_commands_read_the_trail(
     let o = custody(&["log", "verify", "--dir", d]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains(".seg"));
+}
+
+#[test]
+fn a_fleet_is_reviewed_from_the_bucket_and_exported_as_parquet() {
+    let (_mock, mock_addr) = spawn_listening(&["mock-provider"]);
+    let dir = tempfile::tempdir().unwrap();
+    let bucket = dir.path().join("bucket");
+    std::fs::create_dir(&bucket).unwrap();
+    let url = format!("file://{}", bucket.display());
+    for pod in ["pod-a", "pod-b"] {
+        let config = dir.path().join(format!("{pod}.toml"));
+        write_serve_config(
+            &config,
+            &dir.path().join(pod),
+            &mock_addr,
+            "segment_max_bytes = 1",
+            &format!("[ship]\nurl = \"{url}\"\nsource = \"{pod}\"\ninterval_secs = 1\n"),
+        );
+        let (mut serve, addr) = spawn_listening(&["serve", "--config", config.to_str().unwrap()]);
+        for n in 0..2 {
+            let body = format!(
+                r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{pod} turn {n}"}}]}}"#
+            );
+            assert!(http_post(&addr, "/v1/chat/completions", "", &body).starts_with("HTTP/1.1 200"));
+        }
+        // The final shipping pass at SIGTERM uploads the last, now sealed, segment.
+        serve.terminate();
+    }
+
+    let o = custody(&["log", "ls", "--from", &url]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(
+        out.contains("/pod-a  ") && out.contains("/pod-b  "),
+        "{out}"
+    );
+
+    let o = custody(&["log", "verify", "--from", &url]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(stdout(&o).matches("records: 2 (+1 events)").count(), 2);
+
+    // Search merges the pods' trails, newest first across them.
+    let o = custody(&["log", "search", "--from", &url, "--json"]);
+    let found: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(found.len(), 4, "{o:?}");
+    let times: Vec<&str> = found
+        .iter()
+        .map(|r| r["time"]["start"].as_str().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] >= w[1]), "{times:?}");
+    assert!(found[0].to_string().contains("pod-b turn 1"));
+    let o = custody(&[
+        "log", "search", "--from", &url, "--source", "pod-a", "--text", "turn", "--json",
+    ]);
+    assert_eq!(stdout(&o).lines().count(), 2);
+    assert!(!stdout(&o).contains("pod-b"));
+
+    let id = found[3]["id"].as_str().unwrap();
+    let o = custody(&["log", "show", id, "--from", &url]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(stdout(&o).contains("pod-a turn 0"));
+
+    let o = custody(&["log", "export", "--from", &url]);
+    assert_eq!(
+        stdout(&o).lines().count(),
+        6,
+        "two config events, four records"
+    );
+
+    let parquet = dir.path().join("fleet.parquet");
+    let o = custody(&[
+        "log",
+        "export",
+        "--from",
+        &url,
+        "--format",
+        "parquet",
+        "-o",
+        parquet.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("6 row(s)"));
+    let bytes = std::fs::read(&parquet).unwrap();
+    assert!(bytes.starts_with(b"PAR1") && bytes.ends_with(b"PAR1"));
+    let o = custody(&["log", "export", "--from", &url, "--format", "parquet"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--output"));
 }
 
 #[test]
@@ -391,12 +489,7 @@ fn kill_9_under_load_loses_nothing_on_disk_and_verifies_after_restart() {
         r#"{"model":"after","messages":[]}"#
     )
     .starts_with("HTTP/1.1 200"));
-    assert!(Command::new("kill")
-        .args(["-TERM", &serve.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    assert!(serve.wait().unwrap().success());
+    serve.terminate();
     mock.kill().unwrap();
     let _ = mock.wait();
 
@@ -532,12 +625,7 @@ fn sighup_reloads_the_config_and_log_chain_tells_the_conversation() {
     );
     assert!(third.starts_with("HTTP/1.1 200"), "{third}");
 
-    let term = Command::new("kill")
-        .args(["-TERM", &serve.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    assert!(serve.wait().unwrap().success());
+    serve.terminate();
     mock.kill().unwrap();
     let _ = mock.wait();
     reader.join().unwrap();
@@ -792,11 +880,7 @@ fn durable_mode_kill_9_keeps_every_exchange_a_client_saw_complete() {
 
     // Restart repairs the tail; then a clean stop, and every completed one is there.
     let (mut serve, _) = spawn_listening(&["serve", "--config", config.to_str().unwrap()]);
-    Command::new("kill")
-        .args(["-TERM", &serve.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(serve.wait().unwrap().success());
+    serve.terminate();
     mock.kill().unwrap();
     let _ = mock.wait();
     let d = audit.to_str().unwrap();

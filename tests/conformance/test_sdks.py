@@ -183,3 +183,50 @@ def test_zz_trail_holds_every_exchange(stack):
             assert secret.encode() not in raw, f"{secret} in {path.name}"
     for secret in (API_KEY, ANTHROPIC_KEY, EMAIL):
         assert secret not in export.stdout
+
+
+def test_zz_trail_as_parquet_reads_in_duckdb(stack, tmp_path):
+    """The Parquet export opens in DuckDB, and docs/scaling.md's query runs on it."""
+    import duckdb
+
+    stack.stop()
+    out = tmp_path / "fleet.parquet"
+    export = stack.cli("log", "export", "--dir", str(stack.audit_dir), "--format", "parquet", "-o", str(out))
+    assert export.returncode == 0, export.stderr
+    jsonl = stack.cli("log", "export", "--dir", str(stack.audit_dir)).stdout.splitlines()
+
+    db = duckdb.connect()
+    rows = db.execute(f"SELECT seq, schema, record FROM '{out}' ORDER BY seq").fetchall()
+    assert [r[0] for r in rows] == list(range(1, len(jsonl) + 1))
+    # `record` is the stored line, byte for byte.
+    assert [r[2] for r in rows] == jsonl
+
+    by_model = db.execute(
+        f"""
+        SELECT "user", key_id, request_model, response_model,
+               count(*) AS calls, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+               max(duration_ms) AS slowest_ms
+        FROM '{out}'
+        WHERE schema = 'custody.record/v1' AND time_start >= TIMESTAMPTZ '2026-11-01 00:00:00+00'
+        GROUP BY ALL ORDER BY calls DESC
+        """
+    ).fetchall()
+    assert sum(r[4] for r in by_model) == 9
+    assert any(r[3] == "gpt-4o-mini-2026-01-01" and r[5] > 0 for r in by_model), by_model
+
+    statuses = db.execute(
+        f"SELECT status, count(*) FROM '{out}' WHERE path = '/v1/chat/completions' GROUP BY ALL ORDER BY 1"
+    ).fetchall()
+    assert statuses == [(200, 4), (429, 1)]
+    events = db.execute(f"SELECT event_type FROM '{out}' WHERE event_type IS NOT NULL").fetchall()
+    assert events == [("config",)]
+    streamed = db.execute(
+        f"SELECT count(*) FROM '{out}' WHERE stream AND record->>'$.response.streamed' = 'true'"
+    ).fetchone()
+    assert streamed[0] >= 3
+    db.execute(
+        f"""
+        SELECT request_model, record->>'$.gen_ai.request.reasoning_effort' AS effort, count(*)
+        FROM '{out}' WHERE schema = 'custody.record/v1' GROUP BY ALL
+        """
+    ).fetchall()

@@ -2,7 +2,10 @@
 //! templates, configuration versions and reloads, and prompt-response chains.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use custody_audit::search::{conversation, search, Query};
+use custody_audit::{
+    reader::DirSource,
+    search::{conversation, search, Query},
+};
 use custody_config::{Provider, VirtualKey};
 use custody_tests::*;
 use serde_json::{json, Value};
@@ -194,7 +197,7 @@ async fn trace_context_is_kept_or_started_and_recorded() {
         limit: 10,
         ..Query::default()
     };
-    assert_eq!(search(&done.audit_dir(), &q).unwrap().len(), 1);
+    assert_eq!(search(&DirSource(&done.audit_dir()), &q).unwrap().len(), 1);
 }
 
 /// A provider that answers each chat request with `Answer N`, N its message count.
@@ -259,7 +262,7 @@ async fn a_three_turn_conversation_is_linked_and_told_turn_by_turn() {
     assert!(!text.contains("jane.doe@example.com"));
 
     // `log chain` on the middle turn tells the whole conversation, oldest first.
-    let chain = conversation(&done.audit_dir(), r[1]["id"].as_str().unwrap()).unwrap();
+    let chain = conversation(&DirSource(&done.audit_dir()), r[1]["id"].as_str().unwrap()).unwrap();
     let ids: Vec<&Value> = chain.iter().map(|t| &t["id"]).collect();
     assert_eq!(ids, vec![&r[0]["id"], &r[1]["id"], &r[2]["id"]]);
 
@@ -269,7 +272,7 @@ async fn a_three_turn_conversation_is_linked_and_told_turn_by_turn() {
         limit: 10,
         ..Query::default()
     };
-    let found = search(&done.audit_dir(), &q).unwrap();
+    let found = search(&DirSource(&done.audit_dir()), &q).unwrap();
     assert_eq!(found.len(), 2);
     assert_eq!(found[0]["id"], r[3]["id"], "newest first");
 }
@@ -395,5 +398,5 @@ async fn search_answers_who_asked_what() {
         limit: 10,
         ..Query::default()
     };
-    assert_eq!(search(&done.audit_dir(), &q).unwrap().len(), 2);
+    assert_eq!(search(&DirSource(&done.audit_dir()), &q).unwrap().len(), 2);
 }

@@ -212,7 +212,10 @@ async fn verify_catches_removed_and_reordered_records_and_missing_segments() {
 
 #[tokio::test]
 async fn sealed_segments_are_indexed_and_search_reads_newest_first() {
-    use custody_audit::search::{search, Query};
+    use custody_audit::{
+        reader::DirSource,
+        search::{search, Query},
+    };
     let done = trail_with(4, true).await;
     let dir = done.audit_dir();
     for seg in segments(&dir) {
@@ -229,7 +232,7 @@ async fn sealed_segments_are_indexed_and_search_reads_newest_first() {
             ..Query::default()
         };
         tweak(&mut q);
-        search(&dir, &q)
+        search(&DirSource(&dir), &q)
             .unwrap()
             .iter()
             .map(|r| r["seq"].as_u64().unwrap())
@@ -256,7 +259,11 @@ async fn sealed_segments_are_indexed_and_search_reads_newest_first() {
     assert_eq!(q(&|q| q.text = Some("\"n\":1".into())), vec![4]);
     // `show` by id finds a record in an old segment.
     let first = &done.records[0];
-    let line = custody_audit::reader::find_by_id(&dir, first["id"].as_str().unwrap()).unwrap();
+    let line = custody_audit::reader::find_by_id(
+        &custody_audit::reader::DirSource(&dir),
+        first["id"].as_str().unwrap(),
+    )
+    .unwrap();
     assert_eq!(
         serde_json::from_slice::<serde_json::Value>(&line).unwrap()["seq"],
         2

@@ -11,41 +11,112 @@ use std::{
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use custody_audit::{
-    reader,
+    reader::{self, DirSource, TrailSource},
     search::{self, Query, StatusFilter},
     signing,
     verify::{self, VerifyError},
 };
 
-/// Where the trail is: `--dir`, else `[audit] dir` of `--config`, else the default's.
+/// Where the trail is: `--dir`, else `[audit] dir` of `--config`, else the default's;
+/// or every trail shipped under `--from`, read where it lies.
 #[derive(Args, Clone)]
 pub struct TrailArgs {
     /// The audit directory.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "from")]
     dir: Option<PathBuf>,
     /// Take the audit directory from this config file.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "from")]
     config: Option<PathBuf>,
+    /// Read the trails shipped under this URL (`s3://bucket/prefix`, `gs://`, `az://`,
+    /// `file://`) instead of a local directory; credentials from the cloud's environment.
+    #[arg(long)]
+    from: Option<String>,
+    /// Only this source (pod) under `--from`; default: every one.
+    #[arg(long, requires = "from")]
+    source: Option<String>,
+    /// An object-store option, `key=value` (`endpoint=...`, `region=...`); repeatable.
+    #[arg(long = "option", value_parser = key_value, requires = "from")]
+    options: Vec<(String, String)>,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("`{s}` is not key=value"))
+}
+
+/// The trails a command reads: the local one, or one per source under `--from`.
+struct Trails {
+    sources: Vec<Box<dyn TrailSource>>,
+    // The object-store sources block on it; dropped after them.
+    _runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl TrailArgs {
-    fn dir(&self) -> anyhow::Result<PathBuf> {
-        match &self.dir {
-            Some(d) => Ok(d.clone()),
-            None => Ok(super::load_config(self.config.as_ref())?.audit.dir),
-        }
+    fn open(&self) -> anyhow::Result<Trails> {
+        let Some(url) = &self.from else {
+            let dir = match &self.dir {
+                Some(d) => d.clone(),
+                None => super::load_config(self.config.as_ref())?.audit.dir,
+            };
+            return Ok(Trails {
+                sources: vec![Box::new(DirSource(dir))],
+                _runtime: None,
+            });
+        };
+        let runtime = super::runtime()?;
+        let options = self.options.iter().cloned().collect();
+        let sources = custody_proxy::remote::sources(
+            url,
+            &options,
+            self.source.as_deref(),
+            runtime.handle(),
+        )?;
+        anyhow::ensure!(!sources.is_empty(), "no trails under {url}");
+        Ok(Trails {
+            sources: sources
+                .into_iter()
+                .map(|s| Box::new(s) as Box<dyn TrailSource>)
+                .collect(),
+            _runtime: Some(runtime),
+        })
     }
+}
+
+impl Trails {
+    /// The trail holding record `id`, and its line.
+    fn find(&self, id: &str) -> anyhow::Result<(&dyn TrailSource, Vec<u8>)> {
+        for source in &self.sources {
+            match reader::find_by_id(source.as_ref(), id) {
+                Ok(line) => return Ok((source.as_ref(), line)),
+                Err(custody_audit::AuditError::NotFound(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(custody_audit::AuditError::NotFound(id.to_owned()).into())
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ExportFormat {
+    Jsonl,
+    Parquet,
 }
 
 #[derive(Subcommand)]
 pub enum LogCommand {
-    /// Write every record as JSON Lines, oldest first (the stored bytes, verifiable).
+    /// Write every record as JSON Lines, oldest first (the stored bytes, verifiable);
+    /// with `--from`, each shipped trail in turn.
     Export {
         #[command(flatten)]
         trail: TrailArgs,
-        /// Write here instead of standard output.
+        /// Write here instead of standard output (required for Parquet).
         #[arg(long, short)]
         output: Option<PathBuf>,
+        /// `jsonl`: the stored lines. `parquet`: one row per line, typed columns for the
+        /// fields reviewers filter on, and the whole line in `record` (docs/scaling.md).
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
     },
     /// Print one record by id.
     Show {
@@ -78,51 +149,12 @@ pub enum LogCommand {
         /// record: disk speed. Needs --pubkey.
         #[arg(long, requires = "pubkey")]
         fast: bool,
-        #[command(flatten)]
-        remote: RemoteArgs,
     },
-    /// List the trails shipped under an object-store URL, one per source (pod).
+    /// List a trail's segments; with `--from`, every trail shipped there, one per source (pod).
     Ls {
         #[command(flatten)]
-        remote: RemoteArgs,
+        trail: TrailArgs,
     },
-}
-
-/// A shipped trail, read where it lies.
-#[derive(Args, Clone, Default)]
-pub struct RemoteArgs {
-    /// Read the trails shipped under this URL (`s3://bucket/prefix`, `gs://`, `az://`,
-    /// `file://`) instead of a local directory; credentials from the cloud's environment.
-    #[arg(long)]
-    from: Option<String>,
-    /// Only this source (pod) under `--from`; default: every one.
-    #[arg(long, requires = "from")]
-    source: Option<String>,
-    /// An object-store option, `key=value` (`endpoint=...`, `region=...`); repeatable.
-    #[arg(long = "option", value_parser = key_value, requires = "from")]
-    options: Vec<(String, String)>,
-}
-
-fn key_value(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("`{s}` is not key=value"))
-}
-
-impl RemoteArgs {
-    fn sources(
-        &self,
-        runtime: &tokio::runtime::Runtime,
-    ) -> anyhow::Result<Vec<custody_proxy::remote::ObjectSource>> {
-        let url = self.from.as_deref().unwrap_or_default();
-        let options = self.options.iter().cloned().collect();
-        Ok(custody_proxy::remote::sources(
-            url,
-            &options,
-            self.source.as_deref(),
-            runtime.handle(),
-        )?)
-    }
 }
 
 #[derive(Args)]
@@ -191,8 +223,42 @@ fn when(s: &str) -> anyhow::Result<SystemTime> {
 
 pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
     match command {
-        LogCommand::Export { trail, output } => {
-            let dir = trail.dir()?;
+        LogCommand::Export {
+            trail,
+            output,
+            format: ExportFormat::Parquet,
+        } => {
+            let path = output.context("Parquet needs a file: pass --output FILE")?;
+            let trails = trail.open()?;
+            let file = std::fs::File::create(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            let mut export = custody_audit::export::ParquetExport::new(BufWriter::new(file))?;
+            for source in &trails.sources {
+                let name = source.describe();
+                let mut failed = None;
+                reader::for_each_line_of(source.as_ref(), |_, line| {
+                    match export.push(&name, line) {
+                        Ok(()) => ControlFlow::Continue(()),
+                        Err(e) => {
+                            failed = Some(e);
+                            ControlFlow::Break(())
+                        }
+                    }
+                })?;
+                if let Some(e) = failed {
+                    return Err(e.into());
+                }
+            }
+            let rows = export.finish()?;
+            eprintln!("{rows} row(s) written to {}", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        LogCommand::Export {
+            trail,
+            output,
+            format: ExportFormat::Jsonl,
+        } => {
+            let trails = trail.open()?;
             let out: Box<dyn Write> = match &output {
                 Some(p) => Box::new(
                     std::fs::File::create(p)
@@ -202,13 +268,18 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
             };
             let mut out = BufWriter::new(out);
             let mut io_err = None;
-            reader::for_each_line(&dir, |_, line| {
-                if let Err(e) = out.write_all(line).and_then(|()| out.write_all(b"\n")) {
-                    io_err = Some(e);
-                    return ControlFlow::Break(());
+            for source in &trails.sources {
+                reader::for_each_line_of(source.as_ref(), |_, line| {
+                    if let Err(e) = out.write_all(line).and_then(|()| out.write_all(b"\n")) {
+                        io_err = Some(e);
+                        return ControlFlow::Break(());
+                    }
+                    ControlFlow::Continue(())
+                })?;
+                if io_err.is_some() {
+                    break;
                 }
-                ControlFlow::Continue(())
-            })?;
+            }
             if let Some(e) = io_err {
                 // A closed pipe (`| head`) is not an error worth a message.
                 if e.kind() != std::io::ErrorKind::BrokenPipe {
@@ -219,7 +290,7 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         LogCommand::Show { id, trail } => {
-            let line = reader::find_by_id(&trail.dir()?, &id)?;
+            let (_, line) = trail.open()?.find(&id)?;
             let v: serde_json::Value = serde_json::from_slice(&line)?;
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(ExitCode::SUCCESS)
@@ -243,7 +314,20 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
                 events: a.events,
                 limit: a.limit,
             };
-            let found = search::search(&a.trail.dir()?, &query)?;
+            let trails = a.trail.open()?;
+            let mut found = Vec::new();
+            for source in &trails.sources {
+                found.extend(search::search(source.as_ref(), &query)?);
+            }
+            // Many pods' newest records, merged: newest first across them.
+            if trails.sources.len() > 1 {
+                found.sort_by(|x, y| {
+                    y["time"]["start"]
+                        .as_str()
+                        .cmp(&x["time"]["start"].as_str())
+                });
+                found.truncate(query.limit.max(1));
+            }
             let mut out = BufWriter::new(std::io::stdout().lock());
             for r in &found {
                 if a.json {
@@ -286,7 +370,9 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         LogCommand::Chain { id, trail, json } => {
-            let turns = search::conversation(&trail.dir()?, &id)?;
+            let trails = trail.open()?;
+            let (source, _) = trails.find(&id)?;
+            let turns = search::conversation(source, &id)?;
             let mut out = BufWriter::new(std::io::stdout().lock());
             for (n, r) in turns.iter().enumerate() {
                 if json {
@@ -312,10 +398,8 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
             out.flush()?;
             Ok(ExitCode::SUCCESS)
         }
-        LogCommand::Ls { remote } => {
-            let runtime = super::runtime()?;
-            for source in remote.sources(&runtime)? {
-                use custody_audit::reader::TrailSource;
+        LogCommand::Ls { trail } => {
+            for source in &trail.open()?.sources {
                 let segs = source.segments()?;
                 println!(
                     "{}  {} segments ({} to {})",
@@ -332,7 +416,6 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
             pubkey,
             allow_uncovered_tail,
             fast,
-            remote,
         } => {
             let trusted = pubkey.as_deref().map(signing::load_public).transpose()?;
             let depth = if fast {
@@ -345,29 +428,18 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
                     eprintln!("verified {done}/{all} segments ({} MiB)", bytes >> 20);
                 }
             };
-            if remote.from.is_some() {
-                // Every shipped trail on its own: each pod has its own chain.
-                let runtime = super::runtime()?;
-                let mut code = ExitCode::SUCCESS;
-                for source in remote.sources(&runtime)? {
-                    use custody_audit::reader::TrailSource;
-                    let name = source.describe();
-                    let result = verify::verify_source(&source, trusted.as_ref(), depth, progress);
-                    let outcome = report(&name, result, pubkey.as_deref(), allow_uncovered_tail)?;
-                    if outcome != ExitCode::SUCCESS {
-                        code = outcome;
-                    }
+            // Every trail on its own: each pod has its own chain.
+            let mut code = ExitCode::SUCCESS;
+            for source in &trail.open()?.sources {
+                let name = source.describe();
+                let result =
+                    verify::verify_source(source.as_ref(), trusted.as_ref(), depth, progress);
+                let outcome = report(&name, result, pubkey.as_deref(), allow_uncovered_tail)?;
+                if outcome != ExitCode::SUCCESS {
+                    code = outcome;
                 }
-                return Ok(code);
             }
-            let dir = trail.dir()?;
-            let result = verify::verify_dir_with(&dir, trusted.as_ref(), depth, progress);
-            report(
-                &dir.display().to_string(),
-                result,
-                pubkey.as_deref(),
-                allow_uncovered_tail,
-            )
+            Ok(code)
         }
     }
 }

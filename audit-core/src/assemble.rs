@@ -593,8 +593,14 @@ pub fn record_id(started_at: std::time::SystemTime) -> String {
     let d = started_at
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let ts = uuid::Timestamp::from_unix(uuid::NoContext, d.as_secs(), d.subsec_nanos());
-    uuid::Uuid::new_v7(ts).to_string()
+    // Random bits from a thread-local generator: `new_v7` asks the kernel for them,
+    // a syscall per record. Ids need to be unique, not unguessable.
+    let mut random = [0u8; 10];
+    fastrand::fill(&mut random);
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    uuid::Builder::from_unix_timestamp_millis(ms, &random)
+        .into_uuid()
+        .to_string()
 }
 
 /// The Unix-ms timestamp in a UUID v7, if it is one.

@@ -59,6 +59,8 @@ pub struct AuditStats {
     pub queue_depth: Gauge,
     /// Captured body bytes of the exchanges waiting for the writer.
     pub queue_bytes: Gauge,
+    /// The most exchanges ever waiting at once (since start).
+    pub queue_high_water: Gauge,
     /// Requests waiting at admission for room in the queue (`on_full = "backpressure"`).
     pub admission_waiting: Gauge,
     pub fsync_seconds: Histogram,
@@ -105,6 +107,7 @@ impl Default for AuditStats {
             failing: Gauge::default(),
             queue_depth: Gauge::default(),
             queue_bytes: Gauge::default(),
+            queue_high_water: Gauge::default(),
             admission_waiting: Gauge::default(),
             fsync_seconds: seconds(),
             writer_lag_seconds: seconds(),
@@ -161,6 +164,11 @@ impl AuditStats {
             "custody_audit_queue_depth",
             "Exchanges admitted and not yet written",
             self.queue_depth.clone(),
+        );
+        r.register(
+            "custody_audit_queue_high_water",
+            "The most exchanges waiting for the writer at once since start",
+            self.queue_high_water.clone(),
         );
         r.register(
             "custody_audit_queue_bytes",

@@ -1,9 +1,14 @@
 //! The writer: a dedicated OS thread that takes exchanges off a bounded crossbeam
 //! channel, assembles and redacts their records, chains them, and appends blocks.
 //!
-//! Blocks are cut when the buffer reaches [`BLOCK_TARGET`] or the queue runs empty, so
-//! under light load each record is written at once and under heavy load many records
-//! share one compressed frame. fsync runs at most every `fsync_interval_ms` and at close.
+//! Blocks are cut when the buffer reaches [`BLOCK_TARGET`], or when the queue is empty
+//! and the oldest record in the buffer has waited [`LINGER`] (at once when a durable
+//! response waits for it). fsync runs at most every `fsync_interval_ms` and at close.
+//!
+//! While traffic flows the writer naps between empty polls instead of parking on the
+//! channel: a parked receiver costs every sender a futex wake-up and a context switch,
+//! which on a small machine cost more than the record itself. It parks only after
+//! [`STAY_AWAKE`] without an arrival, so an idle sidecar costs nothing.
 
 use std::{
     panic::{catch_unwind, AssertUnwindSafe},
@@ -52,6 +57,13 @@ pub fn redactor_for(config: &custody_config::Config) -> Result<Redactor, AuditEr
 
 /// Uncompressed bytes per block before it is cut.
 pub const BLOCK_TARGET: usize = 256 * 1024;
+
+/// How long a record may wait in the buffer for others to share its block.
+pub const LINGER: Duration = Duration::from_millis(2);
+/// The nap between polls of an empty queue while traffic flows.
+const NAP: Duration = Duration::from_micros(500);
+/// Without an arrival for this long, the writer parks on the channel.
+pub const STAY_AWAKE: Duration = Duration::from_millis(50);
 
 /// The proxy's handle on the queue: never blocks.
 #[derive(Clone)]
@@ -115,7 +127,11 @@ impl AuditSender {
 
     fn count_in(&self, bytes: i64) {
         self.stats.submitted.inc();
-        self.stats.queue_depth.inc();
+        let depth = self.stats.queue_depth.inc() + 1;
+        self.stats
+            .queue_high_water
+            .inner()
+            .fetch_max(depth, std::sync::atomic::Ordering::Relaxed);
         self.stats.queue_bytes.inc_by(bytes);
     }
 
@@ -407,6 +423,8 @@ struct Batch {
     facts: Facts,
     /// Responses held until these records are fsynced (`durability = "durable"`).
     waiters: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// When its first record came.
+    opened: Option<Instant>,
 }
 
 impl Batch {
@@ -420,7 +438,13 @@ impl Batch {
             head,
             facts: Facts::default(),
             waiters: Vec::new(),
+            opened: None,
         }
+    }
+
+    /// Whether the block should be written now, with nothing more queued.
+    fn due_when_idle(&self) -> bool {
+        !self.waiters.is_empty() || self.opened.is_some_and(|t| t.elapsed() >= LINGER)
     }
 }
 
@@ -520,6 +544,7 @@ impl Worker {
     ) -> Result<WriterSummary, AuditError> {
         let tick = self.fsync_interval;
         let mut taken = 0u32;
+        let mut last_arrival = Instant::now();
         loop {
             // While blocks cannot be written (disk full, read-only), take nothing more:
             // what is admitted stays queued, the queue fills, and `on_full` decides what
@@ -538,10 +563,11 @@ impl Worker {
             match rx.try_recv() {
                 Ok(ex) => {
                     self.add(ex);
+                    last_arrival = Instant::now();
                     taken = taken.wrapping_add(1);
                     // Under sustained load the queue never empties: look for a stop and
                     // reloads now and then.
-                    if taken % 256 == 0 {
+                    if taken.is_multiple_of(256) {
                         while let Ok(c) = control.try_recv() {
                             self.apply(c);
                         }
@@ -554,9 +580,28 @@ impl Worker {
                     }
                 }
                 Err(TryRecvError::Disconnected) => break,
+                // Traffic is flowing, or a block is waiting out its linger: nap, and let
+                // senders enqueue without waking anyone.
+                Err(TryRecvError::Empty)
+                    if self.batch.count > 0 || last_arrival.elapsed() < STAY_AWAKE =>
+                {
+                    std::thread::sleep(NAP);
+                    while let Ok(c) = control.try_recv() {
+                        self.apply(c);
+                    }
+                    if !matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
+                        while let Ok(ex) = rx.try_recv() {
+                            self.add(ex);
+                        }
+                        break;
+                    }
+                }
                 Err(TryRecvError::Empty) => select! {
                     recv(rx) -> msg => match msg {
-                        Ok(ex) => self.add(ex),
+                        Ok(ex) => {
+                            self.add(ex);
+                            last_arrival = Instant::now();
+                        }
                         Err(_) => break,
                     },
                     recv(control) -> c => if let Ok(c) = c { self.apply(c) },
@@ -575,7 +620,9 @@ impl Worker {
                 self.add_event(loss_event(&l));
             }
             let idle = rx.is_empty();
-            if self.batch.count > 0 && (self.batch.buf.len() >= BLOCK_TARGET || idle) {
+            if self.batch.count > 0
+                && (self.batch.buf.len() >= BLOCK_TARGET || (idle && self.batch.due_when_idle()))
+            {
                 self.flush();
             }
             if self.last_sync.elapsed() >= self.fsync_interval {
@@ -745,6 +792,7 @@ impl Worker {
         let b = &mut self.batch;
         if b.count == 0 {
             b.first_seq = seq;
+            b.opened = Some(Instant::now());
         }
         b.buf.extend_from_slice(&line);
         b.buf.push(b'\n');

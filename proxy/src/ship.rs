@@ -192,21 +192,41 @@ impl Shipper {
         self.metrics.pending.set(pending.len() as i64);
         let lag = pending
             .first()
-            .and_then(|(p, _)| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
             .and_then(|t| SystemTime::now().duration_since(t).ok())
             .map_or(0, |d| d.as_secs() as i64);
         self.metrics.lag_seconds.set(lag);
-        for (seg, newest) in pending {
+        for seg in pending {
             self.ship(&seg).await?;
-            if self.delete_local && !newest {
-                for p in [seg.clone(), seg.with_extension("idx")] {
-                    let _ = tokio::fs::remove_file(&p).await;
-                }
-            }
             self.metrics.pending.dec();
         }
         self.metrics.lag_seconds.set(0);
+        if self.delete_local {
+            self.delete_shipped().await?;
+        }
         self.ship_checkpoints().await
+    }
+
+    /// Deletes the local copies of shipped segments, except the newest (the writer
+    /// continues its chain from it). A segment shipped while it was the newest goes once
+    /// a newer one exists.
+    async fn delete_shipped(&self) -> Result<(), ProxyError> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let segs = custody_audit::reader::segments(&dir).map_err(ship_err)?;
+            let n = segs.len();
+            for s in segs.iter().take(n.saturating_sub(1)) {
+                let shipped = marker(&s.path);
+                if shipped.exists() {
+                    for p in [s.path.clone(), s.path.with_extension("idx"), shipped] {
+                        let _ = std::fs::remove_file(&p);
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(ship_err)?
     }
 
     /// The checkpoint log, whenever it changed. Between segments its newest line covers
@@ -245,8 +265,8 @@ impl Shipper {
         Ok(())
     }
 
-    /// Sealed segments without a `.shipped` marker, and whether each is the newest.
-    async fn pending(&self) -> Result<Vec<(PathBuf, bool)>, ProxyError> {
+    /// Sealed segments without a `.shipped` marker, oldest first.
+    async fn pending(&self) -> Result<Vec<PathBuf>, ProxyError> {
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || {
             let mut segs = custody_audit::reader::segments(&dir).map_err(ship_err)?;
@@ -258,7 +278,7 @@ impl Shipper {
                 // The newest segment is sealed once its index exists (written at seal).
                 .filter(|(i, s)| *i + 1 < n || s.path.with_extension("idx").exists())
                 .filter(|(_, s)| !marker(&s.path).exists())
-                .map(|(i, s)| (s.path, i + 1 == n))
+                .map(|(_, s)| s.path)
                 .collect())
         })
         .await

@@ -16,7 +16,7 @@ pub fn luhn(d: &[u8]) -> bool {
             x
         };
     }
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// A payment card number: 13 to 19 digits, a major network's first digit, Luhn.

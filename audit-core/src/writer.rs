@@ -1,14 +1,16 @@
 //! The writer: a dedicated OS thread that takes exchanges off a bounded crossbeam
 //! channel, assembles and redacts their records, chains them, and appends blocks.
 //!
-//! Blocks are cut when the buffer reaches [`BLOCK_TARGET`], or when the queue is empty
-//! and the oldest record in the buffer has waited [`LINGER`] (at once when a durable
-//! response waits for it). fsync runs at most every `fsync_interval_ms` and at close.
+//! Blocks are cut when the buffer reaches [`BLOCK_TARGET`] or when traffic pauses.
+//! fsync runs at most every `fsync_interval_ms` and at close.
 //!
-//! While traffic flows the writer naps between empty polls instead of parking on the
-//! channel: a parked receiver costs every sender a futex wake-up and a context switch,
-//! which on a small machine cost more than the record itself. It parks only after
-//! [`STAY_AWAKE`] without an arrival, so an idle sidecar costs nothing.
+//! When the queue runs empty right after the writer took something, it naps [`NAP`]
+//! instead of parking on the channel, and writes the block only if nothing came
+//! meanwhile. Parking after every record made each sender pay a futex wake-up and a
+//! context switch, which on a small machine cost more than the record, and cut one tiny
+//! block per record. Under load the naps gather records into full blocks; when traffic
+//! is sparse the first empty nap writes the block and the writer parks, so an idle
+//! sidecar costs nothing. A durable response waiting for its fsync skips the nap.
 
 use std::{
     panic::{catch_unwind, AssertUnwindSafe},
@@ -58,12 +60,8 @@ pub fn redactor_for(config: &custody_config::Config) -> Result<Redactor, AuditEr
 /// Uncompressed bytes per block before it is cut.
 pub const BLOCK_TARGET: usize = 256 * 1024;
 
-/// How long a record may wait in the buffer for others to share its block.
-pub const LINGER: Duration = Duration::from_millis(2);
 /// The nap between polls of an empty queue while traffic flows.
-const NAP: Duration = Duration::from_micros(500);
-/// Without an arrival for this long, the writer parks on the channel.
-pub const STAY_AWAKE: Duration = Duration::from_millis(50);
+pub const NAP: Duration = Duration::from_micros(500);
 
 /// The proxy's handle on the queue: never blocks.
 #[derive(Clone)]
@@ -423,8 +421,6 @@ struct Batch {
     facts: Facts,
     /// Responses held until these records are fsynced (`durability = "durable"`).
     waiters: Vec<tokio::sync::oneshot::Sender<()>>,
-    /// When its first record came.
-    opened: Option<Instant>,
 }
 
 impl Batch {
@@ -438,13 +434,7 @@ impl Batch {
             head,
             facts: Facts::default(),
             waiters: Vec::new(),
-            opened: None,
         }
-    }
-
-    /// Whether the block should be written now, with nothing more queued.
-    fn due_when_idle(&self) -> bool {
-        !self.waiters.is_empty() || self.opened.is_some_and(|t| t.elapsed() >= LINGER)
     }
 }
 
@@ -544,7 +534,8 @@ impl Worker {
     ) -> Result<WriterSummary, AuditError> {
         let tick = self.fsync_interval;
         let mut taken = 0u32;
-        let mut last_arrival = Instant::now();
+        // Took an exchange since the last nap.
+        let mut busy = false;
         loop {
             // While blocks cannot be written (disk full, read-only), take nothing more:
             // what is admitted stays queued, the queue fills, and `on_full` decides what
@@ -563,7 +554,7 @@ impl Worker {
             match rx.try_recv() {
                 Ok(ex) => {
                     self.add(ex);
-                    last_arrival = Instant::now();
+                    busy = true;
                     taken = taken.wrapping_add(1);
                     // Under sustained load the queue never empties: look for a stop and
                     // reloads now and then.
@@ -580,11 +571,9 @@ impl Worker {
                     }
                 }
                 Err(TryRecvError::Disconnected) => break,
-                // Traffic is flowing, or a block is waiting out its linger: nap, and let
-                // senders enqueue without waking anyone.
-                Err(TryRecvError::Empty)
-                    if self.batch.count > 0 || last_arrival.elapsed() < STAY_AWAKE =>
-                {
+                // Traffic is flowing: nap, and let senders enqueue without waking anyone.
+                Err(TryRecvError::Empty) if busy && self.batch.waiters.is_empty() => {
+                    busy = false;
                     std::thread::sleep(NAP);
                     while let Ok(c) = control.try_recv() {
                         self.apply(c);
@@ -600,7 +589,7 @@ impl Worker {
                     recv(rx) -> msg => match msg {
                         Ok(ex) => {
                             self.add(ex);
-                            last_arrival = Instant::now();
+                            busy = true;
                         }
                         Err(_) => break,
                     },
@@ -621,7 +610,8 @@ impl Worker {
             }
             let idle = rx.is_empty();
             if self.batch.count > 0
-                && (self.batch.buf.len() >= BLOCK_TARGET || (idle && self.batch.due_when_idle()))
+                && (self.batch.buf.len() >= BLOCK_TARGET
+                    || (idle && (!busy || !self.batch.waiters.is_empty())))
             {
                 self.flush();
             }
@@ -792,7 +782,6 @@ impl Worker {
         let b = &mut self.batch;
         if b.count == 0 {
             b.first_seq = seq;
-            b.opened = Some(Instant::now());
         }
         b.buf.extend_from_slice(&line);
         b.buf.push(b'\n');

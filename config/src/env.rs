@@ -17,6 +17,8 @@ pub const OVERRIDES: &[(&str, &str)] = &[
     ("CUSTODY_DURABILITY", "audit.durability"),
     ("CUSTODY_FSYNC", "audit.fsync"),
     ("CUSTODY_RETENTION_DAYS", "audit.retention_days"),
+    ("CUSTODY_QUEUE_CAPACITY", "audit.queue_capacity"),
+    ("CUSTODY_QUEUE_MAX_BYTES", "audit.queue_max_bytes"),
     ("CUSTODY_LOG_FORMAT", "log.format"),
 ];
 
@@ -59,6 +61,10 @@ impl Config {
                 "audit.retention_days" => {
                     self.audit.retention_days = Some(parse(&value).map_err(bad)?)
                 }
+                "audit.queue_capacity" => self.audit.queue_capacity = parse(&value).map_err(bad)?,
+                "audit.queue_max_bytes" => {
+                    self.audit.queue_max_bytes = parse(&value).map_err(bad)?
+                }
                 "log.format" => self.log.format = from_word(word(&value)).map_err(bad)?,
                 _ => {}
             }
@@ -96,6 +102,7 @@ mod tests {
             "CUSTODY_AUDIT_DIR" => Some("/var/lib/custody".to_owned()),
             "CUSTODY_ON_FULL" => Some("reject".to_owned()),
             "CUSTODY_ADMIN_ADDR" => Some("off".to_owned()),
+            "CUSTODY_QUEUE_CAPACITY" => Some("1024".to_owned()),
             _ => None,
         };
         let c = Config::from_toml_str(DEFAULT_TOML, "x")
@@ -106,6 +113,13 @@ mod tests {
         assert_eq!(c.audit.dir, std::path::PathBuf::from("/var/lib/custody"));
         assert_eq!(c.audit.on_full, OnFull::Reject);
         assert_eq!(c.admin.addr, None);
+        assert_eq!(c.audit.queue_capacity, 1024);
+        let err = Config::embedded_default()
+            .unwrap()
+            .with_env(|k| (k == "CUSTODY_QUEUE_CAPACITY").then(|| "0".to_owned()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("queue_capacity"), "{err}");
         let err = Config::embedded_default()
             .unwrap()
             .with_env(|k| (k == "CUSTODY_ON_FULL").then(|| "sometimes".to_owned()))

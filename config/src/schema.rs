@@ -346,7 +346,7 @@ impl Default for Audit {
             checkpoint_interval_secs: 10,
             retention_days: None,
             on_full: OnFull::Backpressure,
-            queue_max_bytes: 256 * 1024 * 1024,
+            queue_max_bytes: 64 * 1024 * 1024,
             admission_timeout_ms: 5000,
             durability: Durability::Async,
         }

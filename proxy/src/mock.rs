@@ -1,13 +1,16 @@
 //! A mock model provider on loopback, speaking enough of the OpenAI and Anthropic APIs
 //! for `custody demo` and the SDK conformance tests: chat (plain, streamed, tool calls,
 //! usage), legacy completions, embeddings, the Responses API, Anthropic messages (plain
-//! and streamed), and a 429 with `Retry-After` for the model `rate-limited`.
+//! and streamed). Some model names ask for trouble: `rate-limited` (429 with
+//! `Retry-After`), `bad-request` (400), `unauthorized` (401), `server-error` (500), and
+//! `slow` (a two-second answer, or a stream paced at 100 ms per event).
 //! The assistant echoes the start of the last user message, so PII sent in a prompt
 //! comes back in the answer, as it does with real models.
 
 use std::{convert::Infallible, future::Future, net::SocketAddr};
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::{header, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -60,6 +63,27 @@ async fn handle(req: Request<Incoming>) -> Result<Response<MockBody>, Infallible
         ));
     };
     let model = body["model"].as_str().unwrap_or("mock-model").to_owned();
+    let anthropic = path.ends_with("/messages");
+    let failure = match model.as_str() {
+        "bad-request" => Some((StatusCode::BAD_REQUEST, "invalid_request_error")),
+        "unauthorized" => Some((StatusCode::UNAUTHORIZED, "authentication_error")),
+        "server-error" => Some((StatusCode::INTERNAL_SERVER_ERROR, "api_error")),
+        _ => None,
+    };
+    if let Some((status, kind)) = failure {
+        let message = format!("mock: {model}");
+        let v = if anthropic {
+            json!({"type": "error", "error": {"type": kind, "message": message}})
+        } else {
+            json!({"error": {"message": message, "type": kind, "param": null, "code": null}})
+        };
+        return Ok(json_response(status, &v));
+    }
+    // `slow`: the answer takes two seconds; a streamed one comes 100 ms per event.
+    let slow = model == "slow";
+    if slow && !body["stream"].as_bool().unwrap_or(false) {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
     if model == "rate-limited" {
         let mut r = json_response(
             StatusCode::TOO_MANY_REQUESTS,
@@ -74,6 +98,7 @@ async fn handle(req: Request<Incoming>) -> Result<Response<MockBody>, Infallible
         return Ok(r);
     }
     let stream = body["stream"].as_bool().unwrap_or(false);
+    let pace = slow && stream;
     let input_tokens = (serde_json::to_string(&body).map_or(0, |s| s.len()) / 4) as u64;
     let resp = if path.ends_with("/chat/completions") {
         chat(&body, &model, stream, input_tokens)
@@ -91,6 +116,17 @@ async fn handle(req: Request<Incoming>) -> Result<Response<MockBody>, Infallible
             &json!({"error": {"message": format!("mock: unknown path {path}"), "type": "invalid_request_error"}}),
         )
     };
+    if pace {
+        let (parts, body) = resp.into_parts();
+        let events = http_body_util::BodyStream::new(body).then(|frame| async move {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            frame
+        });
+        return Ok(Response::from_parts(
+            parts,
+            BodyExt::boxed(StreamBody::new(events)),
+        ));
+    }
     Ok(resp)
 }
 
@@ -112,7 +148,9 @@ fn sse_response(events: Vec<String>) -> Response<MockBody> {
     let frames = events
         .into_iter()
         .map(|e| Ok::<_, Infallible>(Frame::data(Bytes::from(e))));
-    let mut r = Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed());
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
+        frames,
+    ))));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("text/event-stream"),

@@ -3,12 +3,20 @@
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BIN = os.environ.get("CUSTODY_BIN", str(ROOT / "target" / "debug" / "custody"))
+
+
+def _closed_port():
+    """A loopback port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _spawn(args):
@@ -53,6 +61,14 @@ prefix = "/anthropic/"
 strip_prefix = true
 upstream = "http://{mock_addr}"
 provider = "anthropic"
+
+# Nothing listens there: the provider is down.
+[[route]]
+name = "down"
+prefix = "/down/"
+strip_prefix = true
+upstream = "http://127.0.0.1:{_closed_port()}"
+provider = "openai"
 """
         )
         self.custody, self.addr = _spawn(["serve", "--config", str(config)])
@@ -61,6 +77,10 @@ provider = "anthropic"
     @property
     def openai_base(self):
         return f"http://{self.addr}/v1"
+
+    @property
+    def down_base(self):
+        return f"http://{self.addr}/down/v1"
 
     @property
     def anthropic_base(self):

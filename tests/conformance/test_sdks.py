@@ -133,17 +133,65 @@ def test_two_megabyte_prompt(oai):
     assert r.usage.prompt_tokens > 500_000
 
 
+def test_provider_errors_reach_the_sdk_unchanged(oai, claude):
+    """400, 401 and 500 come back as the SDKs' own exception types, with the body's message."""
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model="bad-request", messages=msgs)
+    assert e.value.status_code == 400 and "mock: bad-request" in str(e.value)
+    with pytest.raises(openai.AuthenticationError) as e:
+        oai.chat.completions.create(model="unauthorized", messages=msgs)
+    assert e.value.status_code == 401
+    with pytest.raises(openai.InternalServerError) as e:
+        oai.chat.completions.create(model="server-error", messages=msgs)
+    assert e.value.status_code == 500
+    with pytest.raises(anthropic.BadRequestError) as e:
+        claude.messages.create(model="bad-request", max_tokens=10, messages=msgs)
+    assert e.value.status_code == 400 and e.value.body["error"]["type"] == "invalid_request_error"
+
+
+def test_provider_down_is_a_502_the_sdk_understands(stack):
+    """Custody's own error for an unreachable upstream is OpenAI-shaped JSON."""
+    down = openai.OpenAI(base_url=stack.down_base, api_key=API_KEY, max_retries=0)
+    with pytest.raises(openai.InternalServerError) as e:
+        down.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "anyone?"}])
+    assert e.value.status_code == 502
+    assert e.value.body["code"] == "upstream_unreachable", e.value.body
+    assert e.value.code == "upstream_unreachable"
+
+
+def test_client_cancels_a_stream_midway(oai, claude):
+    """The SDK closes a stream after its first event; the trail keeps what was streamed."""
+    stream = oai.chat.completions.create(
+        model="slow", stream=True, messages=[{"role": "user", "content": "cancel me part way please"}]
+    )
+    first = next(iter(stream))
+    assert first.choices[0].delta.role == "assistant"
+    stream.close()
+    with claude.messages.stream(
+        model="slow", max_tokens=50, messages=[{"role": "user", "content": "cancel me too"}]
+    ) as s:
+        next(iter(s))
+
+
+def test_client_timeout_cancels_the_request(oai):
+    with pytest.raises(openai.APITimeoutError):
+        oai.with_options(timeout=0.3).chat.completions.create(
+            model="slow", messages=[{"role": "user", "content": "too slow"}]
+        )
+
+
 def test_zz_trail_holds_every_exchange(stack):
     """Runs last: stop custody, then read the trail as a reviewer would."""
     stack.stop()
     export = stack.cli("log", "export", "--dir", str(stack.audit_dir))
     assert export.returncode == 0, export.stderr
     lines = [json.loads(line) for line in export.stdout.splitlines()]
-    assert [r["seq"] for r in lines] == list(range(1, 11))
+    assert [r["seq"] for r in lines] == list(range(1, 19))
     # The trail opens with the start's config event; then one record per exchange.
     assert lines[0]["event"]["type"] == "config"
     records = lines[1:]
-    assert len(records) == 9
+    assert len(records) == 17
     assert all(r["schema"] == "custody.record/v1" for r in records)
     assert len({r["config"]["version"] for r in records}) == 1
     assert all(len(r["trace"]["id"]) == 32 for r in records)
@@ -152,7 +200,17 @@ def test_zz_trail_holds_every_exchange(stack):
         by_path.setdefault(r["http"]["path"], []).append(r)
 
     chat = by_path["/v1/chat/completions"]
-    assert [r["http"]["status"] for r in chat] == [200, 200, 200, 429, 200]
+    # Errors are recorded as the client saw them; a cancelled request has no status
+    # when the client left before the answer's head.
+    assert [r["http"].get("status") for r in chat] == [200, 200, 200, 429, 200, 400, 401, 500, 200, None]
+    assert [r["outcome"] for r in chat][5:] == ["ok", "ok", "ok", "client_cancelled", "client_cancelled"]
+    assert chat[5]["response"]["body"]["error"]["message"] == "mock: bad-request"
+    assert chat[8]["response"]["streamed"] is True
+    assert chat[8]["response"]["body"]["choices"][0]["finish_reason"] is None, "cut before the end"
+    assert chat[9]["gen_ai"]["request"]["model"] == "slow"
+    down = by_path["/down/v1/chat/completions"][0]
+    assert down["http"]["status"] == 502 and down["outcome"] == "upstream_error"
+    assert "Connection refused" in down["error"]
     assert chat[0]["gen_ai"]["request"]["temperature"] == 0.3
     assert chat[0]["gen_ai"]["request"]["max_tokens"] == 50
     assert chat[0]["gen_ai"]["response"]["model"] == "gpt-4o-mini-2026-01-01"
@@ -166,14 +224,16 @@ def test_zz_trail_holds_every_exchange(stack):
     resp = by_path["/v1/responses"][0]
     assert resp["response"]["body"]["status"] == "completed"
     msgs = by_path["/anthropic/v1/messages"]
-    assert [m["gen_ai"]["provider"]["name"] for m in msgs] == ["anthropic", "anthropic"]
+    assert [m["gen_ai"]["provider"]["name"] for m in msgs] == ["anthropic"] * 4
+    assert [m["http"]["status"] for m in msgs] == [200, 200, 400, 200]
+    assert msgs[3]["outcome"] == "client_cancelled" and msgs[3]["response"]["body"]["stop_reason"] is None
     assert msgs[1]["response"]["body"]["content"][0]["text"].startswith("Hello from the mock provider")
     assert msgs[1]["gen_ai"]["usage"]["output_tokens"] > 0
     assert len({r["client"]["key_id"] for r in records}) == 2
 
     verify = stack.cli("log", "verify", "--dir", str(stack.audit_dir), "--pubkey", str(stack.pubkey))
     assert verify.returncode == 0, verify.stderr
-    assert "records: 9 (+1 events) in 1 segments" in verify.stdout, verify.stdout
+    assert "records: 17 (+1 events) in 1 segments" in verify.stdout, verify.stdout
     assert "signatures: all checked against" in verify.stdout, verify.stdout
     assert verify.stdout.endswith("ok\n"), verify.stdout
 
@@ -211,13 +271,13 @@ def test_zz_trail_as_parquet_reads_in_duckdb(stack, tmp_path):
         GROUP BY ALL ORDER BY calls DESC
         """
     ).fetchall()
-    assert sum(r[4] for r in by_model) == 9
+    assert sum(r[4] for r in by_model) == 17
     assert any(r[3] == "gpt-4o-mini-2026-01-01" and r[5] > 0 for r in by_model), by_model
 
     statuses = db.execute(
         f"SELECT status, count(*) FROM '{out}' WHERE path = '/v1/chat/completions' GROUP BY ALL ORDER BY 1"
     ).fetchall()
-    assert statuses == [(200, 4), (429, 1)]
+    assert statuses == [(200, 5), (400, 1), (401, 1), (429, 1), (500, 1), (None, 1)]
     events = db.execute(f"SELECT event_type FROM '{out}' WHERE event_type IS NOT NULL").fetchall()
     assert events == [("config",)]
     streamed = db.execute(

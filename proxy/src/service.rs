@@ -25,7 +25,7 @@ use crate::{
     keys::{self, KeyTable},
     metrics::ProxyMetrics,
     route::Router,
-    tee::{InFlight, Reporter, Side, TeeBody},
+    tee::{Handoff, InFlight, Reporter, Side, TeeBody},
     timeout::{Limited, Limits},
     trace,
     upstream::{self, Connector},
@@ -74,7 +74,7 @@ fn secs(n: u64) -> Option<Duration> {
 /// State shared by every connection.
 pub struct Shared {
     active: ArcSwap<Active>,
-    client: Client<Connector, TeeBody<RequestBody>>,
+    client: Client<Connector, Handoff<TeeBody<RequestBody>>>,
     reporter: Arc<Reporter>,
     pub admission: Admission,
     capture_max: usize,
@@ -245,6 +245,7 @@ async fn proxy(
     parts.version = Version::HTTP_11;
     upstream::rewrite_request_headers(&mut parts.headers, remote);
     let body = TeeBody::new(body, Side::Request, shared.capture_max, inflight.clone());
+    let (body, handback) = Handoff::new(body);
     let upstream_req = Request::from_parts(parts, body);
 
     let timeout = active.response_timeout;
@@ -293,6 +294,19 @@ async fn proxy(
             format!("no response head within {timeout:?}"),
         ),
     };
+    // The upstream never read the body (it could not be reached, or timed out first):
+    // read the rest here, so the record holds the prompt that was attempted.
+    let unread = matches!(
+        refusal,
+        Refusal::UpstreamUnreachable | Refusal::UpstreamTimeout
+    )
+    .then(|| handback.take())
+    .flatten();
+    if let Some(body) = unread {
+        let wait = secs(active.limits.client_timeout_secs).unwrap_or(Duration::from_secs(30));
+        let read = http_body_util::Limited::new(body, shared.capture_max).collect();
+        let _ = tokio::time::timeout(wait, read).await;
+    }
     tracing::warn!(route = %target.name, code = refusal.code(), error = %error, "upstream failed");
     respond_refusal(&inflight, refusal, provider, Some(error))
 }

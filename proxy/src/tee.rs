@@ -303,3 +303,71 @@ where
         self.inner.size_hint()
     }
 }
+
+/// The request body as the upstream client sees it, with a way back: when the upstream
+/// cannot be reached, the client drops the request without reading its body, and the
+/// record would lack the prompt. [`Handback::take`] recovers the body so custody can
+/// read it into the record. One shared slot per request; a poll takes an uncontended lock.
+pub struct Handoff<B> {
+    slot: Arc<std::sync::Mutex<Option<B>>>,
+}
+
+/// The service's side of a [`Handoff`].
+pub struct Handback<B> {
+    slot: Arc<std::sync::Mutex<Option<B>>>,
+}
+
+impl<B> Handoff<B> {
+    pub fn new(body: B) -> (Self, Handback<B>) {
+        let slot = Arc::new(std::sync::Mutex::new(Some(body)));
+        (Self { slot: slot.clone() }, Handback { slot })
+    }
+}
+
+impl<B> Handback<B> {
+    /// The body, unless the upstream side has finished it; the upstream side then sees
+    /// its end.
+    pub fn take(&self) -> Option<B> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl<B> Body for Handoff<B>
+where
+    B: Body + Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(body) = slot.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = ready!(Pin::new(&mut *body).poll_frame(cx));
+        if polled.is_none() {
+            // Finished: nothing to hand back.
+            *slot = None;
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}

@@ -1,6 +1,11 @@
 //! Limits on a body in flight: the longest silence between two frames, a deadline for
-//! the whole exchange, and (for request bodies) a size cap. One timer per body, reset
-//! per frame without allocating.
+//! the whole exchange, and (for request bodies) a size cap.
+//!
+//! The timer is lazy: a body that is ready whenever it is polled (a small chat body
+//! arrives with its head) never creates one, and a frame only notes the time. The
+//! timer is armed at the first wait; when it fires early because frames came since,
+//! it is moved to the real deadline. So a streamed response costs one timer, not a
+//! timer-wheel update per chunk.
 
 use std::{
     future::Future,
@@ -44,24 +49,27 @@ pin_project! {
         inner: B,
         limits: Limits,
         seen: u64,
+        // The last frame (or the start): idle time counts from here.
+        last: Instant,
         timer: Option<Pin<Box<Sleep>>>,
     }
 }
 
 impl<B> Limited<B> {
     pub fn new(inner: B, limits: Limits) -> Self {
-        let timer = next_deadline(&limits).map(|at| Box::pin(tokio::time::sleep_until(at)));
         Self {
             inner,
             limits,
             seen: 0,
-            timer,
+            last: Instant::now(),
+            timer: None,
         }
     }
 }
 
-fn next_deadline(l: &Limits) -> Option<Instant> {
-    let idle = l.idle.map(|d| Instant::now() + d);
+/// When the body must have sent its next frame (or ended).
+fn due(l: &Limits, last: Instant) -> Option<Instant> {
+    let idle = l.idle.map(|d| last + d);
     match (idle, l.deadline) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -89,19 +97,29 @@ where
                         return Poll::Ready(Some(Err(LimitError::TooLarge { limit })));
                     }
                 }
-                if let (Some(t), Some(at)) = (this.timer.as_mut(), next_deadline(this.limits)) {
-                    t.as_mut().reset(at);
+                if this.limits.idle.is_some() {
+                    *this.last = Instant::now();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(LimitError::Inner(e.into())))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
-                let Some(t) = this.timer.as_mut() else {
+                let Some(at) = due(this.limits, *this.last) else {
                     return Poll::Pending;
                 };
+                let t = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
                 if t.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
+                }
+                if at > Instant::now() {
+                    // Fired at an older deadline: frames came since. Wait for the real one.
+                    t.as_mut().reset(at);
+                    if t.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
                 }
                 let over = this.limits.deadline.is_some_and(|d| Instant::now() >= d);
                 let e = match (over, this.limits.deadline, this.limits.idle) {
@@ -126,5 +144,58 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+
+    /// A body whose frames come from `rx`, limited to `idle` between frames.
+    fn limited(
+        idle: Duration,
+    ) -> (
+        tokio::sync::mpsc::Sender<Bytes>,
+        Limited<impl Body<Data = Bytes, Error = std::convert::Infallible>>,
+    ) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let frames = futures_util::stream::poll_fn(move |cx| {
+            rx.poll_recv(cx)
+                .map(|b| b.map(|b| Ok::<_, std::convert::Infallible>(Frame::data(b))))
+        });
+        let limits = Limits {
+            side: "upstream",
+            idle: Some(idle),
+            deadline: None,
+            total_secs: 0,
+            max_bytes: None,
+        };
+        (tx, Limited::new(StreamBody::new(frames), limits))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn frames_keep_a_body_alive_past_its_first_idle_deadline_and_silence_ends_it() {
+        let (tx, mut body) = limited(Duration::from_secs(1));
+        let sender = tokio::spawn(async move {
+            // Five frames 600 ms apart: three seconds, never a second of silence.
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                tx.send(Bytes::from_static(b"x")).await.unwrap();
+            }
+            // Then silence, with the sender kept open.
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            drop(tx);
+        });
+        for _ in 0..5 {
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), "x");
+        }
+        let started = Instant::now();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(matches!(err, LimitError::Idle { secs: 1, .. }), "{err}");
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+        sender.abort();
     }
 }

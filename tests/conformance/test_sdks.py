@@ -211,6 +211,8 @@ def test_zz_trail_holds_every_exchange(stack):
     down = by_path["/down/v1/chat/completions"][0]
     assert down["http"]["status"] == 502 and down["outcome"] == "upstream_error"
     assert "Connection refused" in down["error"]
+    assert down["gen_ai"]["request"]["model"] == "gpt-4o-mini", "the attempted prompt is recorded"
+    assert down["request"]["body"]["messages"][0]["content"] == "anyone?"
     assert chat[0]["gen_ai"]["request"]["temperature"] == 0.3
     assert chat[0]["gen_ai"]["request"]["max_tokens"] == 50
     assert chat[0]["gen_ai"]["response"]["model"] == "gpt-4o-mini-2026-01-01"

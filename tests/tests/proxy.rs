@@ -547,7 +547,7 @@ async fn unreachable_upstream_gets_502_and_a_record() {
         post(
             &custody.url("/anthropic/v1/messages"),
             &[],
-            r#"{"model":"claude"}"#,
+            r#"{"model":"claude","messages":[{"role":"user","content":"is anyone there? mail me at bob@example.com"}]}"#,
         ),
     )
     .await;
@@ -560,8 +560,13 @@ async fn unreachable_upstream_gets_502_and_a_record() {
     let r = done.one();
     assert_eq!(r["outcome"], "upstream_error");
     assert_eq!(r["http"]["status"], 502);
-    // The body was never read (nothing could receive it): the record holds the head.
-    assert_eq!(r["http"]["request_bytes"], 0);
+    // Nothing upstream read the body; custody read it back, so the record holds the
+    // prompt that was attempted (redacted like any other).
+    assert_eq!(r["gen_ai"]["request"]["model"], "claude");
+    assert_eq!(
+        r["request"]["body"]["messages"][0]["content"],
+        "is anyone there? mail me at [EMAIL_ADDRESS]"
+    );
     assert_eq!(r["http"]["upstream_path"], "/v1/messages");
 }
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every test custody has, from a fresh checkout: lint, Rust unit and integration tests,
-# then the official OpenAI and Anthropic Python SDKs through the real binary.
+# the official OpenAI and Anthropic Python SDKs through the real binary, a smoke run of
+# the load harness, and the Kubernetes manifests.
 # Needs cargo, python3 and kubectl; installs from PyPI the SDKs (.venv-conformance), moto
 # for the object-storage tests (.venv-moto) and the manifest validator (.venv-deploy).
 set -euo pipefail
@@ -29,6 +30,11 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/conformance/requirements.txt
 CUSTODY_BIN="$PWD/target/debug/custody" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/conformance
+
+echo "== load harness smoke run (debug build: checks the tools and records = requests, not speed)"
+cargo build --locked -p custody-load
+python3 tests/load/bench.py --quick --bin-dir target/debug --no-litellm --targets direct,custody,custody-durable \
+  --only chat-1k-c32 --only sse-c32 > /dev/null
 
 echo "== deploy manifests (kubectl kustomize, kubernetes-validate --strict)"
 target/debug/custody config check deploy/k8s/base/custody.toml

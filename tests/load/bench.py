@@ -404,8 +404,14 @@ def main():
     ap.add_argument("--quick", action="store_true", help="2 s per point instead of 10 (a smoke run)")
     ap.add_argument("--only", action="append", help="run only these scenarios (repeatable)")
     ap.add_argument("--no-litellm", action="store_true")
+    ap.add_argument("--targets", help="only these targets, comma-separated (direct,nginx,custody,custody-durable,litellm)")
+    ap.add_argument("--bin-dir", type=pathlib.Path, default=ROOT / "target" / "release",
+                    help="where custody and custody-load are (CI's smoke run uses the debug build)")
     ap.add_argument("--out", type=pathlib.Path, help="also write the raw results here (JSON)")
     a = ap.parse_args()
+    global LOAD, CUSTODY
+    LOAD, CUSTODY = a.bin_dir / "custody-load", a.bin_dir / "custody"
+    only_targets = set(a.targets.split(",")) if a.targets else None
     scenarios = [s for s in SCENARIOS if not a.only or s[0] in a.only]
     results = []
     with tempfile.TemporaryDirectory(prefix="custody-bench-") as tmp:
@@ -418,6 +424,8 @@ def main():
             try:
                 for t in targets:
                     if t == "litellm" and (a.no_litellm or not LITELLM.exists()):
+                        continue
+                    if only_targets and t not in only_targets:
                         continue
                     r = run_point(work, upstream, scenario, t, a.quick)
                     results.append(r)

@@ -558,16 +558,8 @@ impl Worker {
                     taken = taken.wrapping_add(1);
                     // Under sustained load the queue never empties: look for a stop and
                     // reloads now and then.
-                    if taken.is_multiple_of(256) {
-                        while let Ok(c) = control.try_recv() {
-                            self.apply(c);
-                        }
-                        if !matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
-                            while let Ok(ex) = rx.try_recv() {
-                                self.add(ex);
-                            }
-                            break;
-                        }
+                    if taken.is_multiple_of(256) && self.stopping(&rx, &control, &stop) {
+                        break;
                     }
                 }
                 Err(TryRecvError::Disconnected) => break,
@@ -575,13 +567,7 @@ impl Worker {
                 Err(TryRecvError::Empty) if busy && self.batch.waiters.is_empty() => {
                     busy = false;
                     std::thread::sleep(NAP);
-                    while let Ok(c) = control.try_recv() {
-                        self.apply(c);
-                    }
-                    if !matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
-                        while let Ok(ex) = rx.try_recv() {
-                            self.add(ex);
-                        }
+                    if self.stopping(&rx, &control, &stop) {
                         break;
                     }
                 }
@@ -595,9 +581,7 @@ impl Worker {
                     },
                     recv(control) -> c => if let Ok(c) = c { self.apply(c) },
                     recv(stop) -> _ => {
-                        while let Ok(ex) = rx.try_recv() {
-                            self.add(ex);
-                        }
+                        self.drain(&rx);
                         break;
                     },
                     default(tick) => {},
@@ -633,9 +617,7 @@ impl Worker {
             }
         }
         // A stop while the disk was failing left exchanges queued: one last try.
-        while let Ok(ex) = rx.try_recv() {
-            self.add(ex);
-        }
+        self.drain(&rx);
         if let Some(l) = self.stats.take_losses() {
             self.add_event(loss_event(&l));
         }
@@ -652,6 +634,31 @@ impl Worker {
             head: self.store.head(),
             written: self.stats.written.get(),
         })
+    }
+
+    /// Applies waiting reloads; on a stop, takes what is queued and says so. For the
+    /// loop's stretches without a `select`.
+    fn stopping(
+        &mut self,
+        rx: &Receiver<Exchange>,
+        control: &Receiver<Control>,
+        stop: &Receiver<()>,
+    ) -> bool {
+        while let Ok(c) = control.try_recv() {
+            self.apply(c);
+        }
+        if matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
+            return false;
+        }
+        self.drain(rx);
+        true
+    }
+
+    /// Takes everything queued.
+    fn drain(&mut self, rx: &Receiver<Exchange>) {
+        while let Ok(ex) = rx.try_recv() {
+            self.add(ex);
+        }
     }
 
     fn apply(&mut self, control: Control) {

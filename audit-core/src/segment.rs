@@ -421,8 +421,7 @@ pub fn read_block(bytes: &[u8], at: usize) -> Result<(Block, usize), FormatError
 pub fn seal_line(line: &mut [u8]) -> Option<[u8; 32]> {
     let at = hash_position(line)?;
     let digest: [u8; 32] = Sha256::digest(&*line).into();
-    let hex = hex::encode(digest);
-    line[at..at + 64].copy_from_slice(hex.as_bytes());
+    hex::encode_to_slice(digest, &mut line[at..at + 64]).ok()?;
     Some(digest)
 }
 

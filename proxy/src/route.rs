@@ -27,29 +27,42 @@ impl Target {
     pub fn upstream_uri(&self, uri: &Uri, drop_key: bool) -> Result<(Uri, String), http::Error> {
         let path = uri.path();
         let rest = if self.strip_prefix {
-            // Keep the slash that separates: "/anthropic/v1/x" with prefix "/anthropic/" -> "/v1/x".
-            let r = path.get(self.prefix.len()..).unwrap_or("");
-            if r.starts_with('/') {
-                r.to_owned()
-            } else {
-                format!("/{r}")
-            }
+            path.get(self.prefix.len()..).unwrap_or("")
         } else {
-            path.to_owned()
+            path
         };
-        let forwarded = format!("{}{}", self.base_path, rest);
-        let query = match uri.query() {
-            Some(q) if drop_key => crate::keys::query_without_key(q).map(std::borrow::Cow::Owned),
-            q => q.map(std::borrow::Cow::Borrowed),
-        };
-        let pq = match query {
-            Some(q) => format!("{forwarded}?{q}"),
-            None => forwarded.clone(),
+        // Keep the slash that separates: "/anthropic/v1/x" with prefix "/anthropic/" -> "/v1/x".
+        let slash = if rest.starts_with('/') { "" } else { "/" };
+        let mut forwarded = String::with_capacity(self.base_path.len() + slash.len() + rest.len());
+        forwarded.push_str(&self.base_path);
+        forwarded.push_str(slash);
+        forwarded.push_str(rest);
+        let pq = match (uri.path_and_query(), uri.query()) {
+            // Forwarded as it came (the common case): share the client's bytes.
+            (Some(pq), q)
+                if forwarded == path
+                    && pq.as_str().starts_with('/')
+                    && !(drop_key && q.is_some()) =>
+            {
+                pq.clone()
+            }
+            (_, Some(q)) => {
+                let q = if drop_key {
+                    crate::keys::query_without_key(q).map(std::borrow::Cow::Owned)
+                } else {
+                    Some(std::borrow::Cow::Borrowed(q))
+                };
+                match q {
+                    Some(q) => PathAndQuery::try_from(format!("{forwarded}?{q}"))?,
+                    None => PathAndQuery::try_from(forwarded.as_str())?,
+                }
+            }
+            (_, None) => PathAndQuery::try_from(forwarded.as_str())?,
         };
         let uri = Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
-            .path_and_query(PathAndQuery::try_from(pq)?)
+            .path_and_query(pq)
             .build()?;
         Ok((uri, forwarded))
     }
@@ -127,6 +140,22 @@ mod tests {
         assert_eq!(fwd, "/v1/messages");
         let t = r.find("/v1/chat/completions").unwrap();
         assert_eq!(&*t.name, "openai");
+        // Forwarded as it came, query and all; a virtual key's `key` parameter is dropped.
+        let client: Uri = "/v1/chat/completions?a=1&key=ck-x".parse().unwrap();
+        let (u, fwd) = t.upstream_uri(&client, false).unwrap();
+        assert_eq!(
+            u.to_string(),
+            "https://api.openai.com/v1/chat/completions?a=1&key=ck-x"
+        );
+        assert_eq!(fwd, "/v1/chat/completions");
+        let (u, _) = t.upstream_uri(&client, true).unwrap();
+        assert_eq!(
+            u.to_string(),
+            "https://api.openai.com/v1/chat/completions?a=1"
+        );
+        let only_key: Uri = "/v1/models?key=ck-x".parse().unwrap();
+        let (u, _) = t.upstream_uri(&only_key, true).unwrap();
+        assert_eq!(u.to_string(), "https://api.openai.com/v1/models");
         assert!(r.find("/admin").is_none());
         assert!(r.find("/v2/x").is_none());
     }

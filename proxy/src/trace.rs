@@ -20,12 +20,11 @@ pub fn propagate(headers: &mut HeaderMap) -> TraceContext {
         span_id: nonzero(|| fastrand::u64(..)).to_be_bytes(),
         generated: true,
     };
-    let v = format!(
-        "00-{}-{}-01",
-        hex::encode(t.trace_id),
-        hex::encode(t.span_id)
-    );
-    if let Ok(v) = HeaderValue::from_str(&v) {
+    // `00-{trace}-{span}-01`, written in place: no string formatting per request.
+    let mut v = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    let hexed = hex::encode_to_slice(t.trace_id, &mut v[3..35])
+        .and_then(|()| hex::encode_to_slice(t.span_id, &mut v[36..52]));
+    if let (Ok(()), Ok(v)) = (hexed, HeaderValue::from_bytes(&v)) {
         headers.insert(TRACEPARENT, v);
     }
     t

@@ -2,7 +2,10 @@
 """The benchmark: custody with auditing on, side by side with direct and nginx.
 
 Every scenario runs against each target in turn, on a fresh process: the canned upstream
-alone (direct), nginx `proxy_pass` with upstream keepalive, custody with auditing on
+alone (direct), nginx `proxy_pass` with upstream keepalive, a bare proxy on custody's own
+HTTP stack with nothing else (`hyper`: what the stack costs before custody adds anything
+to it; `hyper-affine` gives each client connection its own upstream connection on the
+same task), custody with auditing on
 (redaction, compression, hash chain, signed seals, default fsync policy) and custody in
 `durable` mode; LiteLLM's proxy once, when installed. After each custody run custody is
 stopped (SIGTERM: it drains) and its trail verified: the records in it must equal the
@@ -38,20 +41,20 @@ PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 # name, what the table calls it, load generator arguments, targets
 SCENARIOS = [
     ("chat-1k-c32", "chat 1 KB, saturation, 32 connections", ["--connections", "32"],
-     ["direct", "nginx", "custody", "custody-durable", "litellm"]),
+     ["direct", "nginx", "hyper", "hyper-affine", "custody", "custody-durable", "litellm"]),
     ("chat-1k-c1", "chat 1 KB, saturation, 1 connection", ["--connections", "1"],
-     ["direct", "nginx", "custody", "custody-durable"]),
+     ["direct", "nginx", "hyper", "custody", "custody-durable"]),
     ("chat-1k-c256", "chat 1 KB, saturation, 256 connections", ["--connections", "256"],
-     ["direct", "nginx", "custody", "custody-durable"]),
+     ["direct", "nginx", "hyper", "custody", "custody-durable"]),
     ("chat-32k-c32", "chat 32 KB, saturation, 32 connections",
      ["--connections", "32", "--prompt-bytes", "32768"],
-     ["direct", "nginx", "custody", "custody-durable"]),
+     ["direct", "nginx", "hyper", "custody", "custody-durable"]),
     ("chat-1m-c8", "chat 1 MB, saturation, 8 connections",
      ["--connections", "8", "--prompt-bytes", "1048576"],
-     ["direct", "nginx", "custody", "custody-durable"]),
+     ["direct", "nginx", "hyper", "custody", "custody-durable"]),
     ("chat-1k-h2", "chat 1 KB, HTTP/2, saturation, 4 connections x 8 streams",
      ["--http2", "--connections", "4", "--streams", "8"],
-     ["direct", "nginx", "custody", "custody-durable"]),
+     ["direct", "nginx", "hyper", "custody", "custody-durable"]),
     ("chat-1k-rate1000", "chat 1 KB, 1,000 req/s, 32 connections",
      ["--connections", "32", "--rate", "1000"],
      ["direct", "nginx", "custody", "custody-durable"]),
@@ -311,6 +314,10 @@ def run_point(work, upstream, scenario, target_name, quick):
         target = start_nginx(work, upstream)
     elif target_name == "litellm":
         target = start_litellm(work, upstream)
+    elif target_name in ("hyper", "hyper-affine"):
+        affine = ["--affine"] if target_name == "hyper-affine" else []
+        proc, addr = spawn([LOAD, "proxy", "--upstream", upstream, *affine])
+        target = Target(target_name, addr, proc)
     else:
         target = start_custody(work, upstream, f"{name}-{target_name}", target_name == "custody-durable")
     url = target.url
@@ -373,7 +380,7 @@ def table(results):
         else:
             lines.append("| target | req/s | vs nginx | vs direct | p50 / p99 / p99.9 ms | p99 over direct | CPU µs/req (writer) | RSS MiB | records = requests | queue high water |")
             lines.append("|---|---|---|---|---|---|---|---|---|---|")
-        for t in ("direct", "nginx", "custody", "custody-durable", "litellm"):
+        for t in ("direct", "nginx", "hyper", "hyper-affine", "custody", "custody-durable", "litellm"):
             r = got.get(t)
             if not r:
                 continue
@@ -404,7 +411,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="2 s per point instead of 10 (a smoke run)")
     ap.add_argument("--only", action="append", help="run only these scenarios (repeatable)")
     ap.add_argument("--no-litellm", action="store_true")
-    ap.add_argument("--targets", help="only these targets, comma-separated (direct,nginx,custody,custody-durable,litellm)")
+    ap.add_argument("--targets", help="only these targets, comma-separated (direct,nginx,hyper,hyper-affine,custody,custody-durable,litellm)")
     ap.add_argument("--bin-dir", type=pathlib.Path, default=ROOT / "target" / "release",
                     help="where custody and custody-load are (CI's smoke run uses the debug build)")
     ap.add_argument("--out", type=pathlib.Path, help="also write the raw results here (JSON)")

@@ -1,4 +1,4 @@
-//! `custody-load`: the benchmark's two tools.
+//! `custody-load`: the benchmark's tools.
 //!
 //! - `upstream`: an OpenAI-shaped chat endpoint with canned answers (plain JSON, or SSE
 //!   with a configurable interval between chunks). It reads every request body but
@@ -7,10 +7,12 @@
 //!   (latency measured from each request's intended start, so a stall is not hidden by
 //!   the requests it delays), HTTP/1.1 or HTTP/2 (prior knowledge), with time to first
 //!   byte and the gaps between streamed chunks. Prints one JSON object.
+//! - `proxy`: a bare reverse proxy on custody's HTTP stack, for reference.
 //!
-//! `tests/load/bench.py` drives both against direct, nginx and custody.
+//! `tests/load/bench.py` drives them against direct, nginx and custody.
 #![forbid(unsafe_code)]
 
+mod proxy;
 mod run;
 mod upstream;
 
@@ -29,11 +31,14 @@ enum Command {
     Upstream(upstream::Args),
     /// Send load and print the results as JSON.
     Run(run::Args),
+    /// A bare proxy on custody's HTTP stack, nothing else; prints `proxy on http://ADDR`.
+    Proxy(proxy::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Upstream(a) => upstream::main(a),
         Command::Run(a) => run::main(a),
+        Command::Proxy(a) => proxy::main(a),
     }
 }

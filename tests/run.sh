@@ -33,7 +33,7 @@ CUSTODY_BIN="$PWD/target/debug/custody" "$venv/bin/python" -m pytest -q -p no:ca
 
 echo "== load harness smoke run (debug build: checks the tools and records = requests, not speed)"
 cargo build --locked -p custody-load
-python3 tests/load/bench.py --quick --bin-dir target/debug --no-litellm --targets direct,custody,custody-durable \
+python3 tests/load/bench.py --quick --bin-dir target/debug --no-litellm --targets direct,hyper,custody,custody-durable \
   --only chat-1k-c32 --only sse-c32 > /dev/null
 
 echo "== deploy manifests (kubectl kustomize, kubernetes-validate --strict)"

@@ -81,7 +81,8 @@ async fn handle(req: Request<Incoming>) -> Result<Response<MockBody>, Infallible
     }
     // `slow`: the answer takes two seconds; a streamed one comes 100 ms per event.
     let slow = model == "slow";
-    if slow && !body["stream"].as_bool().unwrap_or(false) {
+    let stream = body["stream"].as_bool().unwrap_or(false);
+    if slow && !stream {
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     }
     if model == "rate-limited" {
@@ -97,7 +98,6 @@ async fn handle(req: Request<Incoming>) -> Result<Response<MockBody>, Infallible
         );
         return Ok(r);
     }
-    let stream = body["stream"].as_bool().unwrap_or(false);
     let pace = slow && stream;
     let input_tokens = (serde_json::to_string(&body).map_or(0, |s| s.len()) / 4) as u64;
     let resp = if path.ends_with("/chat/completions") {

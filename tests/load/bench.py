@@ -112,15 +112,17 @@ def family(pid):
     return out
 
 
+def ticks(stat):
+    """User + system clock ticks from a `/proc/.../stat` file; 0 once it is gone."""
+    try:
+        f = pathlib.Path(stat).read_text().rsplit(")", 1)[1].split()
+        return int(f[11]) + int(f[12])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def cpu_seconds(pids):
-    total = 0
-    for p in pids:
-        try:
-            f = pathlib.Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(f[11]) + int(f[12])
-        except (OSError, IndexError, ValueError):
-            pass
-    return total / TICK
+    return sum(ticks(f"/proc/{p}/stat") for p in pids) / TICK
 
 
 def writer_seconds(pid):
@@ -129,9 +131,8 @@ def writer_seconds(pid):
     for task in pathlib.Path(f"/proc/{pid}/task").glob("*"):
         try:
             if (task / "comm").read_text().strip() == "custody-writer":
-                f = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                total += int(f[11]) + int(f[12])
-        except (OSError, IndexError, ValueError):
+                total += ticks(task / "stat")
+        except OSError:
             pass
     return total / TICK
 

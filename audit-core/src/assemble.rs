@@ -97,7 +97,7 @@ impl Assembler {
     /// The record for `ex`, with `seq` and `chain` left for the writer to fill in.
     pub fn assemble(&self, ex: &Exchange, seq: u64) -> (Record, Learned) {
         let mut counts = Counts::new();
-        let credentials = self.credentials(&ex.request_headers);
+        let credentials = self.credentials(&ex.request_headers, ex.uri.query());
         let key_id = match &ex.identity {
             Some(id) => Some(id.key_id.to_string()),
             None => credentials
@@ -153,20 +153,21 @@ impl Assembler {
         let ms = |t: Option<Instant>| t.map(|t| millis(t.duration_since(ex.started)));
         let rh = &ex.response_headers;
         let request_id = self
-            .header(rh, &X_REQUEST_ID, &mut counts)
-            .or_else(|| self.header(rh, &REQUEST_ID, &mut counts));
+            .header(rh, &X_REQUEST_ID, &credentials, &mut counts)
+            .or_else(|| self.header(rh, &REQUEST_ID, &credentials, &mut counts));
         let qh = &ex.request_headers;
-        let user_agent = self.header(qh, &http::header::USER_AGENT, &mut counts);
+        let user_agent = self.header(qh, &http::header::USER_AGENT, &credentials, &mut counts);
         let session = self
-            .header(qh, &self.headers.session, &mut counts)
+            .header(qh, &self.headers.session, &credentials, &mut counts)
             .map(|id| Session { id });
-        let template_id = self.header(qh, &self.headers.prompt_id, &mut counts);
-        let template_version = self.header(qh, &self.headers.prompt_version, &mut counts);
+        let template_id = self.header(qh, &self.headers.prompt_id, &credentials, &mut counts);
+        let template_version =
+            self.header(qh, &self.headers.prompt_version, &credentials, &mut counts);
         let query = ex.uri.query().map(|q| self.query(q, &mut counts));
-        let end_user = facts
-            .end_user
-            .take()
-            .map(|u| self.redactor.redact_str(&u, &mut counts).into_owned());
+        // Every field custody extracts is redacted like the bodies: a client can put
+        // anything (its own key, an e-mail address) where a model or user is expected.
+        self.redact_facts(&mut facts, &credentials, &mut counts);
+        let end_user = facts.end_user.take();
         let key_user = ex.identity.as_ref().and_then(|i| i.user.as_deref());
         let (user, end_user) = match key_user {
             Some(u) => (Some(u.to_owned()), end_user),
@@ -199,11 +200,7 @@ impl Assembler {
                 seed: facts.seed,
                 frequency_penalty: facts.frequency_penalty,
                 presence_penalty: facts.presence_penalty,
-                stop_sequences: facts
-                    .stop_sequences
-                    .iter()
-                    .map(|s| self.redactor.redact_str(s, &mut counts).into_owned())
-                    .collect(),
+                stop_sequences: facts.stop_sequences,
                 choice_count: facts.choice_count,
                 tool_names: facts.tool_names,
                 output_type: facts.output_type,
@@ -249,15 +246,12 @@ impl Assembler {
             },
             http: Http {
                 method: ex.method.as_str().to_owned(),
-                path: self
-                    .redactor
-                    .redact_str(ex.uri.path(), &mut counts)
-                    .into_owned(),
+                path: self.field(ex.uri.path(), &credentials, &mut counts),
                 query,
                 upstream_path: ex
                     .upstream_path
                     .as_deref()
-                    .map(|p| self.redactor.redact_str(p, &mut counts).into_owned()),
+                    .map(|p| self.field(p, &credentials, &mut counts)),
                 status: ex.status.map(|s| s.as_u16()),
                 request_bytes: ex.request.total,
                 response_bytes: ex.response.total,
@@ -304,20 +298,76 @@ impl Assembler {
         (record, learned)
     }
 
-    /// Every credential the client presented, as tokens (for fingerprinting and scrubbing).
-    fn credentials(&self, headers: &HeaderMap) -> Vec<String> {
-        CREDENTIAL_HEADERS
+    /// Every credential the client presented, as tokens (for fingerprinting and
+    /// scrubbing): the credential headers, then the query's credential parameters
+    /// (Gemini's `?key=`), as sent and percent-decoded.
+    fn credentials(&self, headers: &HeaderMap, query: Option<&str>) -> Vec<String> {
+        let mut out: Vec<String> = CREDENTIAL_HEADERS
             .iter()
             .flat_map(|h| headers.get_all(h))
             .map(|v| String::from_utf8_lossy(credential_token(v.as_bytes())).into_owned())
-            .filter(|t| t.len() >= 8)
-            .collect()
+            .collect();
+        for kv in query.unwrap_or_default().split('&') {
+            if let Some((k, v)) = kv.split_once('=') {
+                if CREDENTIAL_PARAMS.iter().any(|c| c.eq_ignore_ascii_case(k)) {
+                    let decoded = percent_encoding::percent_decode_str(v).decode_utf8_lossy();
+                    if decoded != v {
+                        out.push(decoded.into_owned());
+                    }
+                    out.push(v.to_owned());
+                }
+            }
+        }
+        out.retain(|t| t.len() >= 8);
+        out
     }
 
-    fn header(&self, h: &HeaderMap, name: &HeaderName, counts: &mut Counts) -> Option<String> {
+    fn header(
+        &self,
+        h: &HeaderMap,
+        name: &HeaderName,
+        credentials: &[String],
+        counts: &mut Counts,
+    ) -> Option<String> {
         h.get(name)
             .and_then(|v| v.to_str().ok())
-            .map(|v| self.redactor.redact_str(v, counts).into_owned())
+            .map(|v| self.field(v, credentials, counts))
+    }
+
+    /// Redacts every string fact in place (the facts were read from the bodies before
+    /// redaction).
+    fn redact_facts(&self, f: &mut GenAiFacts, credentials: &[String], counts: &mut Counts) {
+        let single = [
+            &mut f.end_user,
+            &mut f.request_model,
+            &mut f.output_type,
+            &mut f.reasoning_effort,
+            &mut f.conversation_id,
+            &mut f.response_model,
+            &mut f.response_id,
+            &mut f.system_fingerprint,
+        ];
+        let lists = f
+            .tool_names
+            .iter_mut()
+            .chain(f.finish_reasons.iter_mut())
+            .chain(f.stop_sequences.iter_mut());
+        for s in single.into_iter().flatten().chain(lists) {
+            *s = self.field(s, credentials, counts);
+        }
+    }
+
+    /// An extracted field, redacted and with the exchange's own credentials removed.
+    fn field(&self, s: &str, credentials: &[String], counts: &mut Counts) -> String {
+        let mut out = self.redactor.redact_str(s, counts).into_owned();
+        for c in credentials {
+            let n = out.matches(c.as_str()).count() as u64;
+            if n > 0 {
+                out = out.replace(c.as_str(), "[CLIENT_CREDENTIAL]");
+                counts.add("CLIENT_CREDENTIAL", n);
+            }
+        }
+        out
     }
 
     fn query(&self, q: &str, counts: &mut Counts) -> String {
@@ -383,13 +433,31 @@ impl Assembler {
             omit(&mut out, "multipart form upload".into(), &decoded);
             return out;
         }
-        let text = match std::str::from_utf8(&decoded) {
-            Ok(t) => t,
-            Err(_) => {
-                omit(&mut out, "binary or invalid UTF-8".into(), &decoded);
+        // Text with a few bad bytes (a lenient upstream processes it) is kept, the bad
+        // sequences replaced; mostly-binary bytes are not text and stay omitted.
+        let text: Cow<'_, str> = match std::str::from_utf8(&decoded) {
+            Ok(t) => Cow::Borrowed(t),
+            Err(_) if !mostly_text(&decoded) => {
+                omit(&mut out, "binary".into(), &decoded);
                 return out;
             }
+            Err(_) => {
+                out.invalid_utf8 = true;
+                String::from_utf8_lossy(&decoded)
+            }
         };
+        let text = text.as_ref();
+        // A reader must get every record back: JSON nested past what the review commands
+        // parse (serde_json's limit, less the record's own levels) is kept as text.
+        if json_depth_exceeds(text.as_bytes(), MAX_BODY_DEPTH) {
+            out.stored_as_text = Some(format!(
+                "JSON nested deeper than {MAX_BODY_DEPTH} levels; stored as redacted text"
+            ));
+            let mut v = Value::String(self.redactor.redact_str(text, counts).into_owned());
+            scrub_literals(&mut v, credentials, "CLIENT_CREDENTIAL", counts);
+            out.body = serde_json::value::to_raw_value(&v).ok();
+            return out;
+        }
         let is_sse = content_type
             .as_deref()
             .is_some_and(|c| c.starts_with("text/event-stream"));
@@ -449,6 +517,59 @@ impl Assembler {
         out.body = recorded;
         out
     }
+}
+
+/// Deepest JSON nesting a recorded body keeps as JSON. serde_json reads 128 levels; the
+/// record adds two (`request.body`), and headroom stays for readers that wrap records.
+pub const MAX_BODY_DEPTH: usize = 100;
+
+/// Whether text (JSON or not) opens more than `max` brackets at once outside strings.
+/// One pass, no allocation, stops at the first level past `max`.
+fn json_depth_exceeds(b: &[u8], max: usize) -> bool {
+    let (mut depth, mut i) = (0usize, 0);
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                // Skip the string: to its closing quote, over escapes.
+                i += 1;
+                loop {
+                    match b.get(i..).and_then(|r| memchr::memchr2(b'"', b'\\', r)) {
+                        Some(o) if b[i + o] == b'"' => {
+                            i += o;
+                            break;
+                        }
+                        Some(o) => i += o + 2,
+                        None => return false,
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Whether bytes that are not valid UTF-8 are still mostly text: at most one invalid
+/// sequence per 64 bytes (a stray Latin-1 byte, a cut multibyte character), and no NUL.
+fn mostly_text(b: &[u8]) -> bool {
+    if memchr::memchr(0, b).is_some() {
+        return false;
+    }
+    let mut bad = 0usize;
+    for chunk in b.utf8_chunks() {
+        if !chunk.invalid().is_empty() {
+            bad += 1;
+        }
+    }
+    bad <= b.len() / 64 + 1
 }
 
 /// Pretty-printed JSON on one line: a record is one line of the segment. Raw line

@@ -73,6 +73,13 @@ impl Snapshot {
                     .any(|s| k.contains(s))
                 {
                     *v = json!(fp.key_id(v.as_str().unwrap_or("").as_bytes()));
+                } else if let Some(masked) = v
+                    .as_str()
+                    .filter(|u| custody_config::secret::url_password(u).is_some())
+                    .map(|u| custody_config::secret::mask_url(u).into_owned())
+                {
+                    // An endpoint written as `http://user:password@host`.
+                    *v = json!(masked);
                 }
             }
         }

@@ -264,6 +264,14 @@ pub struct Body {
     /// SHA-256 of the bytes as sent, when `body` was omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// The bytes were not valid UTF-8: each invalid sequence was replaced by U+FFFD
+    /// before redaction, and `body` is what remained.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub invalid_utf8: bool,
+    /// Why a JSON body is stored as a (redacted) string rather than as JSON: nested
+    /// deeper than every review command could read back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_as_text: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -4,6 +4,7 @@
 //! - [`schema`]: the configuration types, one doc comment per key (the TOML keys are a contract).
 //! - [`redaction`]: the `[redaction]` section and the built-in entity names.
 //! - [`load`]: parsing a file or string, then [`Config::validate`].
+//! - [`secret`]: keeping operator secrets out of errors, logs and snapshots.
 //! - [`error`]: [`ConfigError`], which always names the file, and the key or line at fault.
 #![forbid(unsafe_code)]
 
@@ -12,6 +13,7 @@ pub mod error;
 pub mod load;
 pub mod redaction;
 pub mod schema;
+pub mod secret;
 
 pub use error::ConfigError;
 pub use redaction::{Alphabet, CustomRule, Mode, Redaction, BUILTIN_ENTITIES};

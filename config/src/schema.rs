@@ -496,13 +496,20 @@ impl UpstreamUrl {
 impl FromStr for UpstreamUrl {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let uri: http::Uri = s.parse().map_err(|e| format!("not a URL ({e})"))?;
+        let uri: http::Uri = s.parse().map_err(|e| format!("is not a URL ({e})"))?;
         match uri.scheme_str() {
             Some("http") | Some("https") => {}
             _ => return Err("must start with http:// or https://".into()),
         }
-        if uri.authority().is_none() {
+        let Some(authority) = uri.authority() else {
             return Err("has no host".into());
+        };
+        // Never used (the provider key travels in its header), and a credential that
+        // would otherwise reach logs and the config snapshot.
+        if authority.as_str().contains('@') {
+            return Err(
+                "must not carry credentials (`user:password@`); use `upstream_key_env`".into(),
+            );
         }
         if uri.query().is_some() {
             return Err("must not carry a query".into());
@@ -526,8 +533,9 @@ impl fmt::Display for UpstreamUrl {
 impl<'de> Deserialize<'de> for UpstreamUrl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
+        // The value is not echoed: a pasted URL may hold a credential.
         s.parse()
-            .map_err(|e| serde::de::Error::custom(format!("upstream `{s}` {e}")))
+            .map_err(|e| serde::de::Error::custom(format!("upstream URL {e}")))
     }
 }
 
@@ -633,6 +641,14 @@ impl Config {
         }
         if a.dir.as_os_str().is_empty() {
             return Err(invalid("audit.dir".into(), "must not be empty"));
+        }
+        if let Some(url) = &self.ship.url {
+            if crate::secret::url_password(url).is_some() {
+                return Err(invalid(
+                    "ship.url".into(),
+                    "must not carry credentials (`user:password@`); use the store's environment",
+                ));
+            }
         }
         Ok(self)
     }
@@ -773,6 +789,58 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn errors_never_echo_a_pasted_secret() {
+        let base = "[[route]]\nname = \"a\"\nprefix = \"/\"\nupstream = \"http://127.0.0.1:9\"\n";
+        // A syntax error on a line holding a token, a token as a wrong-typed value, and
+        // credentials in an upstream URL: each error names the line, never the text.
+        for bad in [
+            "[admin]\ntoken = \"sk-live-SECRET123\" oops\n".to_owned(),
+            "[limits]\nmax_connections = \"sk-live-SECRET123\"\n".to_owned(),
+            "[[route]]\nname = \"b\"\nprefix = \"/b/\"\nupstream = \"https://u:sk-live-SECRET123@api.example.com\"\n"
+                .to_owned(),
+        ] {
+            let err = Config::from_toml_str(&format!("{bad}{base}"), "x")
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains("SECRET123"), "{err}");
+            assert!(err.contains("line 2") || err.contains("line 4"), "{err}");
+        }
+        let err = Config::from_toml_str(
+            &format!("[[route]]\nname = \"b\"\nprefix = \"/b/\"\nupstream = \"https://user@api.example.com\"\n{base}"),
+            "x",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("must not carry credentials"), "{err}");
+        let err = Config::from_toml_str(
+            &format!("[ship]\nurl = \"s3://k:SECRET123@bucket/p\"\n{base}"),
+            "x",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("ship.url") && !err.contains("SECRET123"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_config_path_that_is_not_a_small_regular_file_is_refused() {
+        let err = Config::load(std::path::Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        let dir = std::env::temp_dir().join(format!("custody-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let big = dir.join("big.toml");
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(crate::load::MAX_CONFIG_BYTES + 10).unwrap();
+        let err = Config::load(&big).unwrap_err().to_string();
+        assert!(err.contains("larger than"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -8,13 +8,14 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
+    time::Duration,
 };
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use subtle::ConstantTimeEq;
 use tokio::{
@@ -22,7 +23,11 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::{server::ReloadRequest, service::Shared};
+use crate::{
+    connection::{serve_unless_silent, Cap, Seen},
+    server::ReloadRequest,
+    service::Shared,
+};
 
 /// Reads the configuration anew for a reload (the file `serve` was started with).
 pub type ReloadSource = Arc<dyn Fn() -> Result<custody_config::Config, String> + Send + Sync>;
@@ -30,7 +35,8 @@ pub type ReloadSource = Arc<dyn Fn() -> Result<custody_config::Config, String> +
 pub struct AdminState {
     pub shared: Arc<Shared>,
     pub registry: Registry,
-    pub token: Option<String>,
+    /// Replaced on reload: the token of the configuration in force.
+    pub token: arc_swap::ArcSwapOption<String>,
     pub queue_capacity: usize,
     pub reloads: mpsc::UnboundedSender<ReloadRequest>,
     pub reload_source: Option<ReloadSource>,
@@ -38,21 +44,43 @@ pub struct AdminState {
     pub stopping: AtomicBool,
 }
 
-/// Serves the admin endpoints until the task is aborted.
+/// Admin connections open at once (scrapers, probes, an operator); more are closed.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// How long an admin connection may take to send a request head, or stay idle.
+const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the admin endpoints until the task is aborted. Bounded like the proxy
+/// listener: a connection cap and a deadline for each request head, the first included.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    let cap = Cap::new(ADMIN_MAX_CONNECTIONS, 0);
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(ADMIN_HEAD_TIMEOUT);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors and the like: back off instead of spinning.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Some(slot) = cap.admit() else {
+            state.shared.metrics().connections_refused.inc();
             continue;
         };
         let state = state.clone();
+        let builder = builder.clone();
         tokio::spawn(async move {
+            let _slot = slot;
+            let seen = Seen::default();
+            let marker = seen.clone();
             let svc = hyper::service::service_fn(move |req| {
+                marker.mark();
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, req).await) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            let _ = serve_unless_silent(conn, seen, ADMIN_HEAD_TIMEOUT).await;
         });
     }
 }
@@ -163,7 +191,8 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
 /// `/admin/*` needs `Authorization: Bearer <[admin] token>`; without a configured token
 /// those endpoints are off. The refusal, if any.
 fn unauthorized(state: &AdminState, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
-    let Some(token) = &state.token else {
+    let token = state.token.load();
+    let Some(token) = token.as_deref() else {
         return Some(json(
             StatusCode::FORBIDDEN,
             serde_json::json!({"error": "admin endpoints are off: set [admin] token_env"}),

@@ -52,6 +52,11 @@ pub enum Refusal {
     TooManyConnections,
     /// The client went silent while sending its body.
     ClientTimeout,
+    /// A method no provider API uses (CONNECT, TRACE, made-up ones).
+    MethodNotAllowed,
+    /// The path has dot segments (`..`, `.`, percent-encoded or not) or an encoded
+    /// slash: it could climb out of a route's base path.
+    AmbiguousPath,
 }
 
 impl Refusal {
@@ -69,6 +74,8 @@ impl Refusal {
             Refusal::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
+            Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::AmbiguousPath => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -85,6 +92,8 @@ impl Refusal {
             Refusal::HeadersTooLarge => "headers_too_large",
             Refusal::TooManyConnections => "too_many_connections",
             Refusal::ClientTimeout => "client_timeout",
+            Refusal::MethodNotAllowed => "method_not_allowed",
+            Refusal::AmbiguousPath => "ambiguous_path",
         }
     }
 
@@ -105,6 +114,10 @@ impl Refusal {
             Refusal::HeadersTooLarge => "custody: the request headers are larger than this gateway accepts",
             Refusal::TooManyConnections => "custody: too many connections; retry shortly",
             Refusal::ClientTimeout => "custody: the request body stopped arriving",
+            Refusal::MethodNotAllowed => "custody: this method is not proxied",
+            Refusal::AmbiguousPath => {
+                "custody: the path has dot segments or encoded slashes; send it normalized"
+            }
         }
     }
 
@@ -135,7 +148,10 @@ impl Refusal {
             Refusal::UpstreamUnreachable | Refusal::UpstreamTimeout => "api_error",
             Refusal::AuditQueueFull | Refusal::TooManyConnections => "overloaded_error",
             Refusal::BodyTooLarge => "request_too_large",
-            Refusal::HeadersTooLarge | Refusal::ClientTimeout => "invalid_request_error",
+            Refusal::HeadersTooLarge
+            | Refusal::ClientTimeout
+            | Refusal::MethodNotAllowed
+            | Refusal::AmbiguousPath => "invalid_request_error",
         }
     }
 
@@ -149,8 +165,11 @@ impl Refusal {
             Refusal::UpstreamUnreachable => "UNAVAILABLE",
             Refusal::UpstreamTimeout => "DEADLINE_EXCEEDED",
             Refusal::AuditQueueFull | Refusal::TooManyConnections => "UNAVAILABLE",
-            Refusal::BodyTooLarge | Refusal::HeadersTooLarge => "INVALID_ARGUMENT",
+            Refusal::BodyTooLarge | Refusal::HeadersTooLarge | Refusal::AmbiguousPath => {
+                "INVALID_ARGUMENT"
+            }
             Refusal::ClientTimeout => "DEADLINE_EXCEEDED",
+            Refusal::MethodNotAllowed => "UNIMPLEMENTED",
         }
     }
 
@@ -168,6 +187,12 @@ impl Refusal {
         ];
         if matches!(self, Refusal::AuditQueueFull | Refusal::TooManyConnections) {
             h.push((header::RETRY_AFTER, HeaderValue::from_static("1")));
+        }
+        if self == Refusal::MethodNotAllowed {
+            h.push((
+                header::ALLOW,
+                HeaderValue::from_static(crate::route::ALLOWED_METHODS),
+            ));
         }
         h
     }

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod connection;
 pub mod error;
 pub mod keys;
 pub mod metrics;

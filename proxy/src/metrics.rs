@@ -38,6 +38,8 @@ pub struct ProxyMetrics {
     overhead: Histograms,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
     pub connections: Gauge,
+    /// Connections closed at accept: past the cap and its overflow, on either listener.
+    pub connections_refused: Counter,
     pub audit: Arc<AuditStats>,
 }
 
@@ -62,6 +64,7 @@ impl ProxyMetrics {
             overhead: Family::new_with_constructor(overhead),
             upstream_errors: Family::default(),
             connections: Gauge::default(),
+            connections_refused: Counter::default(),
             audit,
         }
     }
@@ -98,6 +101,11 @@ impl ProxyMetrics {
             "custody_connections",
             "Client connections open",
             self.connections.clone(),
+        );
+        r.register(
+            "custody_connections_refused",
+            "Connections closed as soon as accepted: past the connection cap and its overflow",
+            self.connections_refused.clone(),
         );
         self.audit.register(&mut r);
         r

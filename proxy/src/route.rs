@@ -7,6 +7,64 @@ use http::{uri::PathAndQuery, Uri};
 
 use crate::{keys::Secret, ProxyError};
 
+/// The methods provider APIs use; anything else (CONNECT, TRACE, made-up methods) is
+/// refused before routing.
+pub const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
+pub fn method_allowed(m: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+    ]
+    .contains(m)
+}
+
+/// Whether a path could mean something else once an upstream normalizes it: a `.` or
+/// `..` segment (also as `%2e`), an encoded slash or backslash, or a backslash. Such a
+/// path could climb out of a route's base path (`/a/../../tenant-b/...`), so custody
+/// refuses it rather than guess how the upstream resolves it.
+pub fn ambiguous_path(path: &str) -> bool {
+    let b = path.as_bytes();
+    if b.contains(&b'\\') {
+        return true;
+    }
+    // Measured in place: no allocation for the common path.
+    let encoded_separator = b.windows(3).any(|w| {
+        w[0] == b'%'
+            && matches!(
+                (w[1], w[2].to_ascii_lowercase()),
+                (b'2', b'f') | (b'5', b'c')
+            )
+    });
+    encoded_separator || b.split(|&c| c == b'/').any(is_dot_segment)
+}
+
+/// `.` or `..`, each dot possibly written `%2e`.
+fn is_dot_segment(seg: &[u8]) -> bool {
+    let (mut dots, mut i) = (0, 0);
+    while i < seg.len() {
+        if seg[i] == b'.' {
+            i += 1;
+        } else if seg.len() >= i + 3
+            && seg[i] == b'%'
+            && seg[i + 1] == b'2'
+            && seg[i + 2].eq_ignore_ascii_case(&b'e')
+        {
+            i += 3;
+        } else {
+            return false;
+        }
+        dots += 1;
+    }
+    dots == 1 || dots == 2
+}
+
 /// One route, ready for the hot path.
 #[derive(Debug)]
 pub struct Target {
@@ -157,6 +215,25 @@ mod tests {
         let (u, _) = t.upstream_uri(&only_key, true).unwrap();
         assert_eq!(u.to_string(), "https://api.openai.com/v1/models");
         assert!(r.find("/admin").is_none());
+        for bad in [
+            "/v1/../admin",
+            "/v1/./x",
+            "/v1/%2e%2E/x",
+            "/v1/.%2e",
+            "/v1/a%2Fb",
+            "/v1/a%5cb",
+            "/v1\\x",
+        ] {
+            assert!(ambiguous_path(bad), "{bad}");
+        }
+        for good in [
+            "/v1/chat/completions",
+            "/v1/models/gpt-4.1",
+            "/v1/a%20b",
+            "/v1/..x",
+        ] {
+            assert!(!ambiguous_path(good), "{good}");
+        }
         assert!(r.find("/v2/x").is_none());
     }
 }

@@ -26,6 +26,9 @@ use tokio::{
 
 use crate::{
     admin::{self, AdminState, ReloadSource},
+    connection::{
+        serve_unless_silent, Cap, Seen, Slot, OVERFLOW_CONNECTIONS, OVERFLOW_FIRST_REQUEST,
+    },
     metrics::ProxyMetrics,
     service::{Active, ProxyService, Shared},
     ProxyError,
@@ -126,7 +129,7 @@ pub async fn run_with(
     let admin_state = Arc::new(AdminState {
         shared: shared.clone(),
         registry,
-        token: admin_token(&config)?,
+        token: arc_swap::ArcSwapOption::from(admin_token(&config)?.map(Arc::new)),
         queue_capacity: config.audit.queue_capacity,
         reloads: reload_tx,
         reload_source: opts.reload_source,
@@ -149,14 +152,19 @@ pub async fn run_with(
         }
         None => None,
     };
-    let handshake_timeout = Duration::from_secs(config.limits.client_timeout_secs.max(1));
     let limits = &config.limits;
-    let connection_slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    // A connection must send its first request within the client timeout (a TLS client
+    // must also finish its handshake within it); an over-capacity one sooner.
+    let first_request = Duration::from_secs(limits.client_timeout_secs.max(1));
+    let cap = Cap::new(
+        crate::connection::effective_max(limits.max_connections),
+        OVERFLOW_CONNECTIONS,
+    );
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(limits.client_timeout_secs.max(1)));
+        .header_read_timeout(first_request);
     // Heads up to the limit reach the service, which answers a recorded 431 past it.
     builder
         .http2()
@@ -172,7 +180,7 @@ pub async fn run_with(
         tokio::select! {
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             Some((new, reply)) = reloads.recv() => {
-                let result = reload(&shared, &config_handle, &current, new.clone()).await;
+                let result = reload(&shared, &config_handle, &admin_state, &current, new.clone()).await;
                 match &result {
                     Ok(version) => {
                         tracing::info!(version = %version, "configuration reloaded");
@@ -192,14 +200,23 @@ pub async fn run_with(
                         continue;
                     }
                 };
+                let Some(slot) = cap.admit() else {
+                    // Past the cap and its overflow: closed at once, counted.
+                    metrics.connections_refused.inc();
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                // Beyond the connection limit a connection is still served, with 503s
-                // that say why and are recorded, rather than left hanging in the backlog.
-                let slot = connection_slots.clone().try_acquire_owned().ok();
+                // Just past the cap a connection is still served, with 503s that say
+                // why and are recorded, rather than left hanging in the backlog.
+                let over = matches!(slot, Slot::Over(_));
+                let wait = if over { first_request.min(OVERFLOW_FIRST_REQUEST) } else { first_request };
+                let seen = Seen::default();
                 let svc = ProxyService {
                     shared: shared.clone(),
                     remote,
-                    over_capacity: slot.is_none(),
+                    over_capacity: over,
+                    seen: seen.clone(),
                 };
                 let open = metrics.connections.clone();
                 open.inc();
@@ -213,14 +230,14 @@ pub async fn run_with(
                     let result = match tls {
                         None => {
                             let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                            watcher.watch(conn.into_owned()).await
+                            serve_unless_silent(watcher.watch(conn.into_owned()), seen, wait).await
                         }
                         Some(acceptor) => {
                             let handshake = acceptor.accept(stream);
-                            match tokio::time::timeout(handshake_timeout, handshake).await {
+                            match tokio::time::timeout(wait, handshake).await {
                                 Ok(Ok(stream)) => {
                                     let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                                    watcher.watch(conn.into_owned()).await
+                                    serve_unless_silent(watcher.watch(conn.into_owned()), seen, wait).await
                                 }
                                 Ok(Err(e)) => Err(e.into()),
                                 Err(_) => Err("TLS handshake timed out".into()),
@@ -288,14 +305,20 @@ pub async fn run_with(
 async fn reload(
     shared: &Shared,
     writer: &ConfigHandle,
+    admin: &AdminState,
     current: &Config,
     new: Config,
 ) -> Result<String, String> {
     if new.listen != current.listen {
         return Err("[listen] cannot change on reload; restart custody to apply it".into());
     }
-    // Resolve keys before anything changes, so a missing variable refuses the reload.
+    if new.admin.addr != current.admin.addr {
+        return Err("[admin] addr cannot change on reload; restart custody to apply it".into());
+    }
+    // Resolve keys and the admin token before anything changes, so a missing variable
+    // refuses the reload instead of leaving the old token in force.
     Active::new(&new, "").map_err(|e| e.to_string())?;
+    let token = admin_token(&new).map_err(|e| e.to_string())?;
     let handle = writer.clone();
     let for_writer = new.clone();
     let version = tokio::task::spawn_blocking(move || handle.reload(&for_writer))
@@ -304,6 +327,7 @@ async fn reload(
         .map_err(|e| e.to_string())?;
     let active = Active::new(&new, &version).map_err(|e| e.to_string())?;
     shared.swap(active);
+    admin.token.store(token.map(Arc::new));
     Ok(version)
 }
 

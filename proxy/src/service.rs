@@ -124,6 +124,8 @@ pub struct ProxyService {
     pub remote: SocketAddr,
     /// Accepted beyond `[limits] max_connections`: every request gets a 503.
     pub over_capacity: bool,
+    /// Told when a request arrives (the connection is no longer silent).
+    pub seen: crate::connection::Seen,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ProxyService {
@@ -132,6 +134,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.seen.mark();
         let shared = self.shared.clone();
         let remote = self.remote;
         let over = self.over_capacity;
@@ -164,6 +167,16 @@ async fn proxy(
             drain(body).await;
             return refuse(ex, audit, Refusal::AuditQueueFull, provider, None);
         }
+    }
+    if !crate::route::method_allowed(&parts.method) {
+        let provider = target.map_or(Provider::Generic, |t| t.provider);
+        drain(body).await;
+        return refuse(ex, audit, Refusal::MethodNotAllowed, provider, None);
+    }
+    if crate::route::ambiguous_path(parts.uri.path()) {
+        let provider = target.map_or(Provider::Generic, |t| t.provider);
+        drain(body).await;
+        return refuse(ex, audit, Refusal::AmbiguousPath, provider, None);
     }
     let Some(target) = target else {
         drain(body).await;
@@ -438,7 +451,9 @@ fn respond_refusal(
             | Refusal::AuditQueueFull
             | Refusal::BodyTooLarge
             | Refusal::HeadersTooLarge
-            | Refusal::TooManyConnections => Outcome::Rejected,
+            | Refusal::TooManyConnections
+            | Refusal::MethodNotAllowed
+            | Refusal::AmbiguousPath => Outcome::Rejected,
             Refusal::ClientTimeout => Outcome::ClientCancelled,
             Refusal::UpstreamTimeout => Outcome::UpstreamTimeout,
             Refusal::UpstreamUnreachable => Outcome::UpstreamError,

@@ -96,9 +96,11 @@ pub fn open_store(
     url: &str,
     options: &std::collections::BTreeMap<String, String>,
 ) -> Result<(Arc<dyn ObjectStore>, ObjectPath), ProxyError> {
-    let parsed = url::Url::parse(url).map_err(|e| ship_err(format!("[ship] url `{url}`: {e}")))?;
+    let shown = custody_config::secret::mask_url(url);
+    let parsed =
+        url::Url::parse(url).map_err(|e| ship_err(format!("[ship] url `{shown}`: {e}")))?;
     let (scheme, path) = object_store::ObjectStoreScheme::parse(&parsed)
-        .map_err(|e| ship_err(format!("[ship] url `{url}`: {e}")))?;
+        .map_err(|e| ship_err(format!("[ship] url `{shown}`: {e}")))?;
     // The three cloud builders differ in type but not in shape: the environment first,
     // then the URL, then the options (unknown keys are left to the other clouds).
     macro_rules! configured {
@@ -128,7 +130,7 @@ pub fn open_store(
         }
         other => {
             return Err(ship_err(format!(
-                "[ship] url `{url}`: {other:?} is not supported"
+                "[ship] url `{shown}`: {other:?} is not supported"
             )))
         }
     };

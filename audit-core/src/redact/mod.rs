@@ -12,7 +12,8 @@
 //!
 //! Every detector anchors on ASCII and extends over ASCII, so spans never split a UTF-8
 //! sequence. Overlapping spans keep the one that starts first (the longer on a tie).
-//! JSON is redacted string by string, keys and structure untouched.
+//! JSON is redacted string by string, keys included, structure untouched; an integer
+//! that is an entity (a card number sent as a number) becomes a string.
 
 mod rules;
 mod scan;
@@ -292,7 +293,8 @@ impl Redactor {
         hex::encode(&mac.finalize().into_bytes()[..4])
     }
 
-    /// Redacts every string value (not keys) in a JSON document, in place.
+    /// Redacts every string in a JSON document, object keys included, in place; a
+    /// number that is an entity (a card number sent as a number) becomes a string.
     pub fn redact_json(&self, v: &mut Value, counts: &mut Counts) {
         match v {
             Value::String(s) => {
@@ -300,8 +302,25 @@ impl Redactor {
                     *s = r;
                 }
             }
+            Value::Number(n) if n.is_u64() || n.is_i64() => {
+                let digits = n.to_string();
+                if digits.len() >= MIN_ENTITY_DIGITS {
+                    if let Cow::Owned(r) = self.redact_str(&digits, counts) {
+                        *v = Value::String(r);
+                    }
+                }
+            }
             Value::Array(items) => items.iter_mut().for_each(|i| self.redact_json(i, counts)),
-            Value::Object(map) => map.values_mut().for_each(|i| self.redact_json(i, counts)),
+            Value::Object(map) => {
+                map.values_mut().for_each(|i| self.redact_json(i, counts));
+                if map.keys().any(|k| !self.find(k).is_empty()) {
+                    let old = std::mem::take(map);
+                    for (k, val) in old {
+                        let k = self.redact_str(&k, counts).into_owned();
+                        map.insert(k, val);
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -315,14 +334,20 @@ impl Redactor {
     }
 
     /// [`Self::redact_json_text`] for text already known to be valid JSON (skips the
-    /// validating pass; `None` only if a string literal fails to decode).
+    /// validating pass; `None` only if a string literal fails to decode). Keys are
+    /// redacted like values; an integer that is an entity becomes a JSON string.
     pub fn redact_valid_json_text(&self, text: &str, counts: &mut Counts) -> Option<String> {
         let b = text.as_bytes();
         let mut out = String::new();
         let mut copied = 0;
         let mut i = 0;
         // In valid JSON a quote outside a string opens one; skip each string whole.
-        while let Some(q) = memchr::memchr(b'"', &b[i..]) {
+        loop {
+            let q = memchr::memchr(b'"', &b[i..]);
+            // Numbers live between strings: long digit runs there may be entities.
+            let gap_end = q.map_or(b.len(), |q| i + q);
+            self.redact_numbers(text, i, gap_end, &mut out, &mut copied, counts);
+            let Some(q) = q else { break };
             let start = i + q;
             let mut j = start + 1;
             while j < b.len() && b[j] != b'"' {
@@ -330,10 +355,6 @@ impl Redactor {
             }
             let end = (j + 1).min(b.len());
             i = end;
-            let next = b[end..].iter().find(|c| !c.is_ascii_whitespace());
-            if next == Some(&b':') {
-                continue;
-            }
             let literal = &text[start..end];
             let value: Cow<'_, str> = if literal.contains('\\') {
                 Cow::Owned(serde_json::from_str::<String>(literal).ok()?)
@@ -350,6 +371,43 @@ impl Redactor {
         Some(out)
     }
 
+    /// Replaces integers of `text[from..to]` (outside strings) that are entities by
+    /// their redacted form, as JSON strings.
+    fn redact_numbers(
+        &self,
+        text: &str,
+        from: usize,
+        to: usize,
+        out: &mut String,
+        copied: &mut usize,
+        counts: &mut Counts,
+    ) {
+        let b = text.as_bytes();
+        let mut k = from;
+        while k < to {
+            if !b[k].is_ascii_digit() {
+                k += 1;
+                continue;
+            }
+            let s = k;
+            while k < to && b[k].is_ascii_digit() {
+                k += 1;
+            }
+            let integer = (s == 0 || !matches!(b[s - 1], b'.' | b'e' | b'E' | b'+' | b'-'))
+                && (k >= b.len() || !matches!(b[k], b'.' | b'e' | b'E'));
+            if k - s < MIN_ENTITY_DIGITS || !integer {
+                continue;
+            }
+            if let Cow::Owned(red) = self.redact_str(&text[s..k], counts) {
+                out.push_str(&text[*copied..s]);
+                out.push('"');
+                out.push_str(&red);
+                out.push('"');
+                *copied = k;
+            }
+        }
+    }
+
     /// One line of `custody redact`: JSON text string by string, anything else as text.
     pub fn redact_line<'a>(&self, line: &'a str, counts: &mut Counts) -> Cow<'a, str> {
         match self.redact_json_text(line, counts) {
@@ -358,6 +416,9 @@ impl Redactor {
         }
     }
 }
+
+/// The shortest integer that can be an entity held as a JSON number (a 13-digit card).
+const MIN_ENTITY_DIGITS: usize = 13;
 
 fn build(
     mut patterns: Vec<(String, EntityId, Check)>,

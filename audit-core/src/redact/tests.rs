@@ -81,7 +81,7 @@ fn leaves_lookalikes_alone() {
 }
 
 #[test]
-fn json_strings_only_counted_and_formatting_kept() {
+fn json_strings_keys_and_numbers_counted_and_formatting_kept() {
     let r = Redactor::builtin();
     let mut v: Value = serde_json::from_str(
         r#"{"a@b.com":"write to bob@example.com or bob@example.com","n":4111111111111111}"#,
@@ -89,13 +89,16 @@ fn json_strings_only_counted_and_formatting_kept() {
     .unwrap();
     let mut counts = Counts::new();
     r.redact_json(&mut v, &mut counts);
-    assert_eq!(v["a@b.com"], "write to [EMAIL_ADDRESS] or [EMAIL_ADDRESS]");
-    assert_eq!(v["n"], 4111111111111111u64);
-    assert_eq!(counts.get("EMAIL_ADDRESS"), 2);
+    assert_eq!(
+        v["[EMAIL_ADDRESS]"],
+        "write to [EMAIL_ADDRESS] or [EMAIL_ADDRESS]"
+    );
+    assert_eq!(v["n"], "[CREDIT_CARD]");
+    assert_eq!(counts.get("EMAIL_ADDRESS"), 3);
 
     let text = "{ \"to\" :  \"bob@example.com\", \"n\": 4111111111111111,\n \"pem\": \"-----BEGIN PRIVATE KEY-----\\nMIIE\\n-----END PRIVATE KEY-----\", \"é\": \"caf\\u00e9\" }";
     let out = r.redact_json_text(text, &mut Counts::new()).unwrap();
-    assert_eq!(out, "{ \"to\" :  \"[EMAIL_ADDRESS]\", \"n\": 4111111111111111,\n \"pem\": \"[PRIVATE_KEY]\", \"é\": \"caf\\u00e9\" }");
+    assert_eq!(out, "{ \"to\" :  \"[EMAIL_ADDRESS]\", \"n\": \"[CREDIT_CARD]\",\n \"pem\": \"[PRIVATE_KEY]\", \"é\": \"caf\\u00e9\" }");
     assert!(r
         .redact_json_text("plain text", &mut Counts::new())
         .is_none());
@@ -248,4 +251,25 @@ fn random_inputs_keep_the_invariants() {
             "{json} -> {out}"
         );
     }
+}
+
+#[test]
+fn keys_and_numbers_that_are_entities_are_redacted_in_json_text_and_values() {
+    let r = Redactor::builtin();
+    let text = r#"{"grace.key@example.com": "x", "card": 4111111111111111, "created": 1733212345678, "n": 4111111111111111.5, "id": [5555555555554444]}"#;
+    let mut counts = Counts::new();
+    let out = r.redact_json_text(text, &mut counts).unwrap();
+    assert_eq!(
+        out,
+        r#"{"[EMAIL_ADDRESS]": "x", "card": "[CREDIT_CARD]", "created": 1733212345678, "n": 4111111111111111.5, "id": ["[CREDIT_CARD]"]}"#
+    );
+    assert_eq!(counts.get("CREDIT_CARD"), 2);
+    assert_eq!(counts.get("EMAIL_ADDRESS"), 1);
+    let mut v: Value = serde_json::from_str(text).unwrap();
+    r.redact_json(&mut v, &mut Counts::new());
+    assert_eq!(v["[EMAIL_ADDRESS]"], "x");
+    assert!(v.get("grace.key@example.com").is_none());
+    assert_eq!(v["card"], "[CREDIT_CARD]");
+    assert_eq!(v["created"], 1733212345678u64);
+    assert_eq!(v["id"][0], "[CREDIT_CARD]");
 }

@@ -1,0 +1,346 @@
+//! Hostile and careless input: methods and paths no provider uses, secrets in every
+//! extracted field, bodies reviewers must still be able to read. Each test here failed
+//! on the code before its fix.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use custody_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Sends raw bytes on a fresh connection and reads until the server closes it.
+async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out))
+        .await
+        .expect("custody answered and closed")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn connect_trace_and_made_up_methods_get_405_and_a_record() {
+    let mut up = chat_upstream().await;
+    let custody = Custody::start(vec![openai_route(&up)]).await;
+    for method in ["CONNECT", "TRACE", "BREW"] {
+        let req = format!(
+            "{method} /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+        );
+        let resp = raw(custody.addr, req.as_bytes()).await;
+        assert!(resp.starts_with("HTTP/1.1 405"), "{method}: {resp}");
+        assert!(
+            resp.to_ascii_lowercase()
+                .contains("\r\nallow: get, head, post"),
+            "{resp}"
+        );
+        assert!(resp.contains("method_not_allowed"), "{resp}");
+    }
+    let done = custody.stop().await;
+    assert_eq!(done.records.len(), 3);
+    for (r, m) in done.records.iter().zip(["CONNECT", "TRACE", "BREW"]) {
+        assert_eq!(r["http"]["method"], m);
+        assert_eq!(r["http"]["status"], 405);
+        assert_eq!(r["outcome"], "rejected");
+        assert_eq!(r["error"], "method_not_allowed");
+    }
+    assert!(
+        up.requests.try_recv().is_err(),
+        "nothing reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn dot_segments_cannot_climb_out_of_a_route() {
+    let mut a = chat_upstream().await;
+    let mut b = chat_upstream().await;
+    let tenant_a = route(
+        "tenant-a",
+        "/a/",
+        &format!("{}/tenant-a", a.url()),
+        custody_config::Provider::Openai,
+        true,
+    );
+    let tenant_b = route(
+        "tenant-b",
+        "/b/",
+        &b.url(),
+        custody_config::Provider::Openai,
+        true,
+    );
+    let custody = Custody::start(vec![tenant_a, tenant_b]).await;
+    let paths = [
+        "/a/../../tenant-b/v1/chat/completions",
+        "/a/%2e%2e/%2E%2E/tenant-b/v1/chat/completions",
+        "/a/.%2e/x",
+        "/a/./v1/chat/completions",
+        "/a/..%2f..%2ftenant-b/v1/chat/completions",
+    ];
+    for path in paths {
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{{}}"
+        );
+        let resp = raw(custody.addr, req.as_bytes()).await;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{path}: {resp}");
+        assert!(resp.contains("ambiguous_path"), "{resp}");
+    }
+    // A normal path still goes through.
+    let (parts, _) = send(
+        &client(),
+        post(&custody.url("/a/v1/chat/completions"), &[], "{}"),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(
+        a.next().await.parts.uri.path(),
+        "/tenant-a/v1/chat/completions"
+    );
+    let done = custody.stop().await;
+    assert_eq!(done.records.len(), paths.len() + 1);
+    for r in &done.records[..paths.len()] {
+        assert_eq!(r["outcome"], "rejected");
+        assert_eq!(r["http"]["status"], 400);
+    }
+    assert!(a.requests.try_recv().is_err());
+    assert!(b.requests.try_recv().is_err());
+}
+
+async fn admin_reload(custody: &Custody, token: &str) -> u16 {
+    let req = http::Request::post(custody.admin_url("/admin/reload"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    send(&client(), req).await.0.status.as_u16()
+}
+
+#[tokio::test]
+async fn a_reload_applies_a_new_admin_token_or_is_refused() {
+    let up = chat_upstream().await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.admin.token = Some("old-admin-token".into());
+    })
+    .await;
+    let mut next = custody.config.clone();
+    next.admin.token = Some("new-admin-token".into());
+    *custody.reload_file.lock().unwrap() = Some(next.clone());
+    assert_eq!(admin_reload(&custody, "old-admin-token").await, 200);
+    // The new token is in force, the old one is not.
+    assert_eq!(admin_reload(&custody, "old-admin-token").await, 401);
+    assert_eq!(admin_reload(&custody, "new-admin-token").await, 200);
+    // A token variable that is not set refuses the reload; the token in force stays.
+    next.admin.token = None;
+    next.admin.token_env = Some("CUSTODY_TEST_ADMIN_TOKEN_UNSET".into());
+    let err = custody.reload(next).await.unwrap_err();
+    assert!(err.contains("CUSTODY_TEST_ADMIN_TOKEN_UNSET"), "{err}");
+    assert_eq!(admin_reload(&custody, "new-admin-token").await, 200);
+    custody.stop().await;
+}
+
+/// Opens `n` connections that send nothing.
+async fn silent(addr: std::net::SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    out
+}
+
+/// Waits until the server closes `s` (EOF or reset); fails after 30 s.
+async fn closed_by_server(s: &mut tokio::net::TcpStream) {
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf))
+        .await
+        .expect("the server closed the connection");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
+
+#[tokio::test]
+async fn silent_connections_are_closed_and_the_cap_refuses_beyond_its_overflow() {
+    let up = chat_upstream().await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.limits.max_connections = 2;
+        c.limits.client_timeout_secs = 1;
+    })
+    .await;
+    // Two within the cap and the overflow's 64: all held open until the first-request
+    // deadline; one more is closed at once and counted.
+    let mut held = silent(
+        custody.addr,
+        2 + custody_proxy::connection::OVERFLOW_CONNECTIONS,
+    )
+    .await;
+    custody
+        .until_metric("custody_connections", |v| v == held.len() as f64)
+        .await;
+    let mut beyond = silent(custody.addr, 1).await;
+    closed_by_server(&mut beyond[0]).await;
+    custody
+        .until_metric("custody_connections_refused_total", |v| v == 1.0)
+        .await;
+    // Connections that never send a byte are closed by the deadline.
+    for s in &mut held {
+        closed_by_server(s).await;
+    }
+    custody
+        .until_metric("custody_connections", |v| v == 0.0)
+        .await;
+    // And real clients are served again.
+    let (parts, _) = send(
+        &client(),
+        post(&custody.url("/v1/chat/completions"), &[], "{}"),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    custody.stop().await;
+}
+
+#[tokio::test]
+async fn the_admin_listener_has_a_connection_cap() {
+    let up = chat_upstream().await;
+    let custody = Custody::start(vec![openai_route(&up)]).await;
+    let _held = silent(custody.admin_addr, 64).await;
+    let mut beyond = silent(custody.admin_addr, 1).await;
+    closed_by_server(&mut beyond[0]).await;
+    custody.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_is_recorded_replaced_redacted_and_flagged() {
+    let (tx, handler) = one_stream(&[("content-type", "text/event-stream")]);
+    let up = MockUpstream::start(handler).await;
+    let custody = Custody::start(vec![openai_route(&up)]).await;
+    let mut body =
+        br#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"caf"#.to_vec();
+    body.push(0xe9); // Latin-1 é: not UTF-8
+    body.extend_from_slice(br#" mail bob@example.com"}]}"#);
+    let chunks: Vec<Vec<u8>> = vec![
+        b"data: {\"id\":\"c1\",\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ol\"}}]}\n\n".to_vec(),
+        [&b"data: {\"id\":\"c1\",\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\xe9 ok\"}}]}\n\n"[..]].concat(),
+        b"data: {\"id\":\"c1\",\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n".to_vec(),
+    ];
+    for c in chunks {
+        tx.send(Ok(c.into())).await.unwrap();
+    }
+    drop(tx);
+    let (parts, _) = send(
+        &client(),
+        post(&custody.url("/v1/chat/completions"), &[], body),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    let done = custody.stop().await;
+    let r = done.one();
+    assert_eq!(r["request"]["invalid_utf8"], true);
+    assert_eq!(
+        r["request"]["body"]["messages"][0]["content"],
+        "caf\u{fffd} mail [EMAIL_ADDRESS]"
+    );
+    assert_eq!(r["response"]["invalid_utf8"], true);
+    assert_eq!(
+        r["response"]["body"]["choices"][0]["message"]["content"],
+        "ol\u{fffd} ok"
+    );
+    assert_eq!(r["gen_ai"]["request"]["model"], "gpt-4o");
+}
+
+/// `{"a":{"a":...{"a":"bob@example.com"}...}}`, `depth` objects deep.
+fn nested(depth: usize) -> String {
+    format!(
+        "{}\"bob@example.com\"{}",
+        "{\"a\":".repeat(depth),
+        "}".repeat(depth)
+    )
+}
+
+#[tokio::test]
+async fn deep_bodies_are_recorded_in_a_form_every_reader_parses() {
+    let up = MockUpstream::start(|_, body| {
+        respond(200, &[("content-type", "application/json")], body.clone())
+    })
+    .await;
+    let custody = Custody::start(vec![openai_route(&up)]).await;
+    for depth in [99, 127, 130, 5000] {
+        let (parts, got) = send(
+            &client(),
+            post(&custody.url("/v1/chat/completions"), &[], nested(depth)),
+        )
+        .await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(got, nested(depth), "forwarded untouched");
+    }
+    let done = custody.stop().await;
+    // `trail` parsed every line with serde_json's default limit: each record reads back.
+    assert_eq!(done.records.len(), 4);
+    let shallow = &done.records[0];
+    assert!(shallow["request"]["body"].is_object());
+    for r in &done.records[1..] {
+        let text = r["request"]["body"].as_str().unwrap();
+        assert!(text.contains("[EMAIL_ADDRESS]") && !text.contains("bob@"));
+        assert!(r["request"]["stored_as_text"]
+            .as_str()
+            .unwrap()
+            .contains("deeper than"));
+        assert!(r["response"]["body"].is_string());
+    }
+}
+
+#[tokio::test]
+async fn extracted_fields_get_the_same_redaction_as_bodies() {
+    let mut up = MockUpstream::start(|parts, _| {
+        // An upstream echoing the query key (a gateway's own format, which no detector
+        // knows), and an e-mail address as the served model.
+        let body = match parts.uri.query() {
+            Some(_) => r#"{"error":{"message":"API key gw-QueryKey-0123456789abcdef not valid"}}"#,
+            None => r#"{"id":"x","model":"carol@example.com","choices":[]}"#,
+        };
+        respond(400, &[("content-type", "application/json")], body)
+    })
+    .await;
+    let custody = Custody::start(vec![openai_route(&up)]).await;
+    let token = "tok-ClientToken0123456789abcdef";
+    let body = format!(
+        r#"{{"model":"{token}","user":"{token}","tools":[{{"type":"function","function":{{"name":"mail_dave@example.com"}}}}],"messages":[{{"role":"user","content":"hi"}}]}}"#
+    );
+    send(
+        &client(),
+        post(
+            &custody.url("/v1/chat/completions"),
+            &[("authorization", &format!("Bearer {token}"))],
+            body,
+        ),
+    )
+    .await;
+    // A credential in the query (Gemini's `key=`) is the exchange's credential too.
+    send(
+        &client(),
+        post(
+            &custody.url("/v1/chat/completions?key=gw-QueryKey-0123456789abcdef"),
+            &[],
+            r#"{"model":"gpt-4o"}"#,
+        ),
+    )
+    .await;
+    up.next().await;
+    let done = custody.stop().await;
+    let bytes = all_audit_bytes(&done.audit_dir());
+    for secret in [
+        token,
+        "dave@example.com",
+        "carol@example.com",
+        "QueryKey-0123456789",
+    ] {
+        assert!(!contains(&bytes, secret), "{secret} reached the audit dir");
+    }
+    let r = &done.records[0];
+    assert_eq!(r["gen_ai"]["request"]["model"], "[CLIENT_CREDENTIAL]");
+    assert_eq!(r["client"]["user"], "[CLIENT_CREDENTIAL]");
+    assert_eq!(r["gen_ai"]["request"]["tool_names"][0], "[EMAIL_ADDRESS]");
+    assert_eq!(r["gen_ai"]["response"]["model"], "[EMAIL_ADDRESS]");
+    let q = &done.records[1];
+    assert!(q["client"]["key_id"].as_str().unwrap().starts_with("key_"));
+    assert_eq!(
+        q["response"]["body"]["error"]["message"],
+        "API key [CLIENT_CREDENTIAL] not valid"
+    );
+}

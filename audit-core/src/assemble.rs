@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     decode::decode_body,
-    exchange::{Capture, Exchange},
+    exchange::{Capture, Exchange, Outcome},
     fingerprint::{credential_token, Fingerprinter, CREDENTIAL_HEADERS},
     genai::{self, GenAiFacts, Operation},
     lineage::{self, Lineage, LineageHasher},
@@ -112,7 +112,7 @@ impl Assembler {
         let mut prompt = Vec::new();
         let mut completion = None;
 
-        let req_body = self.body(
+        let (req_body, _) = self.body(
             &ex.request_headers,
             &ex.request,
             &credentials,
@@ -125,7 +125,7 @@ impl Assembler {
                 }
             },
         );
-        let resp_body = self.body(
+        let (resp_body, stream_error) = self.body(
             &ex.response_headers,
             &ex.response,
             &credentials,
@@ -168,6 +168,22 @@ impl Assembler {
         // anything (its own key, an e-mail address) where a model or user is expected.
         self.redact_facts(&mut facts, &credentials, &mut counts);
         let end_user = facts.end_user.take();
+        // A stream that began with a 200 and then carried the provider's error failed,
+        // whatever the transport says.
+        let (outcome, error) = match &stream_error {
+            Some(e) if matches!(ex.outcome, Outcome::Ok | Outcome::ClientCancelled) => {
+                let message = e
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .map_or_else(|| e.to_string(), str::to_owned);
+                let message = self.field(&message, &credentials, &mut counts);
+                (
+                    Outcome::UpstreamError.as_str().to_owned(),
+                    Some(format!("upstream error in the stream: {message}")),
+                )
+            }
+            _ => (ex.outcome.as_str().to_owned(), ex.error.clone()),
+        };
         let key_user = ex.identity.as_ref().and_then(|i| i.user.as_deref());
         let (user, end_user) = match key_user {
             Some(u) => (Some(u.to_owned()), end_user),
@@ -283,8 +299,8 @@ impl Assembler {
             config: ex.config_version.as_ref().map(|v| ConfigRef {
                 version: v.to_string(),
             }),
-            outcome: ex.outcome.as_str().to_owned(),
-            error: ex.error.clone(),
+            outcome,
+            error,
             gen_ai,
             request: req_body,
             response: resp_body,
@@ -384,7 +400,8 @@ impl Assembler {
         parts.join("&")
     }
 
-    /// Decodes, parses and redacts one body. `inspect` sees the body before redaction, for
+    /// Decodes, parses and redacts one body; with it, the provider's error if the body is
+    /// a stream that carried one. `inspect` sees the body before redaction, for
     /// fact extraction (JSON text as sent, or a reassembled stream), and says whether it
     /// read the text as JSON, which spares the redactor a validating pass.
     fn body(
@@ -395,7 +412,7 @@ impl Assembler {
         counts: &mut Counts,
         side: Side,
         inspect: impl FnOnce(&Value),
-    ) -> Body {
+    ) -> (Body, Option<Value>) {
         let content_type = headers
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -406,7 +423,7 @@ impl Assembler {
             ..Body::default()
         };
         if cap.total == 0 {
-            return out;
+            return (out, None);
         }
         let raw = cap.contiguous();
         let omit = |out: &mut Body, why: String, bytes: &[u8]| {
@@ -418,7 +435,7 @@ impl Assembler {
             // A truncated compressed body cannot be decoded; say so, keep the hash.
             Err(e) => {
                 omit(&mut out, e.to_string(), &cap.contiguous());
-                return out;
+                return (out, None);
             }
         };
         // Uploads (audio, images, files): the form's model is a fact; the parts, files
@@ -431,7 +448,7 @@ impl Assembler {
                 inspect(&serde_json::json!({ "model": model }));
             }
             omit(&mut out, "multipart form upload".into(), &decoded);
-            return out;
+            return (out, None);
         }
         // Text with a few bad bytes (a lenient upstream processes it) is kept, the bad
         // sequences replaced; mostly-binary bytes are not text and stay omitted.
@@ -439,7 +456,7 @@ impl Assembler {
             Ok(t) => Cow::Borrowed(t),
             Err(_) if !mostly_text(&decoded) => {
                 omit(&mut out, "binary".into(), &decoded);
-                return out;
+                return (out, None);
             }
             Err(_) => {
                 out.invalid_utf8 = true;
@@ -456,7 +473,7 @@ impl Assembler {
             let mut v = Value::String(self.redactor.redact_str(text, counts).into_owned());
             scrub_literals(&mut v, credentials, "CLIENT_CREDENTIAL", counts);
             out.body = serde_json::value::to_raw_value(&v).ok();
-            return out;
+            return (out, None);
         }
         let is_sse = content_type
             .as_deref()
@@ -465,9 +482,13 @@ impl Assembler {
         let json_array_stream = matches!(side, Side::Response(Some(Operation::GenerateContent)))
             && !is_sse
             && text.trim_start().starts_with('[');
+        let mut stream_error = None;
         let recorded: Option<Box<RawValue>> = match side {
             Side::Response(op) if is_sse || json_array_stream => {
                 out.streamed = true;
+                if is_sse {
+                    stream_error = genai::stream_error(text);
+                }
                 let reassembled = if is_sse {
                     op.and_then(|op| genai::reassemble(op, text))
                 } else {
@@ -515,7 +536,7 @@ impl Assembler {
             }
         };
         out.body = recorded;
-        out
+        (out, stream_error)
     }
 }
 

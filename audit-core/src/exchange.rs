@@ -88,6 +88,21 @@ impl Capture {
         }
     }
 
+    /// The last `n` captured bytes (or all, if fewer), copied.
+    pub fn tail(&self, n: usize) -> Vec<u8> {
+        let mut need = n.min(self.captured);
+        let mut parts = Vec::new();
+        for c in self.chunks.iter().rev() {
+            if need == 0 {
+                break;
+            }
+            let take = need.min(c.len());
+            parts.push(&c[c.len() - take..]);
+            need -= take;
+        }
+        parts.iter().rev().flat_map(|p| p.iter().copied()).collect()
+    }
+
     /// The captured bytes, copied into one buffer.
     pub fn to_vec(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.captured);

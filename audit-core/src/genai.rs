@@ -325,6 +325,33 @@ pub fn reassemble(op: Operation, body: &str) -> Option<Value> {
     }
 }
 
+/// The provider's error reported inside a stream that began with a 200: OpenAI's
+/// `data: {"error": ...}`, Anthropic's and the Responses API's `event: error`, a
+/// Responses `response.failed`. SDKs raise on these; the record must not say `ok`.
+pub fn stream_error(body: &str) -> Option<Value> {
+    if !body.contains("error") && !body.contains("response.failed") {
+        return None;
+    }
+    sse::parse(body).into_iter().find_map(|e| {
+        let named = e.event.as_deref();
+        if !matches!(named, Some("error") | Some("response.failed"))
+            && !e.data.trim_start().starts_with("{\"error\"")
+        {
+            return None;
+        }
+        let v: Value = serde_json::from_str(&e.data).ok()?;
+        let err = match named {
+            Some("response.failed") => v.get("response")?.get("error")?.clone(),
+            _ => v
+                .get("error")
+                .filter(|e| e.is_object())
+                .cloned()
+                .unwrap_or(v),
+        };
+        (!err.is_null()).then_some(err)
+    })
+}
+
 /// Gemini's stream without `alt=sse`: one JSON array of response chunks, sent piece by
 /// piece. Reads the chunks that arrived whole (a cut stream keeps them) and merges them.
 pub fn reassemble_json_array(body: &str) -> Option<Value> {

@@ -29,6 +29,7 @@ pub mod segment;
 pub mod signing;
 pub mod sse;
 pub mod store;
+pub mod unwritten;
 pub mod verify;
 pub mod writer;
 

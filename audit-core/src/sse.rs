@@ -64,8 +64,49 @@ pub fn parse(body: &str) -> Vec<SseEvent> {
     events
 }
 
+/// Whether the last event of a captured stream's tail is its protocol-level end:
+/// OpenAI's `data: [DONE]`, Anthropic's `message_stop`, a Responses API
+/// `response.completed` (or `failed`/`incomplete`). A client that read it has the whole
+/// answer, even if it closed before the upstream's own end of body.
+pub fn ends_with_terminal_event(tail: &[u8]) -> bool {
+    let end = tail
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(0, |i| i + 1);
+    let body = &tail[..end];
+    let start = [&b"\n\n"[..], b"\r\n\r\n", b"\r\r"]
+        .iter()
+        .filter_map(|sep| memchr::memmem::rfind(body, sep).map(|i| i + sep.len()))
+        .max()
+        .unwrap_or(0);
+    let last = &body[start..];
+    let head = &last[..last.len().min(256)];
+    let has = |needle: &[u8]| memchr::memmem::find(head, needle).is_some();
+    last == b"data: [DONE]"
+        || last == b"data:[DONE]"
+        || has(b"message_stop")
+        || has(b"response.completed")
+        || has(b"response.failed")
+        || has(b"response.incomplete")
+}
+
 #[cfg(test)]
-mod tests {
+mod terminal_tests {
+    #[test]
+    fn terminal_events_are_recognized_and_others_not() {
+        for end in [
+            "data: {\"x\":1}\n\ndata: [DONE]\n\n",
+            "event: message_delta\ndata: {}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{}}\n\n",
+        ] {
+            assert!(super::ends_with_terminal_event(end.as_bytes()), "{end}");
+        }
+        assert!(!super::ends_with_terminal_event(b"data: {\"x\":1}\n\n"));
+        assert!(!super::ends_with_terminal_event(
+            b"data: [DONE]\n\ndata: {\"late\":1}\n\n"
+        ));
+    }
+
     use super::*;
 
     #[test]

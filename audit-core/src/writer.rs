@@ -154,6 +154,9 @@ fn queued_bytes(ex: &Exchange) -> i64 {
 pub struct WriterSummary {
     pub head: ChainHead,
     pub written: u64,
+    /// Records (and events) held at the stop that the disk would not take; the next
+    /// start writes a `gap` event for them (see [`crate::unwritten`]).
+    pub unwritten: u64,
 }
 
 /// Settings the writer needs (from `[audit]`).
@@ -166,11 +169,15 @@ pub struct WriterConfig {
     pub fsync_interval: Duration,
     pub checkpoint_interval: Duration,
     pub retention_days: Option<u32>,
+    /// How long a stop keeps retrying records the disk refuses before it gives up and
+    /// leaves a note for the next start.
+    pub shutdown_hold: Duration,
 }
 
 impl From<&custody_config::Audit> for WriterConfig {
     fn from(a: &custody_config::Audit) -> Self {
         Self {
+            shutdown_hold: Duration::from_secs(5),
             segment_max_bytes: a.segment_max_bytes,
             segment_max_age: Duration::from_secs(a.segment_max_age_secs),
             queue_capacity: a.queue_capacity,
@@ -294,6 +301,7 @@ impl AuditWriter {
             signer,
         };
         let (store, recovery) = SegmentStore::open(&audit.dir, options)?;
+        let unwritten = crate::unwritten::Reserve::open(&audit.dir);
         let key_path = audit
             .fingerprint_key_file
             .clone()
@@ -310,8 +318,12 @@ impl AuditWriter {
             fingerprinter,
             current: Arc::new(Mutex::new((snapshot, config.clone()))),
         };
+        let wc = WriterConfig {
+            shutdown_hold: Duration::from_secs(config.listen.shutdown_grace_secs.min(30)),
+            ..wc
+        };
         Self::start_with(
-            (store, recovery),
+            (store, recovery, unwritten),
             assembler,
             wc,
             config.lineage.conversation_index_size,
@@ -322,7 +334,7 @@ impl AuditWriter {
     }
 
     fn start_with(
-        (store, recovery): (SegmentStore, Recovery),
+        (store, recovery, (reserve, note)): (SegmentStore, Recovery, Unwritten),
         assembler: Assembler,
         wc: WriterConfig,
         conversation_index_size: usize,
@@ -348,9 +360,16 @@ impl AuditWriter {
             retention: wc.retention_days,
             last_retention: Instant::now(),
             retry_at: None,
+            reserve,
+            shutdown_hold: wc.shutdown_hold,
         };
         if let Some(event) = recovery_event(&recovery) {
             worker.add_event(event);
+        }
+        if let Some(mut note) = note {
+            note["type"] = "gap".into();
+            note["reason"] = "unwritten_at_shutdown".into();
+            worker.add_event(note);
         }
         worker.add_event(start_event);
         worker.stats.measure_disk(worker.store.dir());
@@ -408,6 +427,9 @@ impl Drop for AuditWriter {
     }
 }
 
+/// The note reservation, and what a previous stop left in it.
+type Unwritten = (crate::unwritten::Reserve, Option<serde_json::Value>);
+
 /// Records sealed but not yet written.
 struct Batch {
     buf: Vec<u8>,
@@ -421,6 +443,8 @@ struct Batch {
     facts: Facts,
     /// Responses held until these records are fsynced (`durability = "durable"`).
     waiters: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// Exchanges told lost by the loss events in `buf`: (unaudited, refused).
+    losses: (u64, u64),
 }
 
 impl Batch {
@@ -434,6 +458,7 @@ impl Batch {
             head,
             facts: Facts::default(),
             waiters: Vec::new(),
+            losses: (0, 0),
         }
     }
 }
@@ -452,6 +477,9 @@ struct Worker {
     retention: Option<u32>,
     last_retention: Instant,
     retry_at: Option<Instant>,
+    /// Where a stop that cannot write tells the next start.
+    reserve: crate::unwritten::Reserve,
+    shutdown_hold: Duration,
 }
 
 /// How often retention looks for expired segments.
@@ -589,9 +617,7 @@ impl Worker {
             }
             // Room was made: wake admissions waiting under backpressure.
             self.stats.room.notify_waiters();
-            if let Some(l) = self.stats.take_losses() {
-                self.add_event(loss_event(&l));
-            }
+            self.add_losses();
             let idle = rx.is_empty();
             if self.batch.count > 0
                 && (self.batch.buf.len() >= BLOCK_TARGET
@@ -618,21 +644,25 @@ impl Worker {
         }
         // A stop while the disk was failing left exchanges queued: one last try.
         self.drain(&rx);
-        if let Some(l) = self.stats.take_losses() {
-            self.add_event(loss_event(&l));
-        }
+        self.add_losses();
         self.retry_at = None;
         self.flush();
-        if self.batch.count > 0 {
-            tracing::error!(
-                records = self.batch.count,
-                "audit writer stopping with records it could not write"
-            );
+        // The disk may come back within the hold (space freed, a volume remounted).
+        let hold_until = Instant::now() + self.shutdown_hold;
+        while self.batch.count > 0 && Instant::now() < hold_until {
+            std::thread::sleep(Duration::from_millis(100));
+            self.retry_at = None;
+            self.flush();
+        }
+        let unwritten = u64::from(self.batch.count);
+        if unwritten > 0 {
+            self.leave_note();
         }
         self.store.close()?;
         Ok(WriterSummary {
             head: self.store.head(),
             written: self.stats.written.get(),
+            unwritten,
         })
     }
 
@@ -652,6 +682,46 @@ impl Worker {
         }
         self.drain(rx);
         true
+    }
+
+    /// Turns losses counted since the last call into a `gap` event.
+    fn add_losses(&mut self) {
+        if let Some(l) = self.stats.take_losses() {
+            self.batch.losses.0 += l.unaudited;
+            self.batch.losses.1 += l.refused;
+            self.add_event(loss_event(&l));
+        }
+    }
+
+    /// Writes what the stop could not into the reserved note, for the next start.
+    fn leave_note(&mut self) {
+        let b = &self.batch;
+        let time = |ms: i64| {
+            u64::try_from(ms).ok().map(|m| {
+                humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(m)).to_string()
+            })
+        };
+        let note = serde_json::json!({
+            "records": b.count,
+            "first_seq": b.first_seq,
+            "from": time(b.first_ms),
+            "to": time(b.last_ms),
+            "unaudited": b.losses.0,
+            "refused": b.losses.1,
+            "written_at": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        });
+        match self.reserve.record(&note) {
+            Ok(()) => tracing::error!(
+                records = b.count,
+                "audit writer stopping with records the disk would not take; the next start writes a gap event for them"
+            ),
+            Err(e) => tracing::error!(
+                records = b.count,
+                refused = b.losses.1,
+                error = %e,
+                "audit writer stopping with records it could not write, and no note of them could be left: the chain will not tell this loss"
+            ),
+        }
     }
 
     /// Takes everything queued.

@@ -38,7 +38,8 @@ use crate::{
 #[derive(Debug)]
 pub struct RunSummary {
     pub writer: WriterSummary,
-    /// Exchanges lost because the queue was full or the writer had stopped.
+    /// Exchanges lost because the queue was full or the writer had stopped, and records
+    /// the disk would not take at the stop (a `gap` event at the next start tells them).
     pub dropped: u64,
 }
 
@@ -295,7 +296,7 @@ pub async fn run_with(
             }
         }
     }
-    let dropped = stats.dropped_full.get() + stats.dropped_closed.get();
+    let dropped = stats.dropped_full.get() + stats.dropped_closed.get() + writer.unwritten;
     tracing::info!(records = writer.written, dropped, "audit trail closed");
     Ok(RunSummary { writer, dropped })
 }

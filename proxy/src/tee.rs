@@ -211,11 +211,29 @@ fn finish(
                     };
                     ex.error = error.map(|e| format!("upstream body: {e}"));
                 }
+                // A client may close as soon as it read the stream's last event
+                // (openai-python does, on `[DONE]`): it has the whole answer.
+                End::Dropped if delivered_whole_stream(ex) => ex.outcome = Outcome::Ok,
                 End::Dropped => ex.outcome = Outcome::ClientCancelled,
             }
         }
     });
     Some(state)
+}
+
+/// How much of a stream's end is read to find its last event (a Responses API
+/// `response.completed` carries the whole response).
+const TERMINAL_TAIL: usize = 64 * 1024;
+
+/// Whether a response cut by its client is an event stream whose protocol-level end
+/// was forwarded. Runs once, when a stream is dropped, never per frame.
+fn delivered_whole_stream(ex: &Exchange) -> bool {
+    let sse = ex
+        .response_headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    sse && !ex.response.truncated
+        && custody_audit::sse::ends_with_terminal_event(&ex.response.tail(TERMINAL_TAIL))
 }
 
 /// A tee's error: its body's, or (durable mode) a record that could not be fsynced, so

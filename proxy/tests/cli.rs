@@ -907,3 +907,115 @@ fn durable_mode_kill_9_keeps_every_exchange_a_client_saw_complete() {
     );
     assert!(custody(&["log", "verify", "--dir", d]).status.success());
 }
+
+#[test]
+fn records_a_full_disk_refused_at_sigterm_become_a_gap_event_at_the_next_start() {
+    let (mut mock, mock_addr) = spawn_listening(&["mock-provider"]);
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit");
+    let copy = dir.path().join("copy");
+    std::fs::create_dir_all(&audit).unwrap();
+    std::fs::create_dir_all(&copy).unwrap();
+    let config = dir.path().join("custody.toml");
+    let write_config = |dir: &Path| {
+        std::fs::write(
+            &config,
+            format!(
+                "[listen]\naddr = \"127.0.0.1:0\"\nshutdown_grace_secs = 1\n[admin]\naddr = \"127.0.0.1:0\"\n[audit]\ndir = \"{}\"\nfsync = \"always\"\nqueue_capacity = 8\non_full = \"reject\"\n[[route]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"http://{mock_addr}\"\nprovider = \"openai\"\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+    };
+    write_config(&audit);
+    let pidfile = dir.path().join("custody.pid");
+    // Custody in its own mount namespace on a 1 MiB tmpfs; the shell copies the trail
+    // out when it exits.
+    let script = format!(
+        "mount -t tmpfs -o size=1m tmpfs '{a}' || exit 97; '{BIN}' serve --config '{c}' & echo $! > '{p}'; wait $!; code=$?; cp -a '{a}/.' '{o}/'; exit $code",
+        a = audit.display(),
+        c = config.display(),
+        p = pidfile.display(),
+        o = copy.display(),
+    );
+    let mut shell = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
+    let mut out = BufReader::new(shell.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.contains("listening"), "{line:?} {}", log());
+    let addr = line.trim().rsplit("http://").next().unwrap().to_owned();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let admin = line.trim().rsplit("http://").next().unwrap().to_owned();
+    until("the pid file", || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|p| p.ends_with('\n'))
+    });
+    let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_owned();
+    until("ready", || {
+        http_get(&admin, "/readyz").starts_with("HTTP/1.1 200")
+    });
+    let filler = format!("/proc/{pid}/root{}/filler", audit.display());
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 16 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+    }
+    let chat = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"while the disk is full"}]}"#;
+    let mut admitted = 0;
+    for _ in 0..3 {
+        let r = http_post(&addr, "/v1/chat/completions", "", chat);
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}\n{}", log());
+        admitted += 1;
+    }
+    until("the writer fails", || {
+        http_get(&admin, "/readyz").contains("audit_writer_failing")
+    });
+    // SIGTERM with the disk still full: the records cannot be written.
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let _ = shell.wait().unwrap();
+    let note = std::fs::read_to_string(copy.join("unwritten.json")).unwrap();
+    let note: serde_json::Value =
+        serde_json::from_str(note.trim()).unwrap_or_else(|e| panic!("{e}: {note:?}\n{}", log()));
+    assert!(note["records"].as_u64().unwrap() >= admitted, "{note}");
+    assert!(
+        log().contains("the next start writes a gap event"),
+        "{}",
+        log()
+    );
+
+    // The next start, with space, tells the loss in the chain.
+    std::fs::remove_file(copy.join("filler")).unwrap();
+    write_config(&copy);
+    let (mut serve, _) = spawn_listening(&["serve", "--config", config.to_str().unwrap()]);
+    serve.terminate();
+    mock.kill().unwrap();
+    let _ = mock.wait();
+    let d = copy.to_str().unwrap();
+    let o = custody(&["log", "search", "--dir", d, "--events", "--json"]);
+    let gap = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["event"]["reason"] == "unwritten_at_shutdown")
+        .unwrap_or_else(|| panic!("no gap event: {}", stdout(&o)));
+    assert_eq!(gap["event"]["type"], "gap");
+    assert_eq!(gap["event"]["records"], note["records"]);
+    assert!(gap["event"]["from"].is_string() && gap["event"]["to"].is_string());
+    let o = custody(&["log", "verify", "--dir", d]);
+    assert!(
+        o.status.success(),
+        "{}{}",
+        stdout(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Told once: a later start does not repeat it.
+    let (mut serve, _) = spawn_listening(&["serve", "--config", config.to_str().unwrap()]);
+    serve.terminate();
+    let o = custody(&["log", "search", "--dir", d, "--events", "--json"]);
+    assert_eq!(stdout(&o).matches("unwritten_at_shutdown").count(), 1);
+}

@@ -344,3 +344,107 @@ async fn extracted_fields_get_the_same_redaction_as_bodies() {
         "API key [CLIENT_CREDENTIAL] not valid"
     );
 }
+
+/// Custody in front of a route whose one streamed answer the test feeds.
+async fn open_stream(
+    provider: custody_config::Provider,
+    path: &str,
+) -> (ChunkSender, Custody, hyper::body::Incoming) {
+    let (tx, handler) = one_stream(&[("content-type", "text/event-stream")]);
+    let up = MockUpstream::start(handler).await;
+    let custody = Custody::start(vec![route("r", "/", &up.url(), provider, false)]).await;
+    let req = post(&custody.url(path), &[], r#"{"model":"m","stream":true}"#);
+    let resp = client().request(req).await.unwrap();
+    (tx, custody, resp.into_body())
+}
+
+#[tokio::test]
+async fn a_client_that_closes_after_the_last_event_completed_its_stream() {
+    use custody_config::Provider;
+    use http_body_util::BodyExt;
+    let cases = [
+        (
+            Provider::Openai,
+            "/v1/chat/completions",
+            "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"all of it\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n",
+        ),
+        (
+            Provider::Anthropic,
+            "/v1/messages",
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"content\":[]}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        ),
+    ];
+    for (provider, path, events) in cases {
+        let (tx, custody, mut body) = open_stream(provider, path).await;
+        tx.send(Ok(bytes::Bytes::from_static(events.as_bytes())))
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(events.as_bytes()) {
+            got.extend_from_slice(&body.frame().await.unwrap().unwrap().into_data().unwrap());
+        }
+        // The client has the last event and leaves; the upstream's end comes later.
+        drop(body);
+        custody
+            .until_metric(
+                "custody_requests_total{route=\"r\",status_class=\"2xx\",outcome=\"ok\"}",
+                |v| v == 1.0,
+            )
+            .await;
+        drop(tx);
+        let done = custody.stop().await;
+        assert_eq!(done.one()["outcome"], "ok", "{provider:?}");
+    }
+    // Cut before the last event: still cancelled.
+    let (tx, custody, mut body) = open_stream(Provider::Openai, "/v1/chat/completions").await;
+    tx.send(Ok(bytes::Bytes::from_static(
+        b"data: {\"id\":\"c\",\"choices\":[]}\n\n",
+    )))
+    .await
+    .unwrap();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    custody
+        .until_metric(
+            "custody_requests_total{route=\"r\",status_class=\"2xx\",outcome=\"client_cancelled\"}",
+            |v| v == 1.0,
+        )
+        .await;
+    drop(tx);
+    assert_eq!(custody.stop().await.one()["outcome"], "client_cancelled");
+}
+
+#[tokio::test]
+async fn a_provider_error_inside_a_stream_is_an_upstream_error() {
+    use custody_config::Provider;
+    let cases = [
+        (
+            Provider::Openai,
+            "/v1/chat/completions",
+            "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"par\"}}]}\n\ndata: {\"error\":{\"message\":\"The server had an error; write to ops@example.com\",\"type\":\"server_error\"}}\n\n",
+        ),
+        (
+            Provider::Anthropic,
+            "/v1/messages",
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"content\":[]}}\n\nevent: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n",
+        ),
+    ];
+    for (provider, path, events) in cases {
+        let (tx, custody, body) = open_stream(provider, path).await;
+        tx.send(Ok(bytes::Bytes::from_static(events.as_bytes())))
+            .await
+            .unwrap();
+        drop(tx);
+        http_body_util::BodyExt::collect(body).await.unwrap();
+        let done = custody.stop().await;
+        let r = done.one();
+        assert_eq!(r["outcome"], "upstream_error", "{provider:?}");
+        let err = r["error"].as_str().unwrap();
+        assert!(err.starts_with("upstream error in the stream: "), "{err}");
+        assert!(!err.contains("ops@example.com"), "{err}");
+        assert!(
+            err.contains("Overloaded") || err.contains("[EMAIL_ADDRESS]"),
+            "{err}"
+        );
+    }
+}

@@ -294,7 +294,7 @@ fn main() {
         let mut hits = 0;
         for _ in 0..3 {
             let t = Instant::now();
-            hits = search(&DirSource(&dir), q).unwrap().len();
+            hits = search(&DirSource(&dir), q).unwrap().records.len();
             best = best.min(t.elapsed().as_secs_f64());
         }
         (best * 1000.0, hits)

@@ -546,7 +546,7 @@ pub const MAX_BODY_DEPTH: usize = 100;
 
 /// Whether text (JSON or not) opens more than `max` brackets at once outside strings.
 /// One pass, no allocation, stops at the first level past `max`.
-fn json_depth_exceeds(b: &[u8], max: usize) -> bool {
+pub(crate) fn json_depth_exceeds(b: &[u8], max: usize) -> bool {
     let (mut depth, mut i) = (0usize, 0);
     while i < b.len() {
         match b[i] {

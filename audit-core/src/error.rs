@@ -29,6 +29,10 @@ pub enum AuditError {
     /// A Parquet export could not be written.
     #[error("parquet export: {0}")]
     Export(String),
+    /// Record lines of a trail that no reader can parse: a review that skipped them
+    /// would not be complete.
+    #[error("{count} record line(s) are not readable JSON ({context})")]
+    Unreadable { count: u64, context: String },
     /// The writer thread could not be started or ended abnormally.
     #[error("audit writer: {0}")]
     Writer(String),

@@ -101,6 +101,21 @@ pub struct SegmentIndex {
     pub last_ms: i64,
     pub blocks: Vec<BlockEntry>,
     pub facts: Facts,
+    /// Where the seal frame starts; the seal holds this index's [`digest`]. Absent in
+    /// indexes written before seals vouched for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal_at: Option<u64>,
+}
+
+/// The hex SHA-256 a seal holds for its index: of the index's JSON with
+/// `segment_bytes` as 0 (the file's length includes the seal, written after it).
+pub fn digest(index: &SegmentIndex) -> String {
+    use sha2::{Digest, Sha256};
+    let mut canonical = index.clone();
+    canonical.segment_bytes = 0;
+    hex::encode(Sha256::digest(
+        serde_json::to_vec(&canonical).unwrap_or_default(),
+    ))
 }
 
 pub fn index_path(segment: &Path) -> PathBuf {
@@ -176,5 +191,6 @@ pub fn from_parsed(number: u64, parsed: &ParsedSegment, segment_bytes: u64) -> S
         last_ms: blocks.iter().map(|b| b.last_ms).max().unwrap_or(0),
         blocks,
         facts,
+        seal_at: None,
     }
 }

@@ -398,7 +398,7 @@ pub fn rebuild(dir: &std::path::Path, capacity: usize) -> ConversationIndex {
     let mut taken = 0;
     for seg in segments.iter().rev() {
         let mut turns = Vec::new();
-        let read = crate::reader::for_each_line_in(&source, seg, |line| {
+        let read = crate::reader::for_each_line_in(&source, seg, true, |line| {
             if memchr::memmem::find(line, b"\"completion\":{\"hash\"").is_some() {
                 if let Ok(t) = serde_json::from_slice::<Turn>(line) {
                     turns.push(t);

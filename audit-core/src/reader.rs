@@ -34,8 +34,12 @@ pub trait TrailSource: Sync {
     fn describe(&self) -> String;
     /// The segments, oldest first.
     fn segments(&self) -> Result<Vec<SegmentRef>, AuditError>;
-    /// A segment's bytes.
+    /// A segment's bytes, whole (small reads only: review commands stream [`Self::open`]).
     fn read(&self, seg: &SegmentRef) -> Result<Vec<u8>, AuditError>;
+    /// A segment as a stream, read frame by frame with bounded memory.
+    fn open(&self, seg: &SegmentRef) -> Result<Box<dyn std::io::Read + '_>, AuditError> {
+        Ok(Box::new(std::io::Cursor::new(self.read(seg)?)))
+    }
     /// The checkpoint log, if there is one.
     fn checkpoints(&self) -> Result<Option<Vec<u8>>, AuditError>;
     /// The segment's index, if it has one that matches the segment's length.
@@ -73,10 +77,21 @@ impl<P: AsRef<Path> + Sync> TrailSource for DirSource<P> {
     }
 
     fn read(&self, seg: &SegmentRef) -> Result<Vec<u8>, AuditError> {
-        fs::read(&seg.path).map_err(|source| AuditError::Io {
-            path: seg.path.clone(),
-            source,
-        })
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut self.open(seg)?, &mut out).map_err(|source| {
+            AuditError::Io {
+                path: seg.path.clone(),
+                source,
+            }
+        })?;
+        Ok(out)
+    }
+
+    fn open(&self, seg: &SegmentRef) -> Result<Box<dyn std::io::Read + '_>, AuditError> {
+        Ok(Box::new(std::io::BufReader::with_capacity(
+            256 * 1024,
+            open_regular(&seg.path)?,
+        )))
     }
 
     fn checkpoints(&self) -> Result<Option<Vec<u8>>, AuditError> {
@@ -98,12 +113,34 @@ impl<P: AsRef<Path> + Sync> TrailSource for DirSource<P> {
             path: seg.path.clone(),
             source,
         };
-        let mut f = fs::File::open(&seg.path).map_err(io)?;
-        let mut buf = vec![0u8; range.end.saturating_sub(range.start) as usize];
+        let mut f = open_regular(&seg.path)?;
+        let len = range.end.saturating_sub(range.start);
+        if len > u64::from(segment::MAX_BLOCK_FRAME) + 64 {
+            return Err(io(std::io::Error::other(format!(
+                "a read of {len} bytes is larger than any block (the index is damaged)"
+            ))));
+        }
+        let mut buf = vec![0u8; len as usize];
         f.seek(SeekFrom::Start(range.start)).map_err(io)?;
         f.read_exact(&mut buf).map_err(io)?;
         Ok(buf)
     }
+}
+
+/// Opens a trail file after checking it is a regular file: a FIFO would block the
+/// reader forever and a device (`/dev/zero`) never ends.
+pub fn open_regular(path: &Path) -> Result<fs::File, AuditError> {
+    let io = |source| AuditError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        return Err(io(std::io::Error::other(
+            "not a regular file; a trail holds only regular files",
+        )));
+    }
+    fs::File::open(path).map_err(io)
 }
 
 /// The segments of the trail in `dir`, oldest first.
@@ -150,43 +187,50 @@ pub fn for_each_line_of(
     Ok(())
 }
 
-/// Calls `f` with every record line of one segment (lenient on a live, unsealed tail).
+/// Calls `f` with every record line of one segment. `newest`: the trail's newest
+/// segment, whose unsealed tail may be a block still being written.
 pub fn for_each_line_in(
     source: &dyn TrailSource,
     seg: &SegmentRef,
+    newest: bool,
     f: impl FnMut(&[u8]) -> ControlFlow<()>,
 ) -> Result<(), AuditError> {
-    scan_segment(source, seg, true, f).map(|_| ())
+    scan_segment(source, seg, newest, f).map(|_| ())
 }
 
 /// One segment's lines. With `may_be_live`, an unsealed segment may end in a block
-/// still being written: what is whole is read and the rest ignored. Anywhere else a
-/// damaged frame is an error.
+/// still being written (the file ends inside a frame): what is whole is read and the
+/// rest ignored. Any other damaged frame is an error.
 fn scan_segment(
     source: &dyn TrailSource,
     seg: &SegmentRef,
     may_be_live: bool,
     mut f: impl FnMut(&[u8]) -> ControlFlow<()>,
 ) -> Result<ControlFlow<()>, AuditError> {
-    let bytes = source.read(seg)?;
-    let parsed = segment::parse_segment(&bytes).map_err(|source| AuditError::Format {
+    let format = |source| AuditError::Format {
         path: seg.path.clone(),
         source,
-    })?;
-    for block in &parsed.blocks {
-        for line in block.lines() {
-            if f(line).is_break() {
-                return Ok(ControlFlow::Break(()));
+    };
+    let mut frames = segment::FrameReader::new(source.open(seg)?, true).map_err(format)?;
+    let mut sealed = false;
+    loop {
+        match frames.next_frame() {
+            Ok(Some((_, segment::Frame::Block(block)))) => {
+                for line in block.lines() {
+                    if f(line).is_break() {
+                        return Ok(ControlFlow::Break(()));
+                    }
+                }
             }
+            Ok(Some((_, segment::Frame::Seal(..)))) => sealed = true,
+            Ok(None) => return Ok(ControlFlow::Continue(())),
+            // A live segment may end in a block still being written (it has no seal
+            // yet: a seal is always the last frame).
+            Err(e) if may_be_live && !sealed && e.is_torn() => {
+                return Ok(ControlFlow::Continue(()))
+            }
+            Err(e) => return Err(format(e)),
         }
-    }
-    let live = may_be_live && parsed.seal.is_none();
-    match parsed.tail_error.filter(|_| !live) {
-        Some(source) => Err(AuditError::Format {
-            path: seg.path.clone(),
-            source,
-        }),
-        None => Ok(ControlFlow::Continue(())),
     }
 }
 
@@ -222,9 +266,10 @@ pub fn find_by_id(source: &dyn TrailSource, id: &str) -> Result<Vec<u8>, AuditEr
             None => 1,
         });
     }
+    let newest = segs.iter().map(|s| s.number).max();
     for seg in &segs {
         let mut found = None;
-        for_each_line_in(source, seg, |line| {
+        for_each_line_in(source, seg, Some(seg.number) == newest, |line| {
             if memchr::memmem::find(line, needle.as_bytes()).is_some() {
                 found = Some(line.to_vec());
                 return ControlFlow::Break(());

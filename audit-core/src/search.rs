@@ -7,7 +7,7 @@ use serde_json::Value;
 use crate::{
     index::{BlockEntry, SegmentIndex},
     reader::{self, TrailSource},
-    AuditError,
+    segment, AuditError,
 };
 
 /// A status filter: an exact code (`429`) or a class (`5xx`).
@@ -201,19 +201,81 @@ impl Query {
     }
 }
 
+/// What a search found, and what it could not rely on.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// The newest `limit` matching records, newest first.
+    pub records: Vec<Value>,
+    /// Record lines that are not JSON a reader can parse: a search that skipped them
+    /// must not look complete.
+    pub unreadable: u64,
+    /// Segments whose index did not match what their seal vouches for: each was read
+    /// in full instead, and the index should be rebuilt (or investigated).
+    pub untrusted_indexes: Vec<String>,
+}
+
+/// Whether a segment's index may be used: its seal (the signed statement `verify`
+/// checks) must hold the index's digest. `Err` says why not.
+pub fn check_index(
+    source: &dyn TrailSource,
+    seg: &reader::SegmentRef,
+    idx: &SegmentIndex,
+) -> Result<(), String> {
+    let at = idx
+        .seal_at
+        .ok_or("written before seals vouched for indexes")?;
+    let len = idx.segment_bytes.saturating_sub(at);
+    if len < 8 || len > u64::from(segment::MAX_META_FRAME) + 8 {
+        return Err("its seal position is out of range".into());
+    }
+    let bytes = source
+        .read_range(seg, at..idx.segment_bytes)
+        .map_err(|e| e.to_string())?;
+    let magic = bytes
+        .get(..4)
+        .map(|m| u32::from_le_bytes([m[0], m[1], m[2], m[3]]));
+    if magic != Some(segment::SEAL_MAGIC) {
+        return Err("no seal where it says the seal is".into());
+    }
+    let seal: crate::signing::Seal =
+        serde_json::from_slice(&bytes[8..]).map_err(|e| format!("its seal does not parse: {e}"))?;
+    if seal.index_sha256.as_deref() != Some(crate::index::digest(idx).as_str()) {
+        return Err("it does not match the digest its seal holds (edited?)".into());
+    }
+    Ok(())
+}
+
 /// The newest `query.limit` matching records, newest first. Segments are read newest
 /// first and skipped when their index rules them out; within an indexed segment, only
-/// the blocks whose time range overlaps the query are read.
-pub fn search(source: &dyn TrailSource, query: &Query) -> Result<Vec<Value>, AuditError> {
+/// the blocks whose time range overlaps the query are read. An index is used only when
+/// its seal vouches for it. Memory: the `limit` newest matches and one block.
+pub fn search(source: &dyn TrailSource, query: &Query) -> Result<Found, AuditError> {
     let needle = query.text.as_ref().map(|t| t.to_lowercase());
     let limit = query.limit.max(1);
-    let mut found = Vec::new();
-    for seg in source.segments()?.iter().rev() {
-        let idx = source.index(seg);
+    let mut found = Found::default();
+    let segs = source.segments()?;
+    let newest = segs.iter().map(|s| s.number).max();
+    for seg in segs.iter().rev() {
+        let room = limit - found.records.len();
+        let idx = source
+            .index(seg)
+            .and_then(|i| match check_index(source, seg, &i) {
+                Ok(()) => Some(i),
+                // Written before seals vouched for indexes: read in full, silently.
+                Err(_) if i.seal_at.is_none() => None,
+                Err(why) => {
+                    found
+                        .untrusted_indexes
+                        .push(format!("{}: {why}", seg.name()));
+                    None
+                }
+            });
         if idx.as_ref().is_some_and(|i| !query.may_match(i)) {
             continue;
         }
-        let mut hits = Vec::new();
+        // The newest `room` hits of this segment (read oldest first).
+        let mut hits = std::collections::VecDeque::with_capacity(room.min(1024));
+        let mut unreadable = 0u64;
         let mut consider = |line: &[u8]| {
             if let Some(n) = &needle {
                 // Prefilter on the raw line; JSON escapes make this approximate for non-ASCII.
@@ -224,10 +286,15 @@ pub fn search(source: &dyn TrailSource, query: &Query) -> Result<Vec<Value>, Aud
                     return;
                 }
             }
-            if let Ok(v) = serde_json::from_slice::<Value>(line) {
-                if query.matches(&v) {
-                    hits.push(v);
+            match serde_json::from_slice::<Value>(line) {
+                Ok(v) if query.matches(&v) => {
+                    if hits.len() == room {
+                        hits.pop_front();
+                    }
+                    hits.push_back(v);
                 }
+                Ok(_) => {}
+                Err(_) => unreadable += 1,
             }
         };
         match &idx {
@@ -237,20 +304,21 @@ pub fn search(source: &dyn TrailSource, query: &Query) -> Result<Vec<Value>, Aud
                     .iter()
                     .filter(|b| query.block_may_match(b))
                     .collect();
-                for block in reader::read_blocks(source, seg, &blocks)? {
-                    block.lines().for_each(&mut consider);
+                for b in blocks {
+                    for block in reader::read_blocks(source, seg, &[b])? {
+                        block.lines().for_each(&mut consider);
+                    }
                 }
             }
-            _ => reader::for_each_line_in(source, seg, |line| {
+            _ => reader::for_each_line_in(source, seg, Some(seg.number) == newest, |line| {
                 consider(line);
                 ControlFlow::Continue(())
             })?,
         }
-        for v in hits.into_iter().rev() {
-            found.push(v);
-            if found.len() == limit {
-                return Ok(found);
-            }
+        found.unreadable += unreadable;
+        found.records.extend(hits.into_iter().rev());
+        if found.records.len() == limit {
+            break;
         }
     }
     Ok(found)
@@ -288,28 +356,39 @@ pub fn conversation(source: &dyn TrailSource, id: &str) -> Result<Vec<Value>, Au
         .collect();
     let root_ms = root["id"].as_str().and_then(crate::assemble::id_time_ms);
     let mut out = Vec::new();
-    for seg in source.segments()? {
+    let mut unreadable = 0u64;
+    let segs = source.segments()?;
+    let newest = segs.iter().map(|s| s.number).max();
+    for seg in segs {
         if let (Some(t), Some(i)) = (root_ms, source.index(&seg)) {
             if i.last_ms < t {
                 continue;
             }
         }
-        reader::for_each_line_in(source, &seg, |line| {
+        reader::for_each_line_in(source, &seg, Some(seg.number) == newest, |line| {
             if memchr::memmem::find(line, b"\"conversation_parent\":").is_none()
                 && memchr::memmem::find(line, root["id"].to_string().as_bytes()).is_none()
             {
                 return ControlFlow::Continue(());
             }
-            if let Ok(v) = serde_json::from_slice::<Value>(line) {
-                let id = v["id"].as_str().unwrap_or_default().to_owned();
-                let parent = v["chain"]["conversation_parent"].as_str();
-                if members.contains(&id) || parent.is_some_and(|p| members.contains(p)) {
-                    members.insert(id);
-                    out.push(v);
-                }
+            let Ok(v) = serde_json::from_slice::<Value>(line) else {
+                unreadable += 1;
+                return ControlFlow::Continue(());
+            };
+            let id = v["id"].as_str().unwrap_or_default().to_owned();
+            let parent = v["chain"]["conversation_parent"].as_str();
+            if members.contains(&id) || parent.is_some_and(|p| members.contains(p)) {
+                members.insert(id);
+                out.push(v);
             }
             ControlFlow::Continue(())
         })?;
+    }
+    if unreadable > 0 {
+        return Err(AuditError::Unreadable {
+            count: unreadable,
+            context: "the conversation may be incomplete".into(),
+        });
     }
     // Ancestors older than the first segment read (or behind an unindexed one) first.
     let seen: std::collections::HashSet<&str> =

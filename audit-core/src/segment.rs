@@ -66,6 +66,14 @@ pub struct FormatError {
     pub what: String,
 }
 
+impl FormatError {
+    /// The file ended inside a frame: what a live writer's segment looks like while a
+    /// block is being appended (as opposed to damage: a checksum, a forged length).
+    pub fn is_torn(&self) -> bool {
+        self.what.contains("torn")
+    }
+}
+
 fn ferr(offset: usize, what: impl Into<String>) -> FormatError {
     FormatError {
         offset: offset as u64,
@@ -371,6 +379,228 @@ pub fn scan_frames(bytes: &[u8]) -> Result<Frames, FormatError> {
         blocks,
         seal,
     })
+}
+
+// === impl FrameReader ===
+
+/// The largest segment header or seal frame a reader accepts.
+pub const MAX_META_FRAME: u32 = 1024 * 1024;
+/// The largest compressed block frame a reader accepts.
+pub const MAX_BLOCK_FRAME: u32 = 256 * 1024 * 1024;
+/// The largest decompressed block a reader accepts. A block is cut at 256 KiB, so
+/// only one holding a single large record (two bodies of at most `capture_max_bytes`,
+/// escaped) comes near it.
+pub const MAX_BLOCK_RAW: u32 = 512 * 1024 * 1024;
+
+/// A frame read by a [`FrameReader`].
+#[derive(Debug)]
+pub enum Frame {
+    /// A block, its records decompressed (empty when the reader does not decode).
+    Block(Block),
+    /// The seal, with the SHA-256 of every byte before it.
+    Seal(Box<SealFrame>, [u8; 32]),
+}
+
+/// Reads a segment one frame at a time from any reader, so that a reviewer's memory is
+/// one block at most whatever the file holds (a `/dev/zero`, a sparse file, a forged
+/// length). Every byte read is hashed as it passes.
+pub struct FrameReader<R> {
+    r: R,
+    at: u64,
+    hasher: Sha256,
+    header: SegmentHeader,
+    decode: bool,
+    sealed: bool,
+    mark: Option<(u64, Option<[u8; 32]>)>,
+}
+
+impl<R: std::io::Read> FrameReader<R> {
+    /// Reads and checks the segment header. `decode`: decompress blocks (records are
+    /// needed); without it, block frames are read and hashed but not decompressed.
+    pub fn new(mut r: R, decode: bool) -> Result<Self, FormatError> {
+        let mut hasher = Sha256::new();
+        let (magic, content) = read_meta(&mut r, 0, &mut hasher)?
+            .ok_or_else(|| ferr(0, "segment header is missing or torn"))?;
+        if magic != SEGMENT_MAGIC {
+            return Err(ferr(0, "segment does not start with a segment header"));
+        }
+        let header = SegmentHeader::decode(&content).map_err(|w| ferr(8, w))?;
+        Ok(Self {
+            r,
+            at: 8 + content.len() as u64,
+            hasher,
+            header,
+            decode,
+            sealed: false,
+            mark: None,
+        })
+    }
+
+    pub fn header(&self) -> &SegmentHeader {
+        &self.header
+    }
+
+    /// Bytes read so far: where the next frame starts.
+    pub fn offset(&self) -> u64 {
+        self.at
+    }
+
+    /// Asks for the SHA-256 of the first `n` bytes, taken as the reader passes byte `n`
+    /// at a frame boundary (a checkpoint covers a prefix of whole frames).
+    pub fn mark_prefix(&mut self, n: u64) {
+        self.mark = Some((n, None));
+        self.take_mark();
+    }
+
+    /// The digest [`Self::mark_prefix`] asked for, once the reader passed it.
+    pub fn prefix_digest(&self) -> Option<[u8; 32]> {
+        self.mark.and_then(|(_, d)| d)
+    }
+
+    fn take_mark(&mut self) {
+        if let Some((n, None)) = self.mark {
+            if n == self.at {
+                self.mark = Some((n, Some(self.hasher.clone().finalize().into())));
+            }
+        }
+    }
+
+    /// The next frame and its offset; `None` at a clean end of the file.
+    pub fn next_frame(&mut self) -> Result<Option<(u64, Frame)>, FormatError> {
+        use std::io::Read;
+        let at = self.at;
+        if self.sealed {
+            let mut one = [0u8; 1];
+            return match self.r.read(&mut one) {
+                Ok(0) => Ok(None),
+                Ok(_) => Err(ferr(at as usize, "data after the seal")),
+                Err(e) => Err(ferr(at as usize, format!("read failed: {e}"))),
+            };
+        }
+        let before: [u8; 32] = self.hasher.clone().finalize().into();
+        let Some((magic, content)) = read_meta(&mut self.r, at, &mut self.hasher)? else {
+            return Ok(None);
+        };
+        self.at += 8 + content.len() as u64;
+        let frame = match magic {
+            SEAL_MAGIC => {
+                let seal = serde_json::from_slice::<crate::signing::Seal>(&content)
+                    .map_err(|e| ferr(at as usize + 8, format!("seal is not readable: {e}")))?;
+                self.sealed = true;
+                Frame::Seal(
+                    Box::new(SealFrame {
+                        line: content,
+                        seal,
+                        offset: at,
+                    }),
+                    before,
+                )
+            }
+            BLOCK_MAGIC => {
+                let header = BlockHeader::decode(&content).map_err(|w| ferr(at as usize + 8, w))?;
+                if header.frame_len > MAX_BLOCK_FRAME || header.raw_len > MAX_BLOCK_RAW {
+                    return Err(ferr(
+                        at as usize,
+                        format!(
+                            "block of {} compressed / {} bytes is larger than a reader accepts ({MAX_BLOCK_FRAME} / {MAX_BLOCK_RAW})",
+                            header.frame_len, header.raw_len
+                        ),
+                    ));
+                }
+                let frame_at = self.at as usize;
+                let mut frame = Vec::new();
+                let got = (&mut self.r)
+                    .take(u64::from(header.frame_len))
+                    .read_to_end(&mut frame)
+                    .map_err(|e| ferr(frame_at, format!("read failed: {e}")))?;
+                if got != header.frame_len as usize {
+                    return Err(ferr(frame_at, "block frame is torn"));
+                }
+                self.hasher.update(&frame);
+                self.at += frame.len() as u64;
+                if crc32fast::hash(&frame) != header.frame_crc {
+                    return Err(ferr(frame_at, "block frame checksum mismatch"));
+                }
+                let records = if self.decode {
+                    decode_frame(&frame, header.raw_len, frame_at)?
+                } else {
+                    Vec::new()
+                };
+                Frame::Block(Block {
+                    header,
+                    offset: at,
+                    records,
+                })
+            }
+            other => {
+                return Err(ferr(
+                    at as usize,
+                    format!("unexpected frame magic {other:#010x}"),
+                ))
+            }
+        };
+        self.take_mark();
+        Ok(Some((at, frame)))
+    }
+}
+
+/// A block's zstd frame decompressed, growing with its content (never trusting the
+/// header's length for an allocation) and refusing more than it states.
+fn decode_frame(frame: &[u8], raw_len: u32, at: usize) -> Result<Vec<u8>, FormatError> {
+    use std::io::Read;
+    let mut records = Vec::new();
+    zstd::stream::read::Decoder::new(frame)
+        .and_then(|d| d.take(u64::from(raw_len) + 1).read_to_end(&mut records))
+        .map_err(|e| ferr(at, format!("block frame does not decompress: {e}")))?;
+    if records.len() != raw_len as usize || !records.ends_with(b"\n") {
+        return Err(ferr(at, "block content has the wrong length or framing"));
+    }
+    Ok(records)
+}
+
+/// A skippable frame of at most [`MAX_META_FRAME`] bytes read from a stream (hashed);
+/// `None` at a clean end of the stream.
+fn read_meta(
+    r: &mut impl std::io::Read,
+    at: u64,
+    hasher: &mut Sha256,
+) -> Result<Option<(u32, Vec<u8>)>, FormatError> {
+    use std::io::Read;
+    let at = at as usize;
+    let mut head = [0u8; 8];
+    let mut got = 0;
+    while got < 8 {
+        match r.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ferr(at, format!("read failed: {e}"))),
+        }
+    }
+    match got {
+        0 => return Ok(None),
+        8 => {}
+        _ => return Err(ferr(at, "frame header is torn")),
+    }
+    let magic = u32_at(&head, 0);
+    let len = u32_at(&head, 4);
+    // Blocks carry a 48-byte header here; only a seal or segment header may be longer.
+    if len > MAX_META_FRAME {
+        return Err(ferr(
+            at,
+            format!("frame of {len} bytes is larger than a reader accepts ({MAX_META_FRAME})"),
+        ));
+    }
+    let mut content = Vec::new();
+    r.take(u64::from(len))
+        .read_to_end(&mut content)
+        .map_err(|e| ferr(at, format!("read failed: {e}")))?;
+    if content.len() != len as usize {
+        return Err(ferr(at + 8, "frame is torn"));
+    }
+    hasher.update(head);
+    hasher.update(&content);
+    Ok(Some((magic, content)))
 }
 
 fn read_skippable(bytes: &[u8], at: usize) -> Option<(u32, &[u8], usize)> {

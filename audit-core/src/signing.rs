@@ -38,6 +38,11 @@ pub struct Seal {
     /// The segment was sealed at start-up after a crash, not at rotation or shutdown.
     pub recovered: bool,
     pub time: String,
+    /// SHA-256 (hex) of the segment's index as [`crate::index::digest`] computes it:
+    /// search trusts an index only when its seal vouches for it. Absent in seals written
+    /// before it was added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_sha256: Option<String>,
     /// Public key (hex) that signed it, or null when unsigned.
     pub key: Option<String>,
     pub sig: String,

@@ -227,12 +227,13 @@ impl SegmentStore {
                         Some(p) => previous_seal_hash(&segments[p].1)?,
                         None => ZERO_HEX.to_owned(),
                     };
+                    let mut idx = index::from_parsed(*number, &parsed, 0);
+                    idx.seal_at = Some(bytes.len() as u64);
                     let line = seal_line(
                         *number,
                         &parsed,
                         &bytes,
-                        head,
-                        &before,
+                        (head, &before, &index::digest(&idx)),
                         true,
                         opts.signer.as_ref(),
                     )
@@ -246,13 +247,9 @@ impl SegmentStore {
                     f.sync_all().map_err(io(path))?;
                     bytes.extend_from_slice(&frame);
                     prev_seal = signing::line_hash(&line);
-                    if let Ok(reparsed) = segment::parse_segment(&bytes) {
-                        if let Err(e) = index::write(
-                            path,
-                            &index::from_parsed(*number, &reparsed, bytes.len() as u64),
-                        ) {
-                            tracing::warn!(error = %e, "segment index not written");
-                        }
+                    idx.segment_bytes = bytes.len() as u64;
+                    if let Err(e) = index::write(path, &idx) {
+                        tracing::warn!(error = %e, "segment index not written");
                     }
                     tracing::warn!(segment = %path.display(), "sealed a segment left open by a crash");
                     recovery.sealed = Some(path.clone());
@@ -400,6 +397,19 @@ impl SegmentStore {
         let Some(mut seg) = self.open.take() else {
             return Ok(());
         };
+        // The index first: the seal vouches for it.
+        let mut idx = SegmentIndex {
+            v: 1,
+            segment: seg.number,
+            segment_bytes: 0,
+            first_seq: seg.first_seq,
+            last_seq: self.head.next_seq - 1,
+            first_ms: if seg.records > 0 { seg.first_ms } else { 0 },
+            last_ms: if seg.records > 0 { seg.last_ms } else { 0 },
+            blocks: std::mem::take(&mut seg.blocks),
+            facts: std::mem::take(&mut seg.facts),
+            seal_at: Some(seg.len),
+        };
         let seal = Seal {
             kind: "seal".into(),
             v: 1,
@@ -414,6 +424,7 @@ impl SegmentStore {
             prev_seal: self.prev_seal.clone(),
             recovered: false,
             time: now_rfc3339(),
+            index_sha256: Some(index::digest(&idx)),
             key: self.opts.signer.as_ref().map(|k| k.public_hex().to_owned()),
             sig: "0".repeat(128),
         };
@@ -429,23 +440,15 @@ impl SegmentStore {
             // so that the next rotation seals it whole.
             let _ = seg.file.set_len(seg.len);
             let err = io(&seg.path)(e);
+            seg.blocks = idx.blocks;
+            seg.facts = idx.facts;
             self.open = Some(seg);
             return Err(err);
         }
         seg.hasher.update(&frame);
         seg.len += frame.len() as u64;
         self.prev_seal = signing::line_hash(&line);
-        let idx = SegmentIndex {
-            v: 1,
-            segment: seg.number,
-            segment_bytes: seg.len,
-            first_seq: seal.first_seq,
-            last_seq: seal.last_seq,
-            first_ms: seal.first_ms,
-            last_ms: seal.last_ms,
-            blocks: std::mem::take(&mut seg.blocks),
-            facts: std::mem::take(&mut seg.facts),
-        };
+        idx.segment_bytes = seg.len;
         // The index only speeds up search: failing to write it is not fatal.
         if let Err(e) = index::write(&seg.path, &idx) {
             tracing::warn!(error = %e, "segment index not written");
@@ -615,8 +618,7 @@ fn seal_line(
     number: u64,
     parsed: &ParsedSegment,
     bytes: &[u8],
-    head: ChainHead,
-    prev_seal: &str,
+    (head, prev_seal, index_sha256): (ChainHead, &str, &str),
     recovered: bool,
     signer: Option<&SignerKey>,
 ) -> Result<Vec<u8>, serde_json::Error> {
@@ -649,6 +651,7 @@ fn seal_line(
         prev_seal: prev_seal.to_owned(),
         recovered,
         time: now_rfc3339(),
+        index_sha256: Some(index_sha256.to_owned()),
         key: signer.map(|k| k.public_hex().to_owned()),
         sig: "0".repeat(128),
     };

@@ -10,7 +10,6 @@ use std::{
 
 use ed25519_dalek::VerifyingKey;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 use crate::{
     reader, segment,
@@ -202,14 +201,22 @@ fn check_segment(
     fast: bool,
 ) -> Result<SegmentCheck, VerifyError> {
     let name = seg.name();
-    let bytes = source.read(seg)?;
+    // Streamed frame by frame: memory is one block, whatever the file holds.
+    let open = |decode| -> Result<Frames<'_>, VerifyError> {
+        let mut frames = segment::FrameReader::new(source.open(seg)?, decode)
+            .map_err(|e| broken(&name, None, e.to_string()))?;
+        if let Some(cp) = newest_cp.filter(|c| c.segment == seg.number) {
+            frames.mark_prefix(cp.segment_bytes);
+        }
+        Ok(frames)
+    };
     if fast {
-        if let Some(c) = check_sealed_fast(seg, &name, &bytes, trusted, newest_cp)? {
+        if let Some(c) = check_sealed_fast(seg, &name, open(false)?, trusted, newest_cp)? {
             return Ok(c);
         }
     }
-    let parsed = segment::parse_segment(&bytes).map_err(|e| broken(&name, None, e.to_string()))?;
-    let h = &parsed.header;
+    let mut frames = open(true)?;
+    let h = frames.header().clone();
     if h.segment != seg.number {
         return Err(broken(
             &name,
@@ -223,7 +230,7 @@ fn check_segment(
     let mut sink = VerifyReport::default();
     let mut c = SegmentCheck {
         name: name.clone(),
-        bytes: bytes.len() as u64,
+        bytes: 0,
         prev_hash: h.prev_hash,
         first_seq: h.first_seq,
         head: h.prev_hash,
@@ -237,96 +244,29 @@ fn check_segment(
         keys: BTreeSet::new(),
         unsigned: 0,
     };
-    for block in &parsed.blocks {
-        if block.header.first_seq != c.next_seq {
-            return Err(broken(
-                &name,
-                Some(c.next_seq),
-                format!(
-                    "block at byte {} says it starts at seq {}",
-                    block.offset, block.header.first_seq
-                ),
-            ));
-        }
-        let mut n = 0u32;
-        for line in block.lines() {
-            n += 1;
-            let expected = c.next_seq;
-            let hash =
-                segment::check_line_hash(line).map_err(|w| broken(&name, Some(expected), w))?;
-            let (seq, stated_prev, is_event) = match fast_link(line) {
-                Some(l) => l,
-                None => {
-                    let link: Link = serde_json::from_slice(line).map_err(|e| {
-                        broken(
-                            &name,
-                            Some(expected),
-                            format!("record is not valid JSON: {e}"),
-                        )
-                    })?;
-                    let mut p = [0u8; 32];
-                    hex::decode_to_slice(&link.chain.prev, &mut p)
-                        .map_err(|_| broken(&name, Some(expected), "chain.prev is not hex"))?;
-                    (link.seq, p, link.schema == crate::record::EVENT_SCHEMA)
-                }
-            };
-            if seq != expected {
-                return Err(broken(&name, Some(expected), format!("found seq {seq} where seq {expected} belongs (a record was removed, inserted or reordered)")));
+    let mut sealed = None;
+    loop {
+        let block = match frames.next_frame() {
+            Ok(Some((_, segment::Frame::Block(block)))) => block,
+            Ok(Some((_, segment::Frame::Seal(s, covered)))) => {
+                sealed = Some((s, covered));
+                continue;
             }
-            if stated_prev != c.head {
+            Ok(None) => break,
+            Err(e) => {
                 return Err(broken(
                     &name,
-                    Some(expected),
-                    "chain.prev does not match the previous record's hash",
-                ));
+                    Some(c.next_seq),
+                    format!("{e} (the segment is damaged or truncated)"),
+                ))
             }
-            if cp_seqs.contains(&seq) {
-                c.heads.insert(seq, hash);
-            }
-            if is_event {
-                c.events += 1;
-                let link: Link = serde_json::from_slice(line).map_err(|e| {
-                    broken(
-                        &name,
-                        Some(expected),
-                        format!("event is not valid JSON: {e}"),
-                    )
-                })?;
-                if let Some(e) = link.event {
-                    match e.kind.as_str() {
-                        "recovery" => c.recoveries += 1,
-                        "retention" => c.removed.extend(e.removed),
-                        _ => {}
-                    }
-                }
-            } else {
-                c.records += 1;
-            }
-            c.head = hash;
-            c.next_seq += 1;
-        }
-        if n != block.header.count {
-            return Err(broken(
-                &name,
-                Some(c.next_seq),
-                format!(
-                    "block at byte {} says it holds {} records but holds {n}",
-                    block.offset, block.header.count
-                ),
-            ));
-        }
+        };
+        check_block(&name, &block, cp_seqs, &mut c)?;
     }
-    if let Some(e) = &parsed.tail_error {
-        return Err(broken(
-            &name,
-            Some(c.next_seq),
-            format!("{e} (the segment is damaged or truncated)"),
-        ));
-    }
-    match &parsed.seal {
-        Some(s) => {
+    c.bytes = frames.offset();
+    match &sealed {
+        Some((s, covered)) => {
             let seal = &s.seal;
-            let covered = &bytes[..s.offset as usize];
             let mismatch = if seal.segment != seg.number {
                 Some("names another segment")
             } else if seal.first_seq != h.first_seq
@@ -336,7 +276,7 @@ fn check_segment(
                 Some("does not match the segment's records")
             } else if seal.head != hex::encode(c.head) {
                 Some("names a different chain head")
-            } else if seal.segment_sha256 != hex::encode(Sha256::digest(covered)) {
+            } else if seal.segment_sha256 != hex::encode(covered) {
                 Some("does not match the segment's bytes")
             } else {
                 None
@@ -359,10 +299,110 @@ fn check_segment(
         }
         None => {}
     }
-    check_newest_checkpoint(&name, seg.number, &bytes, newest_cp)?;
+    check_newest_checkpoint(&name, seg.number, &frames, newest_cp)?;
     c.keys = sink.keys;
     c.unsigned = sink.unsigned;
     Ok(c)
+}
+
+/// The deepest nesting every review command reads (serde_json's default limit).
+const READABLE_DEPTH: usize = 127;
+
+type Frames<'a> = segment::FrameReader<Box<dyn std::io::Read + 'a>>;
+
+/// One block's records: hashes, links, `seq` continuity, the count its header states.
+fn check_block(
+    name: &str,
+    block: &segment::Block,
+    cp_seqs: &BTreeSet<u64>,
+    c: &mut SegmentCheck,
+) -> Result<(), VerifyError> {
+    if block.header.first_seq != c.next_seq {
+        return Err(broken(
+            name,
+            Some(c.next_seq),
+            format!(
+                "block at byte {} says it starts at seq {}",
+                block.offset, block.header.first_seq
+            ),
+        ));
+    }
+    let mut n = 0u32;
+    for line in block.lines() {
+        n += 1;
+        let expected = c.next_seq;
+        let hash = segment::check_line_hash(line).map_err(|w| broken(name, Some(expected), w))?;
+        // Intact but unreadable is still a trail a reviewer cannot use: a record nested
+        // past what JSON readers parse would be skipped by every review command.
+        if crate::assemble::json_depth_exceeds(line, READABLE_DEPTH) {
+            return Err(broken(
+                name,
+                Some(expected),
+                format!("record is nested deeper than {READABLE_DEPTH} levels: review commands cannot read it"),
+            ));
+        }
+        let (seq, stated_prev, is_event) = match fast_link(line) {
+            Some(l) => l,
+            None => {
+                let link: Link = serde_json::from_slice(line).map_err(|e| {
+                    broken(
+                        name,
+                        Some(expected),
+                        format!("record is not valid JSON: {e}"),
+                    )
+                })?;
+                let mut p = [0u8; 32];
+                hex::decode_to_slice(&link.chain.prev, &mut p)
+                    .map_err(|_| broken(name, Some(expected), "chain.prev is not hex"))?;
+                (link.seq, p, link.schema == crate::record::EVENT_SCHEMA)
+            }
+        };
+        if seq != expected {
+            return Err(broken(name, Some(expected), format!("found seq {seq} where seq {expected} belongs (a record was removed, inserted or reordered)")));
+        }
+        if stated_prev != c.head {
+            return Err(broken(
+                name,
+                Some(expected),
+                "chain.prev does not match the previous record's hash",
+            ));
+        }
+        if cp_seqs.contains(&seq) {
+            c.heads.insert(seq, hash);
+        }
+        if is_event {
+            c.events += 1;
+            let link: Link = serde_json::from_slice(line).map_err(|e| {
+                broken(
+                    name,
+                    Some(expected),
+                    format!("event is not valid JSON: {e}"),
+                )
+            })?;
+            if let Some(e) = link.event {
+                match e.kind.as_str() {
+                    "recovery" => c.recoveries += 1,
+                    "retention" => c.removed.extend(e.removed),
+                    _ => {}
+                }
+            }
+        } else {
+            c.records += 1;
+        }
+        c.head = hash;
+        c.next_seq += 1;
+    }
+    if n != block.header.count {
+        return Err(broken(
+            name,
+            Some(c.next_seq),
+            format!(
+                "block at byte {} says it holds {} records but holds {n}",
+                block.offset, block.header.count
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// If the newest checkpoint is about this segment, its first `segment_bytes` bytes must
@@ -370,24 +410,24 @@ fn check_segment(
 fn check_newest_checkpoint(
     name: &str,
     number: u64,
-    bytes: &[u8],
+    frames: &Frames<'_>,
     newest_cp: Option<&Checkpoint>,
 ) -> Result<(), VerifyError> {
     let Some(cp) = newest_cp.filter(|c| c.segment == number) else {
         return Ok(());
     };
-    let prefix = bytes.get(..cp.segment_bytes as usize).ok_or_else(|| {
-        broken(
+    if cp.segment_bytes > frames.offset() {
+        return Err(broken(
             name,
             None,
             format!(
                 "the newest checkpoint covers {} bytes of this segment but it holds {} (truncated)",
                 cp.segment_bytes,
-                bytes.len()
+                frames.offset()
             ),
-        )
-    })?;
-    if hex::encode(Sha256::digest(prefix)) != cp.segment_sha256 {
+        ));
+    }
+    if frames.prefix_digest().map(hex::encode).as_deref() != Some(cp.segment_sha256.as_str()) {
         return Err(broken(
             name,
             None,
@@ -403,16 +443,24 @@ fn check_newest_checkpoint(
 fn check_sealed_fast(
     seg: &reader::SegmentRef,
     name: &str,
-    bytes: &[u8],
+    mut frames: Frames<'_>,
     trusted: Option<&VerifyingKey>,
     newest_cp: Option<&Checkpoint>,
 ) -> Result<Option<SegmentCheck>, VerifyError> {
-    let segment::Frames {
-        header: h,
-        blocks,
-        seal,
-    } = segment::scan_frames(bytes).map_err(|e| broken(name, None, e.to_string()))?;
-    let Some(s) = seal else { return Ok(None) };
+    let h = frames.header().clone();
+    let mut blocks = Vec::new();
+    let mut sealed = None;
+    loop {
+        match frames.next_frame() {
+            Ok(Some((offset, segment::Frame::Block(b)))) => blocks.push((offset, b.header)),
+            Ok(Some((_, segment::Frame::Seal(s, covered)))) => sealed = Some((s, covered)),
+            Ok(None) => break,
+            Err(e) => return Err(broken(name, None, e.to_string())),
+        }
+    }
+    let Some((s, covered)) = sealed else {
+        return Ok(None);
+    };
     if h.segment != seg.number {
         return Err(broken(
             name,
@@ -424,7 +472,7 @@ fn check_sealed_fast(
         ));
     }
     let seal = &s.seal;
-    if hex::encode(Sha256::digest(&bytes[..s.offset as usize])) != seal.segment_sha256 {
+    if hex::encode(covered) != seal.segment_sha256 {
         return Err(broken(
             name,
             None,
@@ -468,12 +516,12 @@ fn check_sealed_fast(
     let mut head = [0u8; 32];
     hex::decode_to_slice(&seal.head, &mut head)
         .map_err(|_| broken(name, None, "seal head is not hex"))?;
-    check_newest_checkpoint(name, seg.number, bytes, newest_cp)?;
+    check_newest_checkpoint(name, seg.number, &frames, newest_cp)?;
     let mut heads = BTreeMap::new();
     heads.insert(seal.last_seq, head);
     Ok(Some(SegmentCheck {
         name: name.to_owned(),
-        bytes: bytes.len() as u64,
+        bytes: frames.offset(),
         prev_hash: h.prev_hash,
         first_seq: h.first_seq,
         head,

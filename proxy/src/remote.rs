@@ -95,6 +95,19 @@ impl TrailSource for ObjectSource {
             .map_err(|e| remote_err(format!("{}: {e}", seg.path.display())))
     }
 
+    fn open(&self, seg: &SegmentRef) -> Result<Box<dyn std::io::Read + '_>, AuditError> {
+        let location = self.prefix.child(seg.name().as_str());
+        let got = self
+            .runtime
+            .block_on(self.store.get(&location))
+            .map_err(|e| remote_err(format!("{}: {e}", seg.path.display())))?;
+        Ok(Box::new(StreamRead {
+            stream: got.into_stream(),
+            runtime: &self.runtime,
+            buf: bytes::Bytes::new(),
+        }))
+    }
+
     fn checkpoints(&self) -> Result<Option<Vec<u8>>, AuditError> {
         match self.get(custody_audit::store::CHECKPOINTS) {
             Ok(b) => Ok(Some(b.to_vec())),
@@ -123,6 +136,28 @@ impl TrailSource for ObjectSource {
             .block_on(self.store.get_range(&location, range))
             .map(|b| b.to_vec())
             .map_err(|e| remote_err(format!("{}: {e}", seg.path.display())))
+    }
+}
+
+/// An object's body as a blocking reader, one chunk of the stream in memory at a time.
+struct StreamRead<'a> {
+    stream: futures_util::stream::BoxStream<'static, object_store::Result<bytes::Bytes>>,
+    runtime: &'a tokio::runtime::Handle,
+    buf: bytes::Bytes,
+}
+
+impl std::io::Read for StreamRead<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.buf.is_empty() {
+            match self.runtime.block_on(self.stream.try_next()) {
+                Ok(Some(b)) => self.buf = b,
+                Ok(None) => return Ok(0),
+                Err(e) => return Err(std::io::Error::other(e)),
+            }
+        }
+        let n = out.len().min(self.buf.len());
+        out[..n].copy_from_slice(&self.buf.split_to(n));
+        Ok(n)
     }
 }
 

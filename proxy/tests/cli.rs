@@ -1019,3 +1019,166 @@ fn records_a_full_disk_refused_at_sigterm_become_a_gap_event_at_the_next_start()
     let o = custody(&["log", "search", "--dir", d, "--events", "--json"]);
     assert_eq!(stdout(&o).matches("unwritten_at_shutdown").count(), 1);
 }
+
+/// Runs a review command that must end on its own, with an error; returns its stderr.
+fn fails_promptly(args: &[&str]) -> String {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{args:?} did not end");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success(), "{args:?} exited 0: {err}");
+    err
+}
+
+/// A segment file: a header, then one block holding `lines` (chained from zeros).
+fn segment_with(lines: &[String]) -> Vec<u8> {
+    use custody_audit::segment::{seal_line, BlockHeader, SegmentHeader};
+    let mut out = SegmentHeader {
+        segment: 1,
+        created_ms: 1_700_000_000_000,
+        first_seq: 1,
+        prev_hash: [0; 32],
+    }
+    .encode();
+    let mut prev = [0u8; 32];
+    let mut raw = Vec::new();
+    for l in lines {
+        let mut line = format!(
+            "{l},\"chain\":{{\"prev\":\"{}\",\"hash\":\"{}\"}}}}",
+            hex::encode(prev),
+            "0".repeat(64)
+        )
+        .into_bytes();
+        prev = seal_line(&mut line).unwrap();
+        raw.extend_from_slice(&line);
+        raw.push(b'\n');
+    }
+    let mut c = zstd::bulk::Compressor::new(1).unwrap();
+    out.extend(
+        BlockHeader::encode_block(
+            1,
+            lines.len() as u32,
+            1_700_000_000_000,
+            1_700_000_000_000,
+            &raw,
+            &mut c,
+        )
+        .unwrap(),
+    );
+    out
+}
+
+#[test]
+fn review_commands_refuse_devices_fifos_sparse_files_and_forged_lengths() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg = "00000000000000000001.seg";
+    type Make = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Make, &str)> = vec![
+        (
+            "dev-zero",
+            Box::new(|p: &Path| std::os::unix::fs::symlink("/dev/zero", p).unwrap()),
+            "not a regular file",
+        ),
+        (
+            "fifo",
+            Box::new(|p: &Path| assert!(Command::new("mkfifo").arg(p).status().unwrap().success())),
+            "not a regular file",
+        ),
+        (
+            "sparse",
+            Box::new(|p: &Path| std::fs::File::create(p).unwrap().set_len(4 << 30).unwrap()),
+            "segment header",
+        ),
+        (
+            "forged-length",
+            Box::new(|p: &Path| {
+                // A valid header, then a block header claiming a 2 GiB frame.
+                let mut bytes = segment_with(&[]);
+                let block_at = custody_audit::segment::SEGMENT_HEADER_LEN + 8;
+                bytes.truncate(block_at);
+                let mut head = Vec::new();
+                head.extend_from_slice(&custody_audit::segment::BLOCK_MAGIC.to_le_bytes());
+                head.extend_from_slice(&48u32.to_le_bytes());
+                let mut content = b"CSTB".to_vec();
+                content.extend_from_slice(&1u64.to_le_bytes());
+                content.extend_from_slice(&1u32.to_le_bytes());
+                content.extend_from_slice(&0i64.to_le_bytes());
+                content.extend_from_slice(&0i64.to_le_bytes());
+                content.extend_from_slice(&(2u32 << 30).to_le_bytes());
+                content.extend_from_slice(&(2u32 << 30).to_le_bytes());
+                content.extend_from_slice(&0u32.to_le_bytes());
+                let crc = crc32fast::hash(&content);
+                content.extend_from_slice(&crc.to_le_bytes());
+                head.extend(content);
+                bytes.extend(head);
+                std::fs::write(p, bytes).unwrap();
+            }),
+            "larger than a reader accepts",
+        ),
+    ];
+    for (name, make, want) in cases {
+        let trail = dir.path().join(name);
+        std::fs::create_dir_all(&trail).unwrap();
+        make(&trail.join(seg));
+        let d = trail.to_str().unwrap();
+        for args in [
+            vec!["log", "verify", "--dir", d],
+            vec!["log", "export", "--dir", d],
+            vec!["log", "search", "--dir", d, "--text", "x"],
+        ] {
+            let err = fails_promptly(&args);
+            assert!(err.contains(want), "{name} {args:?}: {err}");
+        }
+    }
+}
+
+#[test]
+fn no_review_command_skips_an_unreadable_record_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let deep = format!("{}1{}", "[".repeat(140), "]".repeat(140));
+    let lines = [
+        "{\"schema\":\"custody.record/v1\",\"id\":\"0190f5a0-0000-7000-8000-000000000001\",\"seq\":1,\"outcome\":\"ok\"".to_owned(),
+        format!("{{\"schema\":\"custody.record/v1\",\"id\":\"0190f5a0-0000-7000-8000-000000000002\",\"seq\":2,\"request\":{{\"body\":{deep}}}"),
+    ];
+    std::fs::write(
+        dir.path().join("00000000000000000001.seg"),
+        segment_with(&lines),
+    )
+    .unwrap();
+    let d = dir.path().to_str().unwrap();
+    let err = fails_promptly(&["log", "search", "--dir", d]);
+    assert!(err.contains("not readable JSON"), "{err}");
+    let err = fails_promptly(&["log", "verify", "--dir", d]);
+    assert!(
+        err.contains("nested deeper") || err.contains("cannot read"),
+        "{err}"
+    );
+    let err = fails_promptly(&[
+        "log",
+        "show",
+        "0190f5a0-0000-7000-8000-000000000002",
+        "--dir",
+        d,
+    ]);
+    assert!(err.contains("recursion") || err.contains("JSON"), "{err}");
+}

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use custody_tests::*;
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Sends raw bytes on a fresh connection and reads until the server closes it.
@@ -447,4 +448,58 @@ async fn a_provider_error_inside_a_stream_is_an_upstream_error() {
             "{err}"
         );
     }
+}
+
+#[tokio::test]
+async fn an_edited_index_is_not_trusted_and_search_still_finds_every_record() {
+    use custody_audit::{
+        reader::DirSource,
+        search::{search, Query},
+    };
+    let up = chat_upstream().await;
+    let custody = Custody::start(vec![openai_route(&up)]).await;
+    for user in ["alice", "bob"] {
+        let body = format!(r#"{{"model":"gpt-4o","user":"{user}","messages":[]}}"#);
+        send(
+            &client(),
+            post(&custody.url("/v1/chat/completions"), &[], body),
+        )
+        .await;
+    }
+    let done = custody.stop().await;
+    let dir = done.audit_dir();
+    let query = Query {
+        user: Some("alice".into()),
+        limit: 10,
+        ..Query::default()
+    };
+    let found = search(&DirSource(&dir), &query).unwrap();
+    assert_eq!(found.records.len(), 1);
+    assert!(
+        found.untrusted_indexes.is_empty(),
+        "{:?}",
+        found.untrusted_indexes
+    );
+    // Someone removes alice from the sealed segment's index to hide her exchanges.
+    let idx_path = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "idx"))
+        .unwrap();
+    let mut idx: Value = serde_json::from_slice(&std::fs::read(&idx_path).unwrap()).unwrap();
+    let users = idx["facts"]["users"].as_array_mut().unwrap();
+    users.retain(|u| u != "alice");
+    std::fs::write(&idx_path, serde_json::to_vec(&idx).unwrap()).unwrap();
+    let found = search(&DirSource(&dir), &query).unwrap();
+    assert_eq!(
+        found.records.len(),
+        1,
+        "found by a full read of the segment"
+    );
+    assert_eq!(found.untrusted_indexes.len(), 1);
+    assert!(
+        found.untrusted_indexes[0].contains("does not match"),
+        "{:?}",
+        found.untrusted_indexes
+    );
 }

@@ -197,7 +197,13 @@ async fn trace_context_is_kept_or_started_and_recorded() {
         limit: 10,
         ..Query::default()
     };
-    assert_eq!(search(&DirSource(&done.audit_dir()), &q).unwrap().len(), 1);
+    assert_eq!(
+        search(&DirSource(&done.audit_dir()), &q)
+            .unwrap()
+            .records
+            .len(),
+        1
+    );
 }
 
 /// A provider that answers each chat request with `Answer N`, N its message count.
@@ -272,7 +278,7 @@ async fn a_three_turn_conversation_is_linked_and_told_turn_by_turn() {
         limit: 10,
         ..Query::default()
     };
-    let found = search(&DirSource(&done.audit_dir()), &q).unwrap();
+    let found = search(&DirSource(&done.audit_dir()), &q).unwrap().records;
     assert_eq!(found.len(), 2);
     assert_eq!(found[0]["id"], r[3]["id"], "newest first");
 }
@@ -398,5 +404,11 @@ async fn search_answers_who_asked_what() {
         limit: 10,
         ..Query::default()
     };
-    assert_eq!(search(&DirSource(&done.audit_dir()), &q).unwrap().len(), 2);
+    assert_eq!(
+        search(&DirSource(&done.audit_dir()), &q)
+            .unwrap()
+            .records
+            .len(),
+        2
+    );
 }

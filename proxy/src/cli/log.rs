@@ -316,8 +316,17 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
             };
             let trails = a.trail.open()?;
             let mut found = Vec::new();
+            let mut unreadable = 0;
             for source in &trails.sources {
-                found.extend(search::search(source.as_ref(), &query)?);
+                let f = search::search(source.as_ref(), &query)?;
+                for why in &f.untrusted_indexes {
+                    eprintln!(
+                        "warning: {}: index not trusted, segment read in full: {why}",
+                        source.describe()
+                    );
+                }
+                unreadable += f.unreadable;
+                found.extend(f.records);
             }
             // Many pods' newest records, merged: newest first across them.
             if trails.sources.len() > 1 {
@@ -366,6 +375,13 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
             out.flush()?;
             if !a.json {
                 eprintln!("{} record(s)", found.len());
+            }
+            // A search that skipped records must not look complete.
+            if unreadable > 0 {
+                eprintln!(
+                    "error: {unreadable} record line(s) are not readable JSON and were not searched; run `custody log verify`"
+                );
+                return Ok(ExitCode::FAILURE);
             }
             Ok(ExitCode::SUCCESS)
         }

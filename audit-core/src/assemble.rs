@@ -489,11 +489,17 @@ impl Assembler {
                 if is_sse {
                     stream_error = genai::stream_error(text);
                 }
-                let reassembled = if is_sse {
-                    op.and_then(|op| genai::reassemble(op, text))
+                let (reassembled, stopped) = if is_sse {
+                    op.map_or((None, false), |op| genai::reassemble_bounded(op, text))
                 } else {
                     genai::reassemble_json_array(text)
                 };
+                if stopped {
+                    out.reassembly_stopped = Some(format!(
+                        "parts with an index of {} or more were left out",
+                        genai::MAX_STREAM_INDEX
+                    ));
+                }
                 let mut v = match reassembled {
                     Some(mut v) => {
                         inspect(&v);

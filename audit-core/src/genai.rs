@@ -304,9 +304,27 @@ fn str_at(v: &Value, key: &str) -> Option<String> {
     v.get(key).and_then(Value::as_str).map(str::to_owned)
 }
 
+/// The highest choice, candidate, content-block or tool-call index reassembly keeps.
+/// Providers allow far fewer (OpenAI `n` <= 128, Gemini 8 candidates); a stream that
+/// names more is hostile or broken, and would make reassembly's memory grow with every
+/// index it names instead of with the bytes it carries.
+pub const MAX_STREAM_INDEX: u64 = 256;
+
 /// Reassembles a streamed response body into the equivalent non-streamed object.
 /// `None` when the stream holds no usable event.
 pub fn reassemble(op: Operation, body: &str) -> Option<Value> {
+    reassemble_bounded(op, body).0
+}
+
+/// [`reassemble`], and whether it left out parts of the stream whose index is past
+/// [`MAX_STREAM_INDEX`].
+pub fn reassemble_bounded(op: Operation, body: &str) -> (Option<Value>, bool) {
+    let mut stopped = false;
+    let v = reassemble_inner(op, body, &mut stopped);
+    (v, stopped)
+}
+
+fn reassemble_inner(op: Operation, body: &str, stop: &mut bool) -> Option<Value> {
     let events = sse::parse(body);
     let datas = events.iter().filter_map(|e| {
         if e.data == "[DONE]" {
@@ -315,10 +333,10 @@ pub fn reassemble(op: Operation, body: &str) -> Option<Value> {
         serde_json::from_str::<Value>(&e.data).ok()
     });
     match op {
-        Operation::Chat | Operation::TextCompletion => openai_choices(op, datas),
+        Operation::Chat | Operation::TextCompletion => openai_choices(op, datas, stop),
         Operation::Responses => responses(&events),
-        Operation::Messages => anthropic(datas),
-        Operation::GenerateContent => gemini(datas),
+        Operation::Messages => anthropic(datas, stop),
+        Operation::GenerateContent => gemini(datas, stop),
         Operation::Embeddings | Operation::Moderations | Operation::Images | Operation::Audio => {
             None
         }
@@ -354,7 +372,13 @@ pub fn stream_error(body: &str) -> Option<Value> {
 
 /// Gemini's stream without `alt=sse`: one JSON array of response chunks, sent piece by
 /// piece. Reads the chunks that arrived whole (a cut stream keeps them) and merges them.
-pub fn reassemble_json_array(body: &str) -> Option<Value> {
+pub fn reassemble_json_array(body: &str) -> (Option<Value>, bool) {
+    let mut stopped = false;
+    let v = json_array_inner(body, &mut stopped);
+    (v, stopped)
+}
+
+fn json_array_inner(body: &str, stop: &mut bool) -> Option<Value> {
     let mut chunks = Vec::new();
     let mut rest = body.trim_start().strip_prefix('[')?;
     loop {
@@ -371,12 +395,12 @@ pub fn reassemble_json_array(body: &str) -> Option<Value> {
             _ => break,
         }
     }
-    gemini(chunks.into_iter())
+    gemini(chunks.into_iter(), stop)
 }
 
 /// Merges Gemini response chunks: text parts joined per candidate, the rest from the
 /// latest chunk that has it.
-fn gemini(datas: impl Iterator<Item = Value>) -> Option<Value> {
+fn gemini(datas: impl Iterator<Item = Value>, stop: &mut bool) -> Option<Value> {
     let mut out = Map::new();
     let mut candidates: BTreeMap<u64, (Map<String, Value>, Vec<Value>)> = BTreeMap::new();
     let mut seen = false;
@@ -390,6 +414,10 @@ fn gemini(datas: impl Iterator<Item = Value>) -> Option<Value> {
         }
         for c in array(d.get("candidates")) {
             let idx = c.get("index").and_then(Value::as_u64).unwrap_or(0);
+            if idx >= MAX_STREAM_INDEX {
+                *stop = true;
+                continue;
+            }
             let (cand, parts) = candidates.entry(idx).or_default();
             if let Value::Object(c) = c {
                 for (k, v) in c {
@@ -450,7 +478,11 @@ struct ChoiceAcc {
     finish_reason: Value,
 }
 
-fn openai_choices(op: Operation, datas: impl Iterator<Item = Value>) -> Option<Value> {
+fn openai_choices(
+    op: Operation,
+    datas: impl Iterator<Item = Value>,
+    stop: &mut bool,
+) -> Option<Value> {
     let mut out = Map::new();
     let mut choices: BTreeMap<u64, ChoiceAcc> = BTreeMap::new();
     let mut seen = false;
@@ -484,6 +516,10 @@ fn openai_choices(op: Operation, datas: impl Iterator<Item = Value>) -> Option<V
             .flatten()
         {
             let idx = c.get("index").and_then(Value::as_u64).unwrap_or(0);
+            if idx >= MAX_STREAM_INDEX {
+                *stop = true;
+                continue;
+            }
             let acc = choices.entry(idx).or_default();
             if let Some(fr) = c.get("finish_reason").filter(|v| !v.is_null()) {
                 acc.finish_reason = fr.clone();
@@ -510,6 +546,10 @@ fn openai_choices(op: Operation, datas: impl Iterator<Item = Value>) -> Option<V
                 .flatten()
             {
                 let ti = tc.get("index").and_then(Value::as_u64).unwrap_or(0);
+                if ti >= MAX_STREAM_INDEX {
+                    *stop = true;
+                    continue;
+                }
                 let t = acc.tool_calls.entry(ti).or_default();
                 if let Some(id) = tc.get("id").filter(|v| !v.is_null()) {
                     t.id = Some(id.clone());
@@ -608,13 +648,17 @@ struct BlockAcc {
     json: Option<String>,
 }
 
-fn anthropic(datas: impl Iterator<Item = Value>) -> Option<Value> {
+fn anthropic(datas: impl Iterator<Item = Value>, stop: &mut bool) -> Option<Value> {
     let mut message: Option<Map<String, Value>> = None;
     let mut blocks: BTreeMap<u64, BlockAcc> = BTreeMap::new();
     let mut usage = Map::new();
     let mut error = None;
     for d in datas {
         let index = d.get("index").and_then(Value::as_u64).unwrap_or(0);
+        if index >= MAX_STREAM_INDEX {
+            *stop = true;
+            continue;
+        }
         match d.get("type").and_then(Value::as_str).unwrap_or("") {
             "message_start" => {
                 if let Some(Value::Object(m)) = d.get("message") {

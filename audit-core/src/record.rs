@@ -272,6 +272,11 @@ pub struct Body {
     /// deeper than every review command could read back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stored_as_text: Option<String>,
+    /// Stream reassembly left parts out to stay within its bounds (a stream naming more
+    /// choices, candidates or content blocks than any provider sends); what it kept is
+    /// in `body`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reassembly_stopped: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

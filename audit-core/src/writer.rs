@@ -181,8 +181,7 @@ impl From<&custody_config::Audit> for WriterConfig {
             segment_max_bytes: a.segment_max_bytes,
             segment_max_age: Duration::from_secs(a.segment_max_age_secs),
             queue_capacity: a.queue_capacity,
-            // Compressed captures may expand; allow a generous but finite factor.
-            decode_limit: a.capture_max_bytes.saturating_mul(8),
+            decode_limit: a.decoded_max_bytes,
             fsync_interval: Duration::from_millis(a.fsync_interval_ms.max(1)),
             checkpoint_interval: Duration::from_secs(a.checkpoint_interval_secs.max(1)),
             retention_days: a.retention_days,

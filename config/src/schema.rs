@@ -280,6 +280,10 @@ pub struct Audit {
     /// Bytes of each body (request and response, separately) kept for the record;
     /// beyond it the record says `truncated` and carries the full length.
     pub capture_max_bytes: usize,
+    /// Largest size a compressed body (`Content-Encoding`) may decode to for the record;
+    /// past it the body is omitted (its length and hash kept) and the record says why.
+    /// Bounds the writer's memory against decompression bombs.
+    pub decoded_max_bytes: usize,
     /// File holding the secret for `client.key_id` fingerprints (HMAC-SHA-256).
     /// Unset: `<dir>/fingerprint.key`, generated on first start.
     pub fingerprint_key_file: Option<PathBuf>,
@@ -339,6 +343,7 @@ impl Default for Audit {
             segment_max_age_secs: 3600,
             queue_capacity: 4096,
             capture_max_bytes: 16 * 1024 * 1024,
+            decoded_max_bytes: 32 * 1024 * 1024,
             fingerprint_key_file: None,
             fsync: Fsync::Interval,
             fsync_interval_ms: 100,
@@ -614,8 +619,9 @@ impl Config {
             }
         }
         let a = &self.audit;
-        let positive: [(&str, u64); 6] = [
+        let positive: [(&str, u64); 7] = [
             ("audit.segment_max_bytes", a.segment_max_bytes),
+            ("audit.decoded_max_bytes", a.decoded_max_bytes as u64),
             ("audit.segment_max_age_secs", a.segment_max_age_secs),
             ("audit.queue_capacity", a.queue_capacity as u64),
             ("audit.capture_max_bytes", a.capture_max_bytes as u64),

@@ -1182,3 +1182,90 @@ fn no_review_command_skips_an_unreadable_record_and_exits_0() {
     ]);
     assert!(err.contains("recursion") || err.contains("JSON"), "{err}");
 }
+
+/// Peak resident memory of a process (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+#[test]
+fn memory_stays_bounded_under_bombs_and_endless_streams() {
+    use std::io::Write as _;
+    // An upstream answering every request with a stream naming 200,000 choices.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_addr = upstream.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for s in upstream.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
+                    head.push(b[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let len: usize = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0u8; len];
+                let _ = s.read_exact(&mut body);
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n");
+                let mut batch = String::new();
+                for i in 0..200_000u32 {
+                    batch.push_str(&format!("data: {{\"choices\":[{{\"index\":{i},\"delta\":{{\"content\":\"x\"}}}}]}}\n\n"));
+                    if batch.len() > 64 * 1024 {
+                        let _ = s.write_all(std::mem::take(&mut batch).as_bytes());
+                    }
+                }
+                let _ = s.write_all(batch.as_bytes());
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit");
+    let config = dir.path().join("custody.toml");
+    // Durable: the response ends once its record is written, so the peak below
+    // includes the writer's work on it.
+    write_serve_config(&config, &audit, &up_addr, "durability = \"durable\"", "");
+    let (mut serve, addr) = spawn_listening(&["serve", "--config", config.to_str().unwrap()]);
+    let baseline = peak_rss(serve.id());
+    // A gzip bomb: well under 1 MiB that decodes to 128 MiB of text (4x the limit).
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let chunk = b"{\"a\":\"bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\"},".repeat(4096);
+    for _ in 0..(128 * 1024 * 1024 / chunk.len()) {
+        gz.write_all(&chunk).unwrap();
+    }
+    let bomb = gz.finish().unwrap();
+    let mut s = TcpStream::connect(&addr).unwrap();
+    write!(s, "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-encoding: gzip\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", bomb.len()).unwrap();
+    s.write_all(&bomb).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    assert!(out.starts_with(b"HTTP/1.1 200"));
+    let peak = peak_rss(serve.id());
+    serve.terminate();
+    let o = custody(&["log", "search", "--dir", audit.to_str().unwrap(), "--json"]);
+    let r: serde_json::Value = serde_json::from_str(stdout(&o).lines().next().unwrap()).unwrap();
+    assert!(
+        r["request"]["omitted"]
+            .as_str()
+            .unwrap()
+            .contains("exceeds"),
+        "{r}"
+    );
+    assert!(r["response"]["reassembly_stopped"].is_string(), "{r}");
+    eprintln!(
+        "peak RSS {} MiB (baseline {} MiB)",
+        peak >> 20,
+        baseline >> 20
+    );
+    assert!(peak < 256 << 20, "peak RSS {} MiB", peak >> 20);
+}

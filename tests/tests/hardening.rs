@@ -503,3 +503,87 @@ async fn an_edited_index_is_not_trusted_and_search_still_finds_every_record() {
         found.untrusted_indexes
     );
 }
+
+#[tokio::test]
+async fn a_decompression_bomb_is_omitted_at_the_decoded_limit() {
+    use std::io::Write;
+    let up = chat_upstream().await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.audit.decoded_max_bytes = 4 * 1024 * 1024;
+    })
+    .await;
+    // 64 MiB of text in well under 1 MiB of gzip.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let chunk = br#"{"a":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"},"#.repeat(1024);
+    for _ in 0..(64 * 1024 * 1024 / chunk.len()) {
+        gz.write_all(&chunk).unwrap();
+    }
+    let bomb = gz.finish().unwrap();
+    assert!(bomb.len() < 1024 * 1024);
+    let (parts, _) = send(
+        &client(),
+        post(
+            &custody.url("/v1/chat/completions"),
+            &[
+                ("content-encoding", "gzip"),
+                ("content-type", "application/json"),
+            ],
+            bomb.clone(),
+        ),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    let done = custody.stop().await;
+    let r = done.one();
+    assert!(
+        r["request"]["omitted"]
+            .as_str()
+            .unwrap()
+            .contains("exceeds 4194304 bytes"),
+        "{r}"
+    );
+    assert_eq!(r["request"]["sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(r["http"]["request_bytes"], bomb.len());
+}
+
+#[tokio::test]
+async fn a_stream_naming_endless_choices_is_reassembled_within_bounds() {
+    let (tx, handler) = one_stream(&[("content-type", "text/event-stream")]);
+    let up = MockUpstream::start(handler).await;
+    let custody = Custody::start(vec![openai_route(&up)]).await;
+    let feeder = tokio::spawn(async move {
+        let mut batch = String::new();
+        for i in 0..200_000u32 {
+            batch.push_str(&format!(
+                "data: {{\"id\":\"c\",\"choices\":[{{\"index\":{i},\"delta\":{{\"content\":\"x\"}}}}]}}\n\n"
+            ));
+            if batch.len() > 64 * 1024 {
+                tx.send(Ok(std::mem::take(&mut batch).into()))
+                    .await
+                    .unwrap();
+            }
+        }
+        batch.push_str("data: [DONE]\n\n");
+        tx.send(Ok(batch.into())).await.unwrap();
+    });
+    let (parts, _) = send(
+        &client(),
+        post(
+            &custody.url("/v1/chat/completions"),
+            &[],
+            r#"{"model":"m","stream":true}"#,
+        ),
+    )
+    .await;
+    feeder.await.unwrap();
+    assert_eq!(parts.status, 200);
+    let done = custody.stop().await;
+    let r = done.one();
+    assert_eq!(r["outcome"], "ok");
+    let choices = r["response"]["body"]["choices"].as_array().unwrap();
+    assert_eq!(choices.len() as u64, custody_audit::genai::MAX_STREAM_INDEX);
+    assert!(r["response"]["reassembly_stopped"]
+        .as_str()
+        .unwrap()
+        .contains("left out"));
+}

@@ -17,6 +17,17 @@ use prometheus_client::{
 /// Distinct model names kept as label values; later ones are counted as `other`.
 pub const MODEL_LABELS: usize = 200;
 
+/// Model names as providers write them: `gpt-4o-2024-08-06`, `claude-3-5-sonnet@20240620`,
+/// `models/gemini-1.5-pro`, `accounts/x/models/y`: at most 96 characters of letters,
+/// digits and `.-_:/@`.
+pub fn well_formed_model(m: &str) -> bool {
+    !m.is_empty()
+        && m.len() <= 96
+        && m.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'/' | b'@')
+        })
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
@@ -241,8 +252,13 @@ impl AuditStats {
         (l.unaudited > 0 || l.refused > 0).then(|| std::mem::take(&mut *l))
     }
 
-    /// The model label for `model`: itself while fewer than [`MODEL_LABELS`] are known.
+    /// The model label for `model`: itself while fewer than [`MODEL_LABELS`] are known
+    /// and it looks like a model name; `other` for anything else an upstream or client
+    /// may have sent there (a redacted value, a sentence, control characters).
     pub fn model_label(&self, model: &str) -> String {
+        if !well_formed_model(model) {
+            return "other".into();
+        }
         let Ok(mut known) = self.models.lock() else {
             return "other".into();
         };

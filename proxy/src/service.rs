@@ -266,6 +266,18 @@ async fn proxy(
     inflight.update(|ex| ex.upstream_sent_at = Some(sent_at));
     let result = tokio::time::timeout(timeout, shared.client.request(upstream_req)).await;
     let (refusal, error) = match result {
+        // The upstream was still reading a body the client had not finished sending:
+        // whatever ended the exchange, the client's trickle is what held it up.
+        Ok(Err(_)) | Err(_) if handback.waiting_on_client() => {
+            let what = match &result {
+                Ok(Err(e)) => error_chain(e),
+                _ => format!("no response head within {timeout:?}"),
+            };
+            (
+                Refusal::ClientTimeout,
+                format!("the request body was still arriving from the client: {what}"),
+            )
+        }
         Ok(Ok(resp)) => {
             let (mut parts, body) = resp.into_parts();
             let head_at = Instant::now();

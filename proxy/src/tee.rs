@@ -327,17 +327,27 @@ where
 /// record would lack the prompt. [`Handback::take`] recovers the body so custody can
 /// read it into the record. One shared slot per request; a poll takes an uncontended lock.
 pub struct Handoff<B> {
-    slot: Arc<std::sync::Mutex<Option<B>>>,
+    slot: Arc<std::sync::Mutex<Slot<B>>>,
 }
 
 /// The service's side of a [`Handoff`].
 pub struct Handback<B> {
-    slot: Arc<std::sync::Mutex<Option<B>>>,
+    slot: Arc<std::sync::Mutex<Slot<B>>>,
+}
+
+struct Slot<B> {
+    body: Option<B>,
+    /// The upstream asked for more and the client had not sent it yet: a failure now
+    /// is the client's (a trickling body), not the upstream's.
+    waiting_on_client: bool,
 }
 
 impl<B> Handoff<B> {
     pub fn new(body: B) -> (Self, Handback<B>) {
-        let slot = Arc::new(std::sync::Mutex::new(Some(body)));
+        let slot = Arc::new(std::sync::Mutex::new(Slot {
+            body: Some(body),
+            waiting_on_client: false,
+        }));
         (Self { slot: slot.clone() }, Handback { slot })
     }
 }
@@ -346,7 +356,18 @@ impl<B> Handback<B> {
     /// The body, unless the upstream side has finished it; the upstream side then sees
     /// its end.
     pub fn take(&self) -> Option<B> {
-        self.slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .body
+            .take()
+    }
+
+    /// Whether the request body was still arriving from the client, the upstream
+    /// waiting for it, when this was asked.
+    pub fn waiting_on_client(&self) -> bool {
+        let slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        slot.body.is_some() && slot.waiting_on_client
     }
 }
 
@@ -362,13 +383,15 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(body) = slot.as_mut() else {
+        let Some(body) = slot.body.as_mut() else {
             return Poll::Ready(None);
         };
-        let polled = ready!(Pin::new(&mut *body).poll_frame(cx));
+        let polled = Pin::new(&mut *body).poll_frame(cx);
+        slot.waiting_on_client = polled.is_pending();
+        let polled = ready!(polled);
         if polled.is_none() {
             // Finished: nothing to hand back.
-            *slot = None;
+            slot.body = None;
         }
         Poll::Ready(polled)
     }
@@ -377,6 +400,7 @@ where
         self.slot
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .body
             .as_ref()
             .is_none_or(Body::is_end_stream)
     }
@@ -385,6 +409,7 @@ where
         self.slot
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .body
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }

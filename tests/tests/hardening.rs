@@ -587,3 +587,84 @@ async fn a_stream_naming_endless_choices_is_reassembled_within_bounds() {
         .unwrap()
         .contains("left out"));
 }
+
+#[tokio::test]
+async fn metric_labels_take_only_well_formed_model_names() {
+    let up = MockUpstream::start(|_, body| {
+        let served = if body.starts_with(b"{\"model\":\"gpt") {
+            "gpt-4o-2024-08-06"
+        } else {
+            "call me at bob@example.com\\n# TYPE injected counter"
+        };
+        respond(
+            200,
+            &[("content-type", "application/json")],
+            format!(r#"{{"id":"x","model":"{served}","choices":[],"usage":{{"prompt_tokens":1,"completion_tokens":2}}}}"#),
+        )
+    })
+    .await;
+    let custody = Custody::start(vec![openai_route(&up)]).await;
+    for model in ["gpt-4o", "something else"] {
+        let body = format!(r#"{{"model":"{model}","messages":[]}}"#);
+        send(
+            &client(),
+            post(&custody.url("/v1/chat/completions"), &[], body),
+        )
+        .await;
+    }
+    custody
+        .until_metric(
+            "gen_ai_client_token_usage_total{route=\"openai\",model=\"other\",token_type=\"input\"}",
+            |v| v == 1.0,
+        )
+        .await;
+    let text = {
+        let req = http::Request::get(custody.admin_url("/metrics"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        String::from_utf8(send(&client(), req).await.1.to_vec()).unwrap()
+    };
+    assert!(text.contains("model=\"gpt-4o-2024-08-06\""), "{text}");
+    assert!(
+        !text.contains("injected") && !text.contains("model=\"[EMAIL"),
+        "{text}"
+    );
+    custody.stop().await;
+}
+
+#[tokio::test]
+async fn a_trickling_client_is_recorded_as_the_clients_fault() {
+    // An upstream that reads the whole body before answering.
+    let up = chat_upstream().await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.upstream.response_timeout_secs = 1;
+        c.limits.client_timeout_secs = 30;
+    })
+    .await;
+    let mut s = tokio::net::TcpStream::connect(custody.addr).await.unwrap();
+    s.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"model\":",
+    )
+    .await
+    .unwrap();
+    // The rest never comes (within the upstream's response timeout).
+    let mut out = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut out))
+        .await
+        .expect("custody answered")
+        .unwrap();
+    let head = String::from_utf8_lossy(&out[..n]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    drop(s);
+    let done = custody.stop().await;
+    let r = done.one();
+    assert_eq!(r["outcome"], "client_cancelled");
+    assert_eq!(r["http"]["status"], 408);
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("still arriving from the client"),
+        "{r}"
+    );
+}

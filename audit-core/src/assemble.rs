@@ -59,6 +59,8 @@ impl LineageHeaders {
 /// Builds records; holds the automata and keys, built once.
 pub struct Assembler {
     redactor: Redactor,
+    /// Keys identity pseudonyms (`client.user`, `client.end_user`).
+    identity_key: Vec<u8>,
     fingerprinter: Fingerprinter,
     lineage: LineageHasher,
     headers: LineageHeaders,
@@ -85,6 +87,7 @@ impl Assembler {
     ) -> Self {
         let lineage = LineageHasher::new(&fingerprinter.derive("custody.lineage/v1"));
         Self {
+            identity_key: identity_key(&fingerprinter),
             redactor,
             fingerprinter,
             lineage,
@@ -166,8 +169,11 @@ impl Assembler {
         let query = ex.uri.query().map(|q| self.query(q, &mut counts));
         // Every field custody extracts is redacted like the bodies: a client can put
         // anything (its own key, an e-mail address) where a model or user is expected.
+        let end_user = facts
+            .end_user
+            .take()
+            .map(|u| self.identity(&u, &credentials, &mut counts));
         self.redact_facts(&mut facts, &credentials, &mut counts);
-        let end_user = facts.end_user.take();
         // A stream that began with a 200 and then carried the provider's error failed,
         // whatever the transport says.
         let (outcome, error) = match &stream_error {
@@ -354,7 +360,6 @@ impl Assembler {
     /// redaction).
     fn redact_facts(&self, f: &mut GenAiFacts, credentials: &[String], counts: &mut Counts) {
         let single = [
-            &mut f.end_user,
             &mut f.request_model,
             &mut f.output_type,
             &mut f.reasoning_effort,
@@ -371,6 +376,24 @@ impl Assembler {
         for s in single.into_iter().flatten().chain(lists) {
             *s = self.field(s, credentials, counts);
         }
+    }
+
+    /// An end user named by the request, in its searchable form: entities in it (an
+    /// e-mail address) pseudonymized with the deployment's identity key whatever their
+    /// redaction mode, so that users stay distinct and `log search --user` can find
+    /// them from the clear value ([`identity_token`]) without the trail holding it.
+    fn identity(&self, s: &str, credentials: &[String], counts: &mut Counts) -> String {
+        let mut out = self
+            .redactor
+            .pseudonymize_str(s, &self.identity_key, counts)
+            .into_owned();
+        for c in credentials {
+            if out.contains(c.as_str()) {
+                out = out.replace(c.as_str(), "[CLIENT_CREDENTIAL]");
+                counts.add("CLIENT_CREDENTIAL", 1);
+            }
+        }
+        out
     }
 
     /// An extracted field, redacted and with the exchange's own credentials removed.
@@ -597,6 +620,19 @@ fn mostly_text(b: &[u8]) -> bool {
         }
     }
     bad <= b.len() / 64 + 1
+}
+
+/// The key of identity pseudonyms, derived from the deployment's fingerprint key.
+fn identity_key(fp: &Fingerprinter) -> Vec<u8> {
+    fp.derive("custody.identity/v1")
+}
+
+/// How a user value is stored in `client.user` / `client.end_user` under this
+/// fingerprint key (built-in entities): what `log search --user` looks for.
+pub fn identity_token(fp: &Fingerprinter, value: &str) -> String {
+    Redactor::builtin()
+        .pseudonymize_str(value, &identity_key(fp), &mut Counts::new())
+        .into_owned()
 }
 
 /// Pretty-printed JSON on one line: a record is one line of the segment. Raw line

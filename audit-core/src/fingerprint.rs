@@ -60,6 +60,29 @@ impl Fingerprinter {
     }
 }
 
+/// Reads an existing hex secret of at least 16 bytes (for reviewers: never creates one).
+pub fn load_key(path: &Path) -> Result<Vec<u8>, AuditError> {
+    let text = fs::read_to_string(path).map_err(|source| AuditError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_key(path, &text)
+}
+
+fn parse_key(path: &Path, text: &str) -> Result<Vec<u8>, AuditError> {
+    let key = hex::decode(text.trim()).map_err(|_| AuditError::BadKeyFile {
+        path: path.to_owned(),
+        reason: "not hex",
+    })?;
+    if key.len() < 16 {
+        return Err(AuditError::BadKeyFile {
+            path: path.to_owned(),
+            reason: "shorter than 16 bytes",
+        });
+    }
+    Ok(key)
+}
+
 /// Reads a hex secret of at least 16 bytes from `path`, or generates 32 random bytes
 /// into it (mode 0600) if the file does not exist.
 pub fn load_or_create_key(path: &Path) -> Result<Vec<u8>, AuditError> {
@@ -68,19 +91,7 @@ pub fn load_or_create_key(path: &Path) -> Result<Vec<u8>, AuditError> {
         source,
     };
     match fs::read_to_string(path) {
-        Ok(text) => {
-            let key = hex::decode(text.trim()).map_err(|_| AuditError::BadKeyFile {
-                path: path.to_owned(),
-                reason: "not hex",
-            })?;
-            if key.len() < 16 {
-                return Err(AuditError::BadKeyFile {
-                    path: path.to_owned(),
-                    reason: "shorter than 16 bytes",
-                });
-            }
-            Ok(key)
-        }
+        Ok(text) => parse_key(path, &text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut key = vec![0u8; 32];
             getrandom::fill(&mut key).map_err(|e| io(std::io::Error::other(e.to_string())))?;

@@ -87,6 +87,17 @@ impl LineageHasher {
     }
 }
 
+/// The caller a conversation belongs to: links never cross from one caller to another.
+/// A caller is its key (`client.key_id`) and its user (`client.user`), as recorded.
+pub fn caller_scope(key_id: Option<&str>, user: Option<&str>) -> Hash {
+    let mut h = Sha256::new();
+    h.update(b"custody.caller/v1\0");
+    h.update(key_id.unwrap_or_default().as_bytes());
+    h.update([0]);
+    h.update(user.unwrap_or_default().as_bytes());
+    h.finalize().into()
+}
+
 fn step(prev: &Hash, next: &Hash) -> Hash {
     let mut h = Sha256::new();
     h.update(prev);
@@ -323,28 +334,44 @@ impl ConversationIndex {
         self.capacity = capacity.max(1);
     }
 
-    /// The record this request continues: the one answering a previous response id,
-    /// else the one whose prompt and answer are the longest prefix of this prompt.
-    pub fn parent(&self, lineage: &Lineage, previous_response_id: Option<&str>) -> Option<&str> {
-        if let Some(id) = previous_response_id.and_then(|p| self.responses.get(p)) {
+    /// The record this request continues, among the same caller's (`scope`): the one
+    /// answering a previous response id, else the one whose prompt and answer are the
+    /// longest prefix of this prompt.
+    pub fn parent(
+        &self,
+        scope: &Hash,
+        lineage: &Lineage,
+        previous_response_id: Option<&str>,
+    ) -> Option<&str> {
+        if let Some(id) =
+            previous_response_id.and_then(|p| self.responses.get(&scoped_id(scope, p)))
+        {
             return Some(id);
         }
         lineage
             .prefixes
             .iter()
             .rev()
-            .find_map(|p| self.turns.get(p))
+            .find_map(|p| self.turns.get(&step(scope, p)))
             .map(String::as_str)
     }
 
-    pub fn insert(&mut self, lineage: &Lineage, response_id: Option<&str>, record_id: &str) {
+    pub fn insert(
+        &mut self,
+        scope: &Hash,
+        lineage: &Lineage,
+        response_id: Option<&str>,
+        record_id: &str,
+    ) {
         if let Some(k) = lineage.turn_key() {
+            let k = step(scope, &k);
             self.turns.insert(k, record_id.to_owned());
             self.order.push_back(Entry::Turn(k));
         }
         if let Some(r) = response_id {
-            self.responses.insert(r.to_owned(), record_id.to_owned());
-            self.order.push_back(Entry::Response(r.to_owned()));
+            let r = scoped_id(scope, r);
+            self.responses.insert(r.clone(), record_id.to_owned());
+            self.order.push_back(Entry::Response(r));
         }
         while self.order.len() > self.capacity {
             match self.order.pop_front() {
@@ -358,6 +385,11 @@ impl ConversationIndex {
             }
         }
     }
+}
+
+/// A response id as the index keys it: within one caller.
+fn scoped_id(scope: &Hash, id: &str) -> String {
+    format!("{}:{id}", hex::encode(&scope[..8]))
 }
 
 /// The index as it stood before a restart, rebuilt from the newest records of the trail
@@ -378,11 +410,17 @@ pub fn rebuild(dir: &std::path::Path, capacity: usize) -> ConversationIndex {
         response: Option<Response>,
     }
     #[derive(serde::Deserialize)]
+    struct Client {
+        key_id: Option<String>,
+        user: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
     struct Turn {
         id: String,
         prompt: Option<Hashed>,
         completion: Option<Hashed>,
         gen_ai: Option<GenAi>,
+        client: Option<Client>,
     }
     let hash = |h: &Option<Hashed>| {
         let mut out = [0u8; 32];
@@ -421,7 +459,12 @@ pub fn rebuild(dir: &std::path::Path, capacity: usize) -> ConversationIndex {
             completion: hash(&t.completion),
         };
         let response_id = t.gen_ai.and_then(|g| g.response).and_then(|r| r.id);
-        index.insert(&lineage, response_id.as_deref(), &t.id);
+        let client = t.client.as_ref();
+        let scope = caller_scope(
+            client.and_then(|c| c.key_id.as_deref()),
+            client.and_then(|c| c.user.as_deref()),
+        );
+        index.insert(&scope, &lineage, response_id.as_deref(), &t.id);
     }
     index
 }
@@ -444,20 +487,21 @@ mod tests {
     fn an_answer_sent_back_as_history_links_the_turns() {
         let h = LineageHasher::new(b"k");
         let mut idx = ConversationIndex::new(10);
+        let alice = caller_scope(Some("key_alice"), None);
         let req1 = json!({"messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]});
         let resp1 =
             json!({"choices":[{"message":{"role":"assistant","content":"Hello!","refusal":null}}]});
         let l1 = lineage(&h, Operation::Chat, &req1, Some(&resp1));
-        assert!(idx.parent(&l1, None).is_none());
-        idx.insert(&l1, Some("chatcmpl-1"), "r1");
+        assert!(idx.parent(&alice, &l1, None).is_none());
+        idx.insert(&alice, &l1, Some("chatcmpl-1"), "r1");
         // The client sends the answer back as a list of text parts.
         let req2 = json!({"messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hi"}]},{"role":"assistant","content":"Hello!"},{"role":"user","content":"and?"}]});
         let l2 = lineage(&h, Operation::Chat, &req2, None);
-        assert_eq!(idx.parent(&l2, None), Some("r1"));
+        assert_eq!(idx.parent(&alice, &l2, None), Some("r1"));
         // An edited history does not link.
         let req3 = json!({"messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"},{"role":"assistant","content":"Hello?"},{"role":"user","content":"and?"}]});
         assert!(idx
-            .parent(&lineage(&h, Operation::Chat, &req3, None), None)
+            .parent(&alice, &lineage(&h, Operation::Chat, &req3, None), None)
             .is_none());
         // Another key gives other hashes.
         let other = LineageHasher::new(b"other");
@@ -466,9 +510,17 @@ mod tests {
             l1.prompt_hash()
         );
         assert_eq!(
-            idx.parent(&Lineage::default(), Some("chatcmpl-1")),
+            idx.parent(&alice, &Lineage::default(), Some("chatcmpl-1")),
             Some("r1")
         );
+        // Another caller with the same history is another conversation.
+        let bob = caller_scope(Some("key_bob"), None);
+        assert!(idx.parent(&bob, &l2, None).is_none());
+        assert!(idx
+            .parent(&bob, &Lineage::default(), Some("chatcmpl-1"))
+            .is_none());
+        let alice_other_user = caller_scope(Some("key_alice"), Some("carol"));
+        assert!(idx.parent(&alice_other_user, &l2, None).is_none());
     }
 
     #[test]
@@ -493,7 +545,7 @@ mod tests {
                 prefixes: vec![[i; 32]],
                 completion: Some([9; 32]),
             };
-            idx.insert(&l, None, &format!("r{i}"));
+            idx.insert(&caller_scope(None, None), &l, None, &format!("r{i}"));
         }
         assert_eq!(idx.turns.len(), 2);
     }

@@ -872,12 +872,26 @@ impl Worker {
 
     fn line(&mut self, ex: &Exchange, seq: u64) -> Option<(Vec<u8>, i64, Facts)> {
         let (mut record, learned) = self.assembler.assemble(ex, seq);
+        // Conversations link within one caller: the same prompt from another key or
+        // user is another conversation.
+        let scope = crate::lineage::caller_scope(
+            record.client.key_id.as_deref(),
+            record.client.user.as_deref(),
+        );
         record.chain.conversation_parent = self
             .conversations
-            .parent(&learned.lineage, learned.previous_response_id.as_deref())
+            .parent(
+                &scope,
+                &learned.lineage,
+                learned.previous_response_id.as_deref(),
+            )
             .map(str::to_owned);
-        self.conversations
-            .insert(&learned.lineage, learned.response_id.as_deref(), &record.id);
+        self.conversations.insert(
+            &scope,
+            &learned.lineage,
+            learned.response_id.as_deref(),
+            &record.id,
+        );
         self.count(&record);
         let mut facts = Facts::default();
         facts.add_record(&record);

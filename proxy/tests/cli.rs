@@ -1269,3 +1269,63 @@ fn memory_stays_bounded_under_bombs_and_endless_streams() {
     );
     assert!(peak < 256 << 20, "peak RSS {} MiB", peak >> 20);
 }
+
+#[test]
+fn users_named_by_email_stay_distinct_and_are_found_by_their_clear_value() {
+    let (mut mock, mock_addr) = spawn_listening(&["mock-provider"]);
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit");
+    let config = dir.path().join("custody.toml");
+    write_serve_config(&config, &audit, &mock_addr, "", "");
+    let (mut serve, addr) = spawn_listening(&["serve", "--config", config.to_str().unwrap()]);
+    for user in ["alice@example.com", "bob@example.com", "alice@example.com"] {
+        let body = format!(
+            r#"{{"model":"gpt-4o-mini","user":"{user}","messages":[{{"role":"user","content":"hi"}}]}}"#
+        );
+        assert!(http_post(&addr, "/v1/chat/completions", "", &body).starts_with("HTTP/1.1 200"));
+    }
+    serve.terminate();
+    mock.kill().unwrap();
+    let _ = mock.wait();
+    let d = audit.to_str().unwrap();
+    let all = stdout(&custody(&["log", "search", "--dir", d, "--json"]));
+    assert!(!all.contains("alice@example.com") && !all.contains("bob@example.com"));
+    let users: std::collections::BTreeSet<String> = all
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["client"]["user"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(users.len(), 2, "{users:?}");
+    assert!(
+        users.iter().all(|u| u.starts_with("[EMAIL_ADDRESS:")),
+        "{users:?}"
+    );
+    let o = custody(&[
+        "log",
+        "search",
+        "--dir",
+        d,
+        "--json",
+        "--user",
+        "alice@example.com",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(stdout(&o).lines().count(), 2);
+    // Without the key, the clear value cannot be turned into its stored form.
+    let o = custody(&[
+        "log",
+        "search",
+        "--dir",
+        d,
+        "--user",
+        "alice@example.com",
+        "--key-file",
+        "/nonexistent",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("fingerprint key"));
+}

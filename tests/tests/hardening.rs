@@ -668,3 +668,43 @@ async fn a_trickling_client_is_recorded_as_the_clients_fault() {
         "{r}"
     );
 }
+
+#[tokio::test]
+async fn conversations_never_link_across_callers() {
+    let up = MockUpstream::start(|_, _| {
+        respond(
+            200,
+            &[("content-type", "application/json")],
+            r#"{"id":"x","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Hello!"}}]}"#,
+        )
+    })
+    .await;
+    let custody = Custody::start(vec![openai_route(&up)]).await;
+    let first = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let second = r#"{"model":"m","messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"Hello!"},{"role":"user","content":"and?"}]}"#;
+    let call = |key: &'static str, body: &'static str| {
+        let url = custody.url("/v1/chat/completions");
+        async move {
+            send(
+                &client(),
+                post(&url, &[("authorization", &format!("Bearer {key}"))], body),
+            )
+            .await
+        }
+    };
+    call("sk-alice-000000000000000000", first).await;
+    call("sk-bob-00000000000000000000", first).await;
+    call("sk-bob-00000000000000000000", second).await;
+    call("sk-carol-000000000000000000", second).await;
+    let done = custody.stop().await;
+    let r = &done.records;
+    assert_ne!(r[0]["client"]["key_id"], r[1]["client"]["key_id"]);
+    // Bob's second turn continues Bob's first, not Alice's identical opening.
+    assert_eq!(r[2]["chain"]["conversation_parent"], r[1]["id"]);
+    // Carol sends the same history but never had that first turn: no parent.
+    assert!(
+        r[3]["chain"].get("conversation_parent").is_none(),
+        "{}",
+        r[3]
+    );
+}

@@ -262,6 +262,36 @@ impl Redactor {
         Cow::Owned(out)
     }
 
+    /// `s` with every entity replaced by `[ENTITY:8 hex]` keyed with `key`, whatever the
+    /// entity's configured mode (an entity that is `off` stays): for identity fields,
+    /// which must stay searchable and distinct without holding the value.
+    pub fn pseudonymize_str<'a>(
+        &self,
+        s: &'a str,
+        key: &[u8],
+        counts: &mut Counts,
+    ) -> Cow<'a, str> {
+        let spans = self.find(s);
+        if spans.is_empty() {
+            return Cow::Borrowed(s);
+        }
+        let mut out = String::with_capacity(s.len());
+        let mut at = 0;
+        for sp in spans {
+            let name = self.name(sp.entity);
+            out.push_str(&s[at..sp.start]);
+            out.push('[');
+            out.push_str(name);
+            out.push(':');
+            out.push_str(&keyed_pseudonym(key, name, &s[sp.start..sp.end]));
+            out.push(']');
+            counts.add(name, 1);
+            at = sp.end;
+        }
+        out.push_str(&s[at..]);
+        Cow::Owned(out)
+    }
+
     fn replace(&self, value: &str, id: EntityId, out: &mut String) {
         let name = self.name(id);
         match self.modes[id.0 as usize] {
@@ -283,14 +313,11 @@ impl Redactor {
 
     /// First 8 hex digits of HMAC-SHA-256(key, entity || 0 || value).
     fn pseudonym(&self, entity: &str, value: &str) -> String {
-        let key = self.pseudonym_key.as_deref().unwrap_or_default();
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
-            return String::from("00000000");
-        };
-        mac.update(entity.as_bytes());
-        mac.update(&[0]);
-        mac.update(value.as_bytes());
-        hex::encode(&mac.finalize().into_bytes()[..4])
+        keyed_pseudonym(
+            self.pseudonym_key.as_deref().unwrap_or_default(),
+            entity,
+            value,
+        )
     }
 
     /// Redacts every string in a JSON document, object keys included, in place; a
@@ -415,6 +442,17 @@ impl Redactor {
             None => self.redact_str(line, counts),
         }
     }
+}
+
+/// First 8 hex digits of HMAC-SHA-256(key, entity || 0 || value).
+fn keyed_pseudonym(key: &[u8], entity: &str, value: &str) -> String {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
+        return String::from("00000000");
+    };
+    mac.update(entity.as_bytes());
+    mac.update(&[0]);
+    mac.update(value.as_bytes());
+    hex::encode(&mac.finalize().into_bytes()[..4])
 }
 
 /// The shortest integer that can be an entity held as a JSON number (a 13-digit card).

@@ -83,6 +83,39 @@ impl TrailArgs {
     }
 }
 
+impl TrailArgs {
+    /// How `user` is stored: itself, or (holding an entity) its pseudonym under the
+    /// deployment's fingerprint key.
+    fn user_token(&self, user: &str, key_file: Option<&std::path::Path>) -> anyhow::Result<String> {
+        let plain = custody_audit::redact::Redactor::builtin()
+            .find(user)
+            .is_empty();
+        if plain {
+            return Ok(user.to_owned());
+        }
+        let path = match (key_file, &self.dir, &self.config) {
+            (Some(k), _, _) => k.to_owned(),
+            (None, Some(d), _) => d.join("fingerprint.key"),
+            (None, None, _) if self.from.is_none() => {
+                let audit = super::load_config(self.config.as_ref())?.audit;
+                audit
+                    .fingerprint_key_file
+                    .unwrap_or_else(|| audit.dir.join("fingerprint.key"))
+            }
+            _ => anyhow::bail!(
+                "--user `…` holds an entity (an e-mail address...), stored pseudonymized: pass --key-file with the deployment's fingerprint key to search for it"
+            ),
+        };
+        let key = custody_audit::fingerprint::load_key(&path).with_context(|| {
+            "--user holds an entity, stored pseudonymized: its form needs the deployment's fingerprint key (--key-file)"
+        })?;
+        Ok(custody_audit::assemble::identity_token(
+            &custody_audit::fingerprint::Fingerprinter::new(key),
+            user,
+        ))
+    }
+}
+
 impl Trails {
     /// The trail holding record `id`, and its line.
     fn find(&self, id: &str) -> anyhow::Result<(&dyn TrailSource, Vec<u8>)> {
@@ -186,9 +219,16 @@ pub struct SearchArgs {
     /// Case-insensitive text anywhere in the (redacted) record.
     #[arg(long)]
     text: Option<String>,
-    /// `client.user` (the virtual key's user) or the end user the request named.
+    /// `client.user` (the virtual key's user) or the end user the request named, as the
+    /// client sent it: a value holding an e-mail address or another entity is stored
+    /// pseudonymized, and its stored form is derived with the deployment's fingerprint
+    /// key (`<dir>/fingerprint.key`, or `--key-file`).
     #[arg(long)]
     user: Option<String>,
+    /// The deployment's fingerprint key, for `--user` values stored pseudonymized
+    /// (default: `fingerprint.key` in the audit directory).
+    #[arg(long)]
+    key_file: Option<PathBuf>,
     #[arg(long)]
     team: Option<String>,
     /// Every output produced from one prompt (`prompt.hash`).
@@ -306,7 +346,11 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
                 text: a.text,
                 outcome: a.outcome,
                 entity: a.entity,
-                user: a.user,
+                user: a
+                    .user
+                    .as_deref()
+                    .map(|u| a.trail.user_token(u, a.key_file.as_deref()))
+                    .transpose()?,
                 team: a.team,
                 prompt_hash: a.prompt_hash,
                 session: a.session,

@@ -34,6 +34,8 @@ enum Kind {
     Bool,
     /// An RFC 3339 string, stored as microseconds since the epoch, UTC.
     Time,
+    /// An object, stored as its JSON text (DuckDB: `redactions->>'$.EMAIL_ADDRESS'`).
+    Json,
 }
 
 /// Column name, where in the line (a JSON pointer), type. `trail` and `record` are added
@@ -75,6 +77,7 @@ const COLUMNS: &[(&str, &str, Kind)] = &[
         Kind::Str,
     ),
     ("config_version", "/config/version", Kind::Str),
+    ("redactions", "/redactions", Kind::Json),
     ("record_hash", "/chain/hash", Kind::Str),
 ];
 
@@ -93,7 +96,7 @@ enum Column {
 impl Column {
     fn new(kind: Kind) -> Self {
         match kind {
-            Kind::Str => Self::Str(StringBuilder::new()),
+            Kind::Str | Kind::Json => Self::Str(StringBuilder::new()),
             Kind::I64 => Self::I64(Int64Builder::new()),
             Kind::I32 => Self::I32(Int32Builder::new()),
             Kind::F64 => Self::F64(Float64Builder::new()),
@@ -105,7 +108,11 @@ impl Column {
     /// Appends the value, or null where it is absent or of another type.
     fn push(&mut self, v: Option<&Value>) {
         match self {
-            Self::Str(b) => b.append_option(v.and_then(Value::as_str)),
+            Self::Str(b) => match v {
+                Some(Value::String(s)) => b.append_value(s),
+                Some(o @ Value::Object(_)) => b.append_value(o.to_string()),
+                _ => b.append_null(),
+            },
             Self::I64(b) => b.append_option(v.and_then(Value::as_i64)),
             Self::I32(b) => b.append_option(
                 v.and_then(Value::as_i64)
@@ -136,7 +143,7 @@ impl Column {
 
 fn data_type(kind: Kind) -> DataType {
     match kind {
-        Kind::Str => DataType::Utf8,
+        Kind::Str | Kind::Json => DataType::Utf8,
         Kind::I64 => DataType::Int64,
         Kind::I32 => DataType::Int32,
         Kind::F64 => DataType::Float64,
@@ -240,7 +247,7 @@ mod tests {
     fn lines_become_typed_rows_and_read_back() {
         let lines = [
             r#"{"schema":"custody.event/v1","id":"e1","seq":1,"time":{"start":"2026-11-29T10:00:00.000Z"},"event":{"type":"config"}}"#,
-            r#"{"schema":"custody.record/v1","id":"r1","seq":2,"route":"openai","time":{"start":"2026-11-29T10:00:01.250Z","duration_ms":3.5},"http":{"status":200},"gen_ai":{"request":{"model":"gpt-4o","stream":true},"usage":{"input_tokens":12}},"source":{"k8s.pod.name":"pod-a"}}"#,
+            r#"{"schema":"custody.record/v1","id":"r1","seq":2,"route":"openai","time":{"start":"2026-11-29T10:00:01.250Z","duration_ms":3.5},"http":{"status":200},"gen_ai":{"request":{"model":"gpt-4o","stream":true},"usage":{"input_tokens":12}},"source":{"k8s.pod.name":"pod-a"},"redactions":{"EMAIL_ADDRESS":2}}"#,
             "not json",
         ];
         let mut buf = Vec::new();
@@ -269,6 +276,8 @@ mod tests {
         assert!(strs("event_type").is_null(1));
         assert_eq!(strs("request_model").value(1), "gpt-4o");
         assert_eq!(strs("pod").value(1), "pod-a");
+        assert_eq!(strs("redactions").value(1), r#"{"EMAIL_ADDRESS":2}"#);
+        assert!(strs("redactions").is_null(0));
         assert_eq!(strs("record").value(2), "not json");
         assert_eq!(strs("trail").value(2), "here");
         let status = col("status");

@@ -106,7 +106,8 @@ pub struct GenAiFacts {
     pub temperature: Option<f64>,
     pub max_tokens: Option<u64>,
     pub top_p: Option<f64>,
-    pub top_k: Option<f64>,
+    /// As sent (an integer stays an integer).
+    pub top_k: Option<serde_json::Number>,
     pub seed: Option<i64>,
     pub frequency_penalty: Option<f64>,
     pub presence_penalty: Option<f64>,
@@ -167,7 +168,7 @@ fn sampling(o: &Value, n: &SamplingNames, facts: &mut GenAiFacts) {
     let f64_at = |k: &str| o.get(k).and_then(Value::as_f64);
     facts.temperature = f64_at("temperature");
     facts.top_p = f64_at(n.top_p);
-    facts.top_k = f64_at(n.top_k);
+    facts.top_k = o.get(n.top_k).and_then(Value::as_number).cloned();
     facts.frequency_penalty = f64_at(n.frequency_penalty);
     facts.presence_penalty = f64_at(n.presence_penalty);
     facts.seed = o.get("seed").and_then(Value::as_i64);
@@ -868,7 +869,7 @@ mod tests {
             ),
             (
                 "content_block_delta",
-                r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"\"Paris\"}"}}"#,
+                r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"\"Paris\",\"units\":\"c\"}"}}"#,
             ),
             (
                 "message_delta",
@@ -883,6 +884,11 @@ mod tests {
         let v = reassemble(Operation::Messages, &body).unwrap();
         assert_eq!(v["content"][0]["text"], "Hi there");
         assert_eq!(v["content"][1]["input"]["city"], "Paris");
+        // The input keeps the order the model wrote its keys in.
+        assert_eq!(
+            v["content"][1]["input"].to_string(),
+            r#"{"city":"Paris","units":"c"}"#
+        );
         assert_eq!(v["stop_reason"], "tool_use");
         assert_eq!(v["usage"]["input_tokens"], 12);
         assert_eq!(v["usage"]["output_tokens"], 30);

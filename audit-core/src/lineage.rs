@@ -186,15 +186,22 @@ pub fn completion_message(op: Operation, body: &Value) -> Option<Vec<u8>> {
             .get("content")
             .map(|c| gemini_content(c, "model")),
         Operation::Responses => {
-            let texts: Vec<&Value> = items(body.get("output"))
-                .filter(|o| o.get("type").and_then(Value::as_str) == Some("message"))
+            let of_type = |t: &'static str| {
+                items(body.get("output"))
+                    .filter(move |o| o.get("type").and_then(Value::as_str) == Some(t))
+            };
+            let texts: Vec<&Value> = of_type("message")
                 .flat_map(|o| items(o.get("content")))
                 .collect();
-            (!texts.is_empty()).then(|| {
+            // An answer that is only tool calls is an answer too.
+            let calls: Vec<(String, String)> = of_type("function_call")
+                .map(|c| (text_of(c.get("name")), text_of(c.get("arguments"))))
+                .collect();
+            (!texts.is_empty() || !calls.is_empty()).then(|| {
                 canonical(
                     "assistant",
                     &Value::Array(texts.into_iter().cloned().collect()),
-                    &[],
+                    &calls,
                 )
             })
         }
@@ -222,7 +229,7 @@ fn message(m: &Value) -> Vec<u8> {
         if b.get("type").and_then(Value::as_str) == Some("tool_use") {
             calls.push((
                 text_of(b.get("name")),
-                b.get("input").map(Value::to_string).unwrap_or_default(),
+                b.get("input").map(sorted_json).unwrap_or_default(),
             ));
         }
     }
@@ -239,11 +246,28 @@ fn gemini_content(c: &Value, default_role: &str) -> Vec<u8> {
         .map(|f| {
             (
                 text_of(f.get("name")),
-                f.get("args").map(Value::to_string).unwrap_or_default(),
+                f.get("args").map(sorted_json).unwrap_or_default(),
             )
         })
         .collect();
     canonical(role, c.get("parts").unwrap_or(&Value::Null), &calls)
+}
+
+/// JSON with every object's keys sorted: tool inputs hash the same whatever order a
+/// client sends their keys back in.
+fn sorted_json(v: &Value) -> String {
+    fn sort(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                Value::Object(keys.into_iter().map(|k| (k.clone(), sort(&m[k]))).collect())
+            }
+            Value::Array(a) => Value::Array(a.iter().map(sort).collect()),
+            other => other.clone(),
+        }
+    }
+    sort(v).to_string()
 }
 
 fn text_of(v: Option<&Value>) -> String {
@@ -535,6 +559,18 @@ mod tests {
         let plain = json!({"role":"user","content":"Hi"});
         let parts = json!({"role":"user","content":[{"type":"text","text":"Hi"}]});
         assert_eq!(h.message(&message(&plain)), h.message(&message(&parts)));
+    }
+
+    #[test]
+    fn a_responses_answer_of_only_tool_calls_has_a_completion() {
+        let resp = json!({"output":[{"type":"function_call","name":"get_weather","arguments":"{\"city\":\"Paris\"}","call_id":"c1"}]});
+        let c = completion_message(Operation::Responses, &resp).unwrap();
+        assert!(c.windows(11).any(|w| w == b"get_weather"));
+        // Tool inputs hash alike whatever their key order.
+        assert_eq!(
+            sorted_json(&json!({"b":1,"a":{"d":2,"c":3}})),
+            r#"{"a":{"c":3,"d":2},"b":1}"#
+        );
     }
 
     #[test]

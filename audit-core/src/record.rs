@@ -181,7 +181,7 @@ pub struct GenAiRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_p: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_k: Option<f64>,
+    pub top_k: Option<serde_json::Number>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1315,6 +1315,18 @@ fn users_named_by_email_stay_distinct_and_are_found_by_their_clear_value() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(stdout(&o).lines().count(), 2);
+    // `log show` keeps the record's own order: schema, id, seq first.
+    let first: serde_json::Value = serde_json::from_str(all.lines().next().unwrap()).unwrap();
+    let shown = stdout(&custody(&["log", "show", "--dir", d, first["id"].as_str().unwrap()]));
+    let keys: Vec<&str> = shown
+        .lines()
+        .filter_map(|l| l.strip_prefix("  \"")?.split('"').next())
+        .take(3)
+        .collect();
+    assert_eq!(keys, ["schema", "id", "seq"], "{shown}");
+    // An error says its cause once.
+    let o = custody(&["log", "search", "--dir", "/nonexistent-custody-dir"]);
+    assert_eq!(String::from_utf8_lossy(&o.stderr).matches("no audit directory here").count(), 1);
     // Without the key, the clear value cannot be turned into its stored form.
     let o = custody(&[
         "log",

@@ -280,6 +280,11 @@ def test_zz_trail_as_parquet_reads_in_duckdb(stack, tmp_path):
         f"SELECT status, count(*) FROM '{out}' WHERE path = '/v1/chat/completions' GROUP BY ALL ORDER BY 1"
     ).fetchall()
     assert statuses == [(200, 5), (400, 1), (401, 1), (429, 1), (500, 1), (None, 1)]
+    # Which entities were redacted, per record, without parsing `record`.
+    emails = db.execute(
+        f"SELECT count(*) FROM '{out}' WHERE CAST(redactions->>'$.EMAIL_ADDRESS' AS INTEGER) > 0"
+    ).fetchone()
+    assert emails[0] >= 1
     events = db.execute(f"SELECT event_type FROM '{out}' WHERE event_type IS NOT NULL").fetchall()
     assert events == [("config",)]
     streamed = db.execute(

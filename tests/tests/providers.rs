@@ -407,7 +407,11 @@ async fn openai_compatible_servers_work_under_provider_openai() {
         r["gen_ai"]["response"]["model"],
         "meta-llama/Llama-3.1-8B-Instruct"
     );
-    assert_eq!(r["gen_ai"]["request"]["top_k"], 40.0);
+    assert!(
+        r["gen_ai"]["request"]["top_k"].is_u64(),
+        "top_k stays an integer"
+    );
+    assert_eq!(r["gen_ai"]["request"]["top_k"], 40);
     assert_eq!(r["gen_ai"]["usage"]["output_tokens"], 7);
     assert!(r["completion"]["hash"].is_string());
 

@@ -596,7 +596,49 @@ fn answer(r: &serde_json::Value) -> String {
             return t;
         }
     }
-    String::new()
+    // An answer of tool calls: name them with their arguments.
+    let calls: Vec<String> = b["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| call(&c["function"]["name"], &c["function"]["arguments"]))
+        .chain(
+            items(&b["content"])
+                .filter(|c| c["type"] == "tool_use")
+                .map(|c| call(&c["name"], &c["input"])),
+        )
+        .chain(
+            items(&b["output"])
+                .filter(|c| c["type"] == "function_call")
+                .map(|c| call(&c["name"], &c["arguments"])),
+        )
+        .chain(
+            items(&b["candidates"][0]["content"]["parts"])
+                .filter_map(|p| p.get("functionCall"))
+                .map(|f| call(&f["name"], &f["args"])),
+        )
+        .collect();
+    if !calls.is_empty() {
+        return format!("[tool calls] {}", calls.join(", "));
+    }
+    match r["outcome"].as_str() {
+        Some("ok") | None => "(no text)".into(),
+        Some(other) => format!("({other})"),
+    }
+}
+
+fn items(v: &serde_json::Value) -> impl Iterator<Item = &serde_json::Value> {
+    v.as_array().into_iter().flatten()
+}
+
+/// `name(arguments)`, the arguments as sent (a JSON string or an object).
+fn call(name: &serde_json::Value, args: &serde_json::Value) -> String {
+    let args = match args {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    format!("{}({args})", name.as_str().unwrap_or("?"))
 }
 
 fn text(v: &serde_json::Value) -> String {
@@ -621,5 +663,25 @@ fn one_line(s: &str) -> String {
         format!("{}...", flat.chars().take(160).collect::<String>())
     } else {
         flat
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn a_turn_answered_with_tool_calls_says_so() {
+        let chat = json!({"outcome":"ok","response":{"body":{"choices":[{"message":{"content":null,"tool_calls":[{"function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}}]}}]}}});
+        assert_eq!(
+            super::answer(&chat),
+            r#"[tool calls] get_weather({"city":"Paris"})"#
+        );
+        let anthropic = json!({"outcome":"ok","response":{"body":{"content":[{"type":"tool_use","name":"f","input":{"a":1}}]}}});
+        assert_eq!(super::answer(&anthropic), r#"[tool calls] f({"a":1})"#);
+        let responses = json!({"outcome":"ok","response":{"body":{"output":[{"type":"function_call","name":"g","arguments":"{}"}]}}});
+        assert_eq!(super::answer(&responses), "[tool calls] g({})");
+        let failed = json!({"outcome":"upstream_error","response":{}});
+        assert_eq!(super::answer(&failed), "(upstream_error)");
     }
 }

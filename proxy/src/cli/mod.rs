@@ -65,8 +65,8 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
-    /// Run the loopback mock provider (for tests and demos).
-    #[command(hide = true)]
+    /// A mock OpenAI/Anthropic provider on loopback: point a route at it to try custody
+    /// without an API key (it answers chat, messages and streams with canned text)
     MockProvider {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
@@ -107,10 +107,27 @@ pub fn main() -> ExitCode {
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("custody: {e:#}");
+            eprintln!("custody: {}", message(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes on one line, each cause only if the message before it does
+/// not already say it (our errors often name their source in their own text).
+fn message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn init_tracing(default: &str, format: custody_config::LogFormat) {

@@ -1317,7 +1317,13 @@ fn users_named_by_email_stay_distinct_and_are_found_by_their_clear_value() {
     assert_eq!(stdout(&o).lines().count(), 2);
     // `log show` keeps the record's own order: schema, id, seq first.
     let first: serde_json::Value = serde_json::from_str(all.lines().next().unwrap()).unwrap();
-    let shown = stdout(&custody(&["log", "show", "--dir", d, first["id"].as_str().unwrap()]));
+    let shown = stdout(&custody(&[
+        "log",
+        "show",
+        "--dir",
+        d,
+        first["id"].as_str().unwrap(),
+    ]));
     let keys: Vec<&str> = shown
         .lines()
         .filter_map(|l| l.strip_prefix("  \"")?.split('"').next())
@@ -1326,7 +1332,12 @@ fn users_named_by_email_stay_distinct_and_are_found_by_their_clear_value() {
     assert_eq!(keys, ["schema", "id", "seq"], "{shown}");
     // An error says its cause once.
     let o = custody(&["log", "search", "--dir", "/nonexistent-custody-dir"]);
-    assert_eq!(String::from_utf8_lossy(&o.stderr).matches("no audit directory here").count(), 1);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr)
+            .matches("no audit directory here")
+            .count(),
+        1
+    );
     // Without the key, the clear value cannot be turned into its stored form.
     let o = custody(&[
         "log",
@@ -1340,4 +1351,79 @@ fn users_named_by_email_stay_distinct_and_are_found_by_their_clear_value() {
     ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("fingerprint key"));
+}
+
+#[test]
+fn silent_connections_cannot_exhaust_file_descriptors() {
+    let (mut mock, mock_addr) = spawn_listening(&["mock-provider"]);
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit");
+    let config = dir.path().join("custody.toml");
+    write_serve_config(
+        &config,
+        &audit,
+        &mock_addr,
+        "",
+        "[limits]\nclient_timeout_secs = 2\n",
+    );
+    // Custody with 256 file descriptors, against 300 connections that never speak.
+    let mut child = Command::new("prlimit")
+        .args([
+            "--nofile=256:256",
+            BIN,
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let mut serve = Proc(child);
+    let addr = line.trim().rsplit("http://").next().unwrap().to_owned();
+    let mut silent: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    // A real client in the middle of it gets an answer or a prompt close, never a hang.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let chat = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    write!(s, "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{chat}", chat.len()).unwrap();
+    let mut out = String::new();
+    match s.read_to_string(&mut out) {
+        // Served, refused with a 503, or closed at accept (past the cap's overflow).
+        Ok(_) => assert!(
+            out.is_empty() || out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.1 503"),
+            "{out}"
+        ),
+        Err(e) => assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "the client hung: {e}"
+        ),
+    }
+    // The silent ones are closed by the first-request deadline...
+    for c in &mut silent {
+        c.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let mut b = [0u8; 16];
+        assert!(matches!(c.read(&mut b), Ok(0) | Err(_)));
+    }
+    // ...and real clients are served.
+    let ok = http_post(&addr, "/v1/chat/completions", "", chat);
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    serve.terminate();
+    mock.kill().unwrap();
+    let _ = mock.wait();
+    let log = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
+    assert!(!log.contains("accept failed"), "{log}");
+    assert!(
+        log.contains("lowered"),
+        "the cap follows the descriptor limit: {log}"
+    );
 }

@@ -5,7 +5,8 @@
 //! - [`exchange`]: what the proxy hands over (heads, `Bytes` clones, timings).
 //! - [`writer`]: the bounded queue and the writer thread.
 //! - [`assemble`]: exchange -> [`record::Record`]: [`decode`], [`genai`] (with [`sse`]), [`redact`], [`fingerprint`].
-//! - [`store`]: appending blocks to segments, rotation, fsync, torn-tail recovery.
+//! - [`store`]: appending blocks to segments, rotation, fsync, torn-tail recovery;
+//!   [`unwritten`]: what a stop could not write, told by the next start.
 //! - [`segment`]: the on-disk format (its module doc is the spec).
 //! - [`reader`], [`search`], [`verify`], [`export`]: reading, searching, checking and exporting a trail.
 #![forbid(unsafe_code)]

@@ -2,7 +2,8 @@
 //! is teed to the audit writer.
 //!
 //! # Layout
-//! The request path, in order: [`server`] (accept, shutdown) -> [`service`] (route,
+//! The request path, in order: [`server`] (accept, shutdown; [`connection`] bounds how
+//! many connections and how long a silent one lives) -> [`service`] (route,
 //! forward) with [`route`] and [`upstream`] -> [`tee`] (bodies, hand-over to the audit
 //! queue). [`error`] maps failures to responses in one place. [`mock`] is the loopback
 //! mock provider used by `custody demo` and the SDK conformance tests.

@@ -204,14 +204,25 @@ impl Query {
 /// What a search found, and what it could not rely on.
 #[derive(Debug, Default)]
 pub struct Found {
-    /// The newest `limit` matching records, newest first.
-    pub records: Vec<Value>,
+    /// The newest `limit` matching records, newest first, as stored: kept as text, not
+    /// parsed trees, so that `limit` large records cost their size and no more.
+    pub records: Vec<Box<serde_json::value::RawValue>>,
     /// Record lines that are not JSON a reader can parse: a search that skipped them
     /// must not look complete.
     pub unreadable: u64,
     /// Segments whose index did not match what their seal vouches for: each was read
     /// in full instead, and the index should be rebuilt (or investigated).
     pub untrusted_indexes: Vec<String>,
+}
+
+impl Found {
+    /// The records parsed (for callers that want to look inside them all at once).
+    pub fn values(&self) -> Vec<Value> {
+        self.records
+            .iter()
+            .filter_map(|r| serde_json::from_str(r.get()).ok())
+            .collect()
+    }
 }
 
 /// Whether a segment's index may be used: its seal (the signed statement `verify`
@@ -288,10 +299,14 @@ pub fn search(source: &dyn TrailSource, query: &Query) -> Result<Found, AuditErr
             }
             match serde_json::from_slice::<Value>(line) {
                 Ok(v) if query.matches(&v) => {
+                    drop(v);
                     if hits.len() == room {
                         hits.pop_front();
                     }
-                    hits.push_back(v);
+                    let text = String::from_utf8_lossy(line).into_owned();
+                    if let Ok(raw) = serde_json::value::RawValue::from_string(text) {
+                        hits.push_back(raw);
+                    }
                 }
                 Ok(_) => {}
                 Err(_) => unreadable += 1,

@@ -278,7 +278,7 @@ async fn a_three_turn_conversation_is_linked_and_told_turn_by_turn() {
         limit: 10,
         ..Query::default()
     };
-    let found = search(&DirSource(&done.audit_dir()), &q).unwrap().records;
+    let found = search(&DirSource(&done.audit_dir()), &q).unwrap().values();
     assert_eq!(found.len(), 2);
     assert_eq!(found[0]["id"], r[3]["id"], "newest first");
 }

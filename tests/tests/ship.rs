@@ -393,7 +393,8 @@ async fn search_show_and_export_read_shipped_trails_where_they_lie() {
             "{:?}",
             found.untrusted_indexes
         );
-        let ids: Vec<&serde_json::Value> = found.records.iter().map(|r| &r["id"]).collect();
+        let values = found.values();
+        let ids: Vec<&serde_json::Value> = values.iter().map(|r| &r["id"]).collect();
         assert_eq!(ids, vec![&local.records[2]["id"], &local.records[1]["id"]]);
         let q = Query {
             route: Some("no-such-route".into()),

@@ -234,7 +234,7 @@ async fn sealed_segments_are_indexed_and_search_reads_newest_first() {
         tweak(&mut q);
         search(&DirSource(&dir), &q)
             .unwrap()
-            .records
+            .values()
             .iter()
             .map(|r| r["seq"].as_u64().unwrap())
             .collect::<Vec<_>>()

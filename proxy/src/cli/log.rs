@@ -374,18 +374,31 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
             }
             // Many pods' newest records, merged: newest first across them.
             if trails.sources.len() > 1 {
-                found.sort_by(|x, y| {
-                    y["time"]["start"]
-                        .as_str()
-                        .cmp(&x["time"]["start"].as_str())
-                });
+                #[derive(serde::Deserialize)]
+                struct Start {
+                    time: StartTime,
+                }
+                #[derive(serde::Deserialize)]
+                struct StartTime {
+                    start: String,
+                }
+                let start = |r: &serde_json::value::RawValue| {
+                    serde_json::from_str::<Start>(r.get())
+                        .map(|s| s.time.start)
+                        .unwrap_or_default()
+                };
+                found.sort_by_cached_key(|r| std::cmp::Reverse(start(r)));
                 found.truncate(query.limit.max(1));
             }
             let mut out = BufWriter::new(std::io::stdout().lock());
-            for r in &found {
+            for raw in &found {
                 if a.json {
-                    writeln!(out, "{r}")?;
-                } else if a.events {
+                    writeln!(out, "{}", raw.get())?;
+                    continue;
+                }
+                // One record parsed at a time.
+                let r: serde_json::Value = serde_json::from_str(raw.get())?;
+                if a.events {
                     writeln!(
                         out,
                         "{}  {}  seq {}  {}",

@@ -89,6 +89,29 @@ fn write_serve_config(path: &Path, audit: &Path, mock_addr: &str, audit_extra: &
     .unwrap();
 }
 
+/// A mock provider and a fresh directory naming a trail and a config file in it.
+struct Setup {
+    mock: Proc,
+    mock_addr: String,
+    dir: tempfile::TempDir,
+    audit: std::path::PathBuf,
+    config: std::path::PathBuf,
+}
+
+fn setup() -> Setup {
+    let (mock, mock_addr) = spawn_listening(&["mock-provider"]);
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit");
+    let config = dir.path().join("custody.toml");
+    Setup {
+        mock,
+        mock_addr,
+        dir,
+        audit,
+        config,
+    }
+}
+
 /// A minimal HTTP/1.1 exchange over a plain socket; returns the raw response.
 fn http_post(addr: &str, path: &str, headers: &str, body: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -709,6 +732,87 @@ fn until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Custody serving `config` in its own mount namespace, its audit dir `audit` a 1 MiB
+/// tmpfs; when it exits, the shell copies the trail into `copy` (for verification).
+struct OnTmpfs {
+    shell: Child,
+    addr: String,
+    admin: String,
+    pid: String,
+    log: std::path::PathBuf,
+    audit: std::path::PathBuf,
+}
+
+impl OnTmpfs {
+    fn start(dir: &Path, audit: &Path, copy: &Path, config: &Path) -> Self {
+        let pidfile = dir.join("custody.pid");
+        let log = dir.join("stderr.log");
+        let script = format!(
+            "mount -t tmpfs -o size=1m tmpfs '{a}' || exit 97; '{BIN}' serve --config '{c}' & echo $! > '{p}'; wait $!; code=$?; cp -a '{a}/.' '{o}/'; exit $code",
+            a = audit.display(),
+            c = config.display(),
+            p = pidfile.display(),
+            o = copy.display(),
+        );
+        let mut shell = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(shell.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert!(
+            line.contains("listening"),
+            "custody did not start under unshare: {line:?}"
+        );
+        let addr = line.trim().rsplit("http://").next().unwrap().to_owned();
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        let admin = line.trim().rsplit("http://").next().unwrap().to_owned();
+        until("the pid file", || {
+            std::fs::read_to_string(&pidfile).is_ok_and(|p| p.ends_with('\n'))
+        });
+        let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_owned();
+        // Ready first: custody creates its key and first segment at start.
+        until("ready", || {
+            http_get(&admin, "/readyz").starts_with("HTTP/1.1 200")
+        });
+        Self {
+            shell,
+            addr,
+            admin,
+            pid,
+            log,
+            audit: audit.to_owned(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Fills the tmpfs from outside, through the process's view of its mounts; returns
+    /// the filler's path.
+    fn fill(&self) -> String {
+        let filler = format!("/proc/{}/root{}/filler", self.pid, self.audit.display());
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 16 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        filler
+    }
+
+    /// SIGTERM, and the shell's exit status once the trail is copied out.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .args(["-TERM", &self.pid])
+            .status()
+            .unwrap();
+        self.shell.wait().unwrap()
+    }
+}
+
 #[test]
 fn a_full_disk_holds_traffic_back_and_custody_resumes_when_space_returns() {
     let (mut mock, mock_addr) = spawn_listening(&["mock-provider"]);
@@ -725,50 +829,10 @@ fn a_full_disk_holds_traffic_back_and_custody_resumes_when_space_returns() {
         "on_full = \"reject\"\nqueue_capacity = 2\nfsync = \"always\"",
         "",
     );
-    // Custody in its own mount namespace, its audit dir a 1 MiB tmpfs; when it exits,
-    // the shell copies the trail out for verification.
-    let pidfile = dir.path().join("custody.pid");
-    let script = format!(
-        "mount -t tmpfs -o size=1m tmpfs '{a}' || exit 97; '{BIN}' serve --config '{c}' & echo $! > '{p}'; wait $!; code=$?; cp -a '{a}/.' '{o}/'; exit $code",
-        a = audit.display(),
-        c = config.display(),
-        p = pidfile.display(),
-        o = copy.display(),
-    );
-    let mut shell = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let log = || std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
-    let mut out = BufReader::new(shell.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert!(
-        line.contains("listening"),
-        "custody did not start under unshare: {line:?}"
-    );
-    let addr = line.trim().rsplit("http://").next().unwrap().to_owned();
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    let admin = line.trim().rsplit("http://").next().unwrap().to_owned();
-    until("the pid file", || {
-        pidfile.exists() && std::fs::read_to_string(&pidfile).is_ok_and(|p| p.ends_with('\n'))
-    });
-    let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_owned();
-
-    // Ready first: custody creates its key and first segment at start.
-    until("ready", || {
-        http_get(&admin, "/readyz").starts_with("HTTP/1.1 200")
-    });
-    // Fill the tmpfs from outside, through the process's view of its mounts.
-    let filler = format!("/proc/{pid}/root{}/filler", audit.display());
-    {
-        let mut f = std::fs::File::create(&filler).unwrap();
-        let chunk = vec![0u8; 16 * 1024];
-        while f.write_all(&chunk).is_ok() {}
-    }
+    let served = OnTmpfs::start(dir.path(), &audit, &copy, &config);
+    let (addr, admin) = (served.addr.clone(), served.admin.clone());
+    let log = || served.log();
+    let filler = served.fill();
     let chat = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"while the disk is full"}]}"#;
     let first = http_post(&addr, "/v1/chat/completions", "", chat);
     assert!(first.starts_with("HTTP/1.1 200"), "{first}\n{}", log());
@@ -804,8 +868,7 @@ fn a_full_disk_holds_traffic_back_and_custody_resumes_when_space_returns() {
     assert!(http_post(&addr, "/v1/chat/completions", "", chat).starts_with("HTTP/1.1 200"));
     admitted += 1;
 
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(shell.wait().unwrap().success());
+    assert!(served.terminate().success());
     mock.kill().unwrap();
     let _ = mock.wait();
     let d = copy.to_str().unwrap();
@@ -910,13 +973,16 @@ fn durable_mode_kill_9_keeps_every_exchange_a_client_saw_complete() {
 
 #[test]
 fn records_a_full_disk_refused_at_sigterm_become_a_gap_event_at_the_next_start() {
-    let (mut mock, mock_addr) = spawn_listening(&["mock-provider"]);
-    let dir = tempfile::tempdir().unwrap();
-    let audit = dir.path().join("audit");
+    let Setup {
+        mut mock,
+        mock_addr,
+        dir,
+        audit,
+        config,
+    } = setup();
     let copy = dir.path().join("copy");
     std::fs::create_dir_all(&audit).unwrap();
     std::fs::create_dir_all(&copy).unwrap();
-    let config = dir.path().join("custody.toml");
     let write_config = |dir: &Path| {
         std::fs::write(
             &config,
@@ -928,44 +994,10 @@ fn records_a_full_disk_refused_at_sigterm_become_a_gap_event_at_the_next_start()
         .unwrap();
     };
     write_config(&audit);
-    let pidfile = dir.path().join("custody.pid");
-    // Custody in its own mount namespace on a 1 MiB tmpfs; the shell copies the trail
-    // out when it exits.
-    let script = format!(
-        "mount -t tmpfs -o size=1m tmpfs '{a}' || exit 97; '{BIN}' serve --config '{c}' & echo $! > '{p}'; wait $!; code=$?; cp -a '{a}/.' '{o}/'; exit $code",
-        a = audit.display(),
-        c = config.display(),
-        p = pidfile.display(),
-        o = copy.display(),
-    );
-    let mut shell = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let served = OnTmpfs::start(dir.path(), &audit, &copy, &config);
+    let (addr, admin) = (served.addr.clone(), served.admin.clone());
     let log = || std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
-    let mut out = BufReader::new(shell.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert!(line.contains("listening"), "{line:?} {}", log());
-    let addr = line.trim().rsplit("http://").next().unwrap().to_owned();
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    let admin = line.trim().rsplit("http://").next().unwrap().to_owned();
-    until("the pid file", || {
-        std::fs::read_to_string(&pidfile).is_ok_and(|p| p.ends_with('\n'))
-    });
-    let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_owned();
-    until("ready", || {
-        http_get(&admin, "/readyz").starts_with("HTTP/1.1 200")
-    });
-    let filler = format!("/proc/{pid}/root{}/filler", audit.display());
-    {
-        let mut f = std::fs::File::create(&filler).unwrap();
-        let chunk = vec![0u8; 16 * 1024];
-        while f.write_all(&chunk).is_ok() {}
-    }
+    served.fill();
     let chat = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"while the disk is full"}]}"#;
     let mut admitted = 0;
     for _ in 0..3 {
@@ -977,8 +1009,7 @@ fn records_a_full_disk_refused_at_sigterm_become_a_gap_event_at_the_next_start()
         http_get(&admin, "/readyz").contains("audit_writer_failing")
     });
     // SIGTERM with the disk still full: the records cannot be written.
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let _ = shell.wait().unwrap();
+    let _ = served.terminate();
     let note = std::fs::read_to_string(copy.join("unwritten.json")).unwrap();
     let note: serde_json::Value =
         serde_json::from_str(note.trim()).unwrap_or_else(|e| panic!("{e}: {note:?}\n{}", log()));
@@ -1272,10 +1303,13 @@ fn memory_stays_bounded_under_bombs_and_endless_streams() {
 
 #[test]
 fn users_named_by_email_stay_distinct_and_are_found_by_their_clear_value() {
-    let (mut mock, mock_addr) = spawn_listening(&["mock-provider"]);
-    let dir = tempfile::tempdir().unwrap();
-    let audit = dir.path().join("audit");
-    let config = dir.path().join("custody.toml");
+    let Setup {
+        mut mock,
+        mock_addr,
+        dir: _dir,
+        audit,
+        config,
+    } = setup();
     write_serve_config(&config, &audit, &mock_addr, "", "");
     let (mut serve, addr) = spawn_listening(&["serve", "--config", config.to_str().unwrap()]);
     for user in ["alice@example.com", "bob@example.com", "alice@example.com"] {
@@ -1355,10 +1389,13 @@ fn users_named_by_email_stay_distinct_and_are_found_by_their_clear_value() {
 
 #[test]
 fn silent_connections_cannot_exhaust_file_descriptors() {
-    let (mut mock, mock_addr) = spawn_listening(&["mock-provider"]);
-    let dir = tempfile::tempdir().unwrap();
-    let audit = dir.path().join("audit");
-    let config = dir.path().join("custody.toml");
+    let Setup {
+        mut mock,
+        mock_addr,
+        dir,
+        audit,
+        config,
+    } = setup();
     write_serve_config(
         &config,
         &audit,

@@ -246,20 +246,7 @@ impl Redactor {
 
     /// `s` with every entity replaced per its mode; borrowed when nothing was found.
     pub fn redact_str<'a>(&self, s: &'a str, counts: &mut Counts) -> Cow<'a, str> {
-        let spans = self.find(s);
-        if spans.is_empty() {
-            return Cow::Borrowed(s);
-        }
-        let mut out = String::with_capacity(s.len());
-        let mut at = 0;
-        for sp in spans {
-            out.push_str(&s[at..sp.start]);
-            self.replace(&s[sp.start..sp.end], sp.entity, &mut out);
-            counts.add(self.name(sp.entity), 1);
-            at = sp.end;
-        }
-        out.push_str(&s[at..]);
-        Cow::Owned(out)
+        self.rewrite(s, counts, |value, id, out| self.replace(value, id, out))
     }
 
     /// `s` with every entity replaced by `[ENTITY:8 hex]` keyed with `key`, whatever the
@@ -271,6 +258,23 @@ impl Redactor {
         key: &[u8],
         counts: &mut Counts,
     ) -> Cow<'a, str> {
+        self.rewrite(s, counts, |value, id, out| {
+            let name = self.name(id);
+            out.push('[');
+            out.push_str(name);
+            out.push(':');
+            out.push_str(&keyed_pseudonym(key, name, value));
+            out.push(']');
+        })
+    }
+
+    /// `s` with each entity found written by `replace`, counted; borrowed when none.
+    fn rewrite<'a>(
+        &self,
+        s: &'a str,
+        counts: &mut Counts,
+        replace: impl Fn(&str, EntityId, &mut String),
+    ) -> Cow<'a, str> {
         let spans = self.find(s);
         if spans.is_empty() {
             return Cow::Borrowed(s);
@@ -278,14 +282,9 @@ impl Redactor {
         let mut out = String::with_capacity(s.len());
         let mut at = 0;
         for sp in spans {
-            let name = self.name(sp.entity);
             out.push_str(&s[at..sp.start]);
-            out.push('[');
-            out.push_str(name);
-            out.push(':');
-            out.push_str(&keyed_pseudonym(key, name, &s[sp.start..sp.end]));
-            out.push(']');
-            counts.add(name, 1);
+            replace(&s[sp.start..sp.end], sp.entity, &mut out);
+            counts.add(self.name(sp.entity), 1);
             at = sp.end;
         }
         out.push_str(&s[at..]);

@@ -235,8 +235,14 @@ mod tests {
             alphabet: Default::default(),
             mode: None,
         });
+        c.ship.options.insert(
+            "endpoint".into(),
+            "http://minio:s3cr3t-pass@minio.local:9000".into(),
+        );
         let s = Snapshot::of(&c, &fp);
         let text = s.canonical.to_string();
+        assert!(!text.contains("s3cr3t-pass"), "{text}");
+        assert!(text.contains("http://minio:***@minio.local:9000"), "{text}");
         assert!(!text.contains(&hash), "{text}");
         assert!(!text.contains("ceo@example.com"), "{text}");
         assert!(!text.contains("Falcon Nine"), "{text}");

@@ -45,19 +45,21 @@ pub struct AdminState {
 }
 
 /// Admin connections open at once (scrapers, probes, an operator); more are closed.
-const ADMIN_MAX_CONNECTIONS: usize = 64;
-/// How long an admin connection may take to send a request head, or stay idle.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// The longest an admin connection may take to send a request head, or stay idle
+/// (`[limits] client_timeout_secs` when shorter).
 const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the admin endpoints until the task is aborted. Bounded like the proxy
 /// listener: a connection cap and a deadline for each request head, the first included.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, head_timeout: Duration) {
+    let head_timeout = head_timeout.min(ADMIN_HEAD_TIMEOUT);
     let cap = Cap::new(ADMIN_MAX_CONNECTIONS, 0);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(ADMIN_HEAD_TIMEOUT);
+        .header_read_timeout(head_timeout);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             // Out of file descriptors and the like: back off instead of spinning.
@@ -80,7 +82,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
                 async move { Ok::<_, Infallible>(handle(&state, req).await) }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            let _ = serve_unless_silent(conn, seen, ADMIN_HEAD_TIMEOUT).await;
+            let _ = serve_unless_silent(conn, seen, head_timeout).await;
         });
     }
 }

@@ -140,7 +140,8 @@ pub async fn run_with(
         if let Ok(addr) = l.local_addr() {
             tracing::info!(%addr, "admin listener: /metrics /healthz /readyz /admin/reload");
         }
-        tokio::spawn(admin::serve(l, admin_state.clone()))
+        let head_timeout = Duration::from_secs(config.limits.client_timeout_secs.max(1));
+        tokio::spawn(admin::serve(l, admin_state.clone(), head_timeout))
     });
 
     let mut tls_watch = None;

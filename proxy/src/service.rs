@@ -168,15 +168,19 @@ async fn proxy(
             return refuse(ex, audit, Refusal::AuditQueueFull, provider, None);
         }
     }
-    if !crate::route::method_allowed(&parts.method) {
+    // Never forwarded, whatever the route: a method no provider uses, or a path that
+    // could mean another route's once the upstream normalizes it.
+    let unsafe_request = if !crate::route::method_allowed(&parts.method) {
+        Some(Refusal::MethodNotAllowed)
+    } else if crate::route::ambiguous_path(parts.uri.path()) {
+        Some(Refusal::AmbiguousPath)
+    } else {
+        None
+    };
+    if let Some(refusal) = unsafe_request {
         let provider = target.map_or(Provider::Generic, |t| t.provider);
         drain(body).await;
-        return refuse(ex, audit, Refusal::MethodNotAllowed, provider, None);
-    }
-    if crate::route::ambiguous_path(parts.uri.path()) {
-        let provider = target.map_or(Provider::Generic, |t| t.provider);
-        drain(body).await;
-        return refuse(ex, audit, Refusal::AmbiguousPath, provider, None);
+        return refuse(ex, audit, refusal, provider, None);
     }
     let Some(target) = target else {
         drain(body).await;

@@ -122,6 +122,17 @@ fn http_post(addr: &str, path: &str, headers: &str, body: &str) -> String {
 }
 
 #[test]
+fn help_names_every_command_a_user_can_run() {
+    let help = stdout(&custody(&["--help"]));
+    for command in ["serve", "demo", "mock-provider", "log", "redact", "keygen"] {
+        assert!(
+            help.contains(command),
+            "{command} missing from --help:\n{help}"
+        );
+    }
+}
+
+#[test]
 fn config_default_is_the_embedded_file_and_check_names_the_line() {
     let o = custody(&["config", "default"]);
     assert!(o.status.success());

@@ -197,12 +197,27 @@ async fn silent_connections_are_closed_and_the_cap_refuses_beyond_its_overflow()
 }
 
 #[tokio::test]
-async fn the_admin_listener_has_a_connection_cap() {
+async fn the_admin_listener_has_a_connection_cap_and_a_first_request_deadline() {
     let up = chat_upstream().await;
-    let custody = Custody::start(vec![openai_route(&up)]).await;
-    let _held = silent(custody.admin_addr, 64).await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.limits.client_timeout_secs = 1;
+    })
+    .await;
+    let mut held = silent(
+        custody.admin_addr,
+        custody_proxy::admin::ADMIN_MAX_CONNECTIONS,
+    )
+    .await;
     let mut beyond = silent(custody.admin_addr, 1).await;
     closed_by_server(&mut beyond[0]).await;
+    // Connections that say nothing are closed; the listener serves again.
+    for s in &mut held {
+        closed_by_server(s).await;
+    }
+    let req = http::Request::get(custody.admin_url("/healthz"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(send(&client(), req).await.0.status, 200);
     custody.stop().await;
 }
 

@@ -374,7 +374,11 @@ impl Assembler {
             .chain(f.finish_reasons.iter_mut())
             .chain(f.stop_sequences.iter_mut());
         for s in single.into_iter().flatten().chain(lists) {
-            *s = self.field(s, credentials, counts);
+            // Most facts hold nothing to redact: no copy for them.
+            if let Cow::Owned(red) = self.redactor.redact_str(s, counts) {
+                *s = red;
+            }
+            scrub_credentials(s, credentials, counts);
         }
     }
 
@@ -387,25 +391,14 @@ impl Assembler {
             .redactor
             .pseudonymize_str(s, &self.identity_key, counts)
             .into_owned();
-        for c in credentials {
-            if out.contains(c.as_str()) {
-                out = out.replace(c.as_str(), "[CLIENT_CREDENTIAL]");
-                counts.add("CLIENT_CREDENTIAL", 1);
-            }
-        }
+        scrub_credentials(&mut out, credentials, counts);
         out
     }
 
     /// An extracted field, redacted and with the exchange's own credentials removed.
     fn field(&self, s: &str, credentials: &[String], counts: &mut Counts) -> String {
         let mut out = self.redactor.redact_str(s, counts).into_owned();
-        for c in credentials {
-            let n = out.matches(c.as_str()).count() as u64;
-            if n > 0 {
-                out = out.replace(c.as_str(), "[CLIENT_CREDENTIAL]");
-                counts.add("CLIENT_CREDENTIAL", n);
-            }
-        }
+        scrub_credentials(&mut out, credentials, counts);
         out
     }
 
@@ -576,6 +569,10 @@ pub const MAX_BODY_DEPTH: usize = 100;
 /// Whether text (JSON or not) opens more than `max` brackets at once outside strings.
 /// One pass, no allocation, stops at the first level past `max`.
 pub(crate) fn json_depth_exceeds(b: &[u8], max: usize) -> bool {
+    // Fewer opening brackets in all than the limit: no need to follow strings.
+    if memchr::memchr2_iter(b'[', b'{', b).take(max + 1).count() <= max {
+        return false;
+    }
     let (mut depth, mut i) = (0usize, 0);
     while i < b.len() {
         match b[i] {
@@ -643,6 +640,18 @@ fn one_line(mut text: String) -> String {
         text = text.replace(['\n', '\r'], " ");
     }
     text
+}
+
+/// Replaces the exchange's credentials in an extracted field, in place.
+fn scrub_credentials(s: &mut String, credentials: &[String], counts: &mut Counts) {
+    for c in credentials {
+        // Most fields are shorter than a credential: no search to set up for them.
+        if s.len() >= c.len() && memchr::memmem::find(s.as_bytes(), c.as_bytes()).is_some() {
+            let n = s.matches(c.as_str()).count() as u64;
+            *s = s.replace(c.as_str(), "[CLIENT_CREDENTIAL]");
+            counts.add("CLIENT_CREDENTIAL", n);
+        }
+    }
 }
 
 /// Base64 strings shorter than this stay: they are not worth a marker.

@@ -318,7 +318,8 @@ fn collect_text(v: &Value, out: &mut Vec<u8>) {
 /// Bounded: the oldest entries go first.
 pub struct ConversationIndex {
     turns: HashMap<Hash, String, BuildHasherDefault<DigestHasher>>,
-    responses: HashMap<String, String>,
+    /// Keyed by the caller's scope (its first eight bytes) and the response id.
+    responses: HashMap<(u64, String), String>,
     order: VecDeque<Entry>,
     capacity: usize,
 }
@@ -341,7 +342,7 @@ impl Hasher for DigestHasher {
 
 enum Entry {
     Turn(Hash),
-    Response(String),
+    Response((u64, String)),
 }
 
 impl ConversationIndex {
@@ -376,7 +377,7 @@ impl ConversationIndex {
             .prefixes
             .iter()
             .rev()
-            .find_map(|p| self.turns.get(&step(scope, p)))
+            .find_map(|p| self.turns.get(&scoped(scope, p)))
             .map(String::as_str)
     }
 
@@ -388,7 +389,7 @@ impl ConversationIndex {
         record_id: &str,
     ) {
         if let Some(k) = lineage.turn_key() {
-            let k = step(scope, &k);
+            let k = scoped(scope, &k);
             self.turns.insert(k, record_id.to_owned());
             self.order.push_back(Entry::Turn(k));
         }
@@ -412,8 +413,21 @@ impl ConversationIndex {
 }
 
 /// A response id as the index keys it: within one caller.
-fn scoped_id(scope: &Hash, id: &str) -> String {
-    format!("{}:{id}", hex::encode(&scope[..8]))
+fn scoped_id(scope: &Hash, id: &str) -> (u64, String) {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&scope[..8]);
+    (u64::from_le_bytes(first), id.to_owned())
+}
+
+/// A turn key within one caller. Both are uniform digests, so XOR keeps keys of one
+/// caller distinct and apart from every other caller's, at the cost of 32 byte
+/// operations instead of a hash per prefix looked up.
+fn scoped(scope: &Hash, key: &Hash) -> Hash {
+    let mut out = *key;
+    for (o, s) in out.iter_mut().zip(scope) {
+        *o ^= s;
+    }
+    out
 }
 
 /// The index as it stood before a restart, rebuilt from the newest records of the trail

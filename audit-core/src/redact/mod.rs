@@ -102,7 +102,12 @@ pub struct Redactor {
     allow: HashSet<String>,
     allow_ci: HashSet<String>,
     pseudonym_key: Option<Vec<u8>>,
+    /// Custom rules exist (their terms and prefixes may match anything).
+    custom: bool,
 }
+
+/// The shortest text a built-in prefix rule matches (`xoxb-` and ten characters).
+const SHORTEST_TOKEN: usize = 15;
 
 impl Redactor {
     /// Every built-in entity, masked.
@@ -194,6 +199,7 @@ impl Redactor {
             names,
             modes,
             pseudonym_key,
+            custom: !config.custom.is_empty(),
         })
     }
 
@@ -205,6 +211,14 @@ impl Redactor {
     /// All entities in `s`, sorted and non-overlapping, allow-listed values removed.
     pub fn find(&self, s: &str) -> Vec<Span> {
         let b = s.as_bytes();
+        // Most JSON keys and many values ("role", "user", "stop"): too short for any
+        // built-in token, without the `@` or digit every other entity needs.
+        if !self.custom
+            && b.len() < SHORTEST_TOKEN
+            && !b.iter().any(|&c| c == b'@' || c.is_ascii_digit())
+        {
+            return Vec::new();
+        }
         let mut spans = Vec::new();
         for a in [&self.anchors, &self.anchors_ci].into_iter().flatten() {
             for m in a.ac.find_iter(b) {

@@ -273,3 +273,19 @@ fn keys_and_numbers_that_are_entities_are_redacted_in_json_text_and_values() {
     assert_eq!(v["created"], 1733212345678u64);
     assert_eq!(v["id"][0], "[CREDIT_CARD]");
 }
+
+#[test]
+fn no_builtin_token_is_shorter_than_the_short_string_fast_path() {
+    for (prefix, rule) in rules::builtin() {
+        let shortest = match rule.check {
+            rules::Check::Key { min, .. } => prefix.len() + min,
+            rules::Check::AssignedValue { len } => len,
+            // Multi-part formats, each far longer.
+            _ => usize::MAX,
+        };
+        assert!(shortest >= SHORTEST_TOKEN, "{prefix}: {shortest}");
+    }
+    // And the fast path still finds what needs a digit or an `@`.
+    assert_eq!(redact("a@b.io"), "[EMAIL_ADDRESS]");
+    assert_eq!(redact("user"), "user");
+}

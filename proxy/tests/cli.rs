@@ -1441,17 +1441,20 @@ fn silent_connections_cannot_exhaust_file_descriptors() {
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
     let chat = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
-    write!(s, "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{chat}", chat.len()).unwrap();
     let mut out = String::new();
-    match s.read_to_string(&mut out) {
+    // Closed at accept, the write itself may already fail.
+    let sent = write!(s, "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{chat}", chat.len());
+    match sent.and_then(|()| s.read_to_string(&mut out)) {
         // Served, refused with a 503, or closed at accept (past the cap's overflow).
         Ok(_) => assert!(
             out.is_empty() || out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.1 503"),
             "{out}"
         ),
-        Err(e) => assert_eq!(
-            e.kind(),
-            std::io::ErrorKind::ConnectionReset,
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            ),
             "the client hung: {e}"
         ),
     }

@@ -482,7 +482,7 @@ impl Assembler {
         let text = text.as_ref();
         // A reader must get every record back: JSON nested past what the review commands
         // parse (serde_json's limit, less the record's own levels) is kept as text.
-        if json_depth_exceeds(text.as_bytes(), MAX_BODY_DEPTH) {
+        if record::nesting_exceeds(text.as_bytes(), MAX_BODY_DEPTH) {
             out.stored_as_text = Some(format!(
                 "JSON nested deeper than {MAX_BODY_DEPTH} levels; stored as redacted text"
             ));
@@ -565,44 +565,6 @@ impl Assembler {
 /// Deepest JSON nesting a recorded body keeps as JSON. serde_json reads 128 levels; the
 /// record adds two (`request.body`), and headroom stays for readers that wrap records.
 pub const MAX_BODY_DEPTH: usize = 100;
-
-/// Whether text (JSON or not) opens more than `max` brackets at once outside strings.
-/// One pass, no allocation, stops at the first level past `max`.
-pub(crate) fn json_depth_exceeds(b: &[u8], max: usize) -> bool {
-    // Fewer opening brackets in all than the limit: no need to follow strings.
-    if memchr::memchr2_iter(b'[', b'{', b).take(max + 1).count() <= max {
-        return false;
-    }
-    let (mut depth, mut i) = (0usize, 0);
-    while i < b.len() {
-        match b[i] {
-            b'"' => {
-                // Skip the string: to its closing quote, over escapes.
-                i += 1;
-                loop {
-                    match b.get(i..).and_then(|r| memchr::memchr2(b'"', b'\\', r)) {
-                        Some(o) if b[i + o] == b'"' => {
-                            i += o;
-                            break;
-                        }
-                        Some(o) => i += o + 2,
-                        None => return false,
-                    }
-                }
-            }
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > max {
-                    return true;
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-        i += 1;
-    }
-    false
-}
 
 /// Whether bytes that are not valid UTF-8 are still mostly text: at most one invalid
 /// sequence per 64 bytes (a stray Latin-1 byte, a cut multibyte character), and no NUL.
@@ -794,13 +756,6 @@ pub fn record_id(started_at: std::time::SystemTime) -> String {
     uuid::Builder::from_unix_timestamp_millis(ms, &random)
         .into_uuid()
         .to_string()
-}
-
-/// The Unix-ms timestamp in a UUID v7, if it is one.
-pub fn id_time_ms(id: &str) -> Option<i64> {
-    let u = uuid::Uuid::parse_str(id).ok()?;
-    let (secs, nanos) = u.get_timestamp()?.to_unix();
-    Some(secs as i64 * 1000 + i64::from(nanos / 1_000_000))
 }
 
 fn millis(d: std::time::Duration) -> f64 {

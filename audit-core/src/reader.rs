@@ -258,7 +258,7 @@ pub fn read_blocks(
 pub fn find_by_id(source: &dyn TrailSource, id: &str) -> Result<Vec<u8>, AuditError> {
     let needle = format!("\"id\":{}", serde_json::Value::String(id.to_owned()));
     let mut segs = source.segments()?;
-    if let Some(t) = crate::assemble::id_time_ms(id) {
+    if let Some(t) = crate::record::id_time_ms(id) {
         // Segments whose index covers the id's time first; unindexed (live) ones next.
         segs.sort_by_cached_key(|s| match source.index(s) {
             Some(i) if i.first_ms <= t && t <= i.last_ms => 0,

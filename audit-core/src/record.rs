@@ -310,3 +310,48 @@ pub struct EventRecord {
 pub struct EventTime {
     pub start: String,
 }
+
+/// Whether text (JSON or not) opens more than `max` brackets at once outside strings.
+/// One pass, no allocation, stops at the first level past `max`.
+pub fn nesting_exceeds(b: &[u8], max: usize) -> bool {
+    // Fewer opening brackets in all than the limit: no need to follow strings.
+    if memchr::memchr2_iter(b'[', b'{', b).take(max + 1).count() <= max {
+        return false;
+    }
+    let (mut depth, mut i) = (0usize, 0);
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                // Skip the string: to its closing quote, over escapes.
+                i += 1;
+                loop {
+                    match b.get(i..).and_then(|r| memchr::memchr2(b'"', b'\\', r)) {
+                        Some(o) if b[i + o] == b'"' => {
+                            i += o;
+                            break;
+                        }
+                        Some(o) => i += o + 2,
+                        None => return false,
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    false
+}
+
+/// The Unix-ms timestamp in a UUID v7, if it is one.
+pub fn id_time_ms(id: &str) -> Option<i64> {
+    let u = uuid::Uuid::parse_str(id).ok()?;
+    let (secs, nanos) = u.get_timestamp()?.to_unix();
+    Some(secs as i64 * 1000 + i64::from(nanos / 1_000_000))
+}

@@ -369,7 +369,7 @@ pub fn conversation(source: &dyn TrailSource, id: &str) -> Result<Vec<Value>, Au
         .iter()
         .filter_map(|r| r["id"].as_str().map(str::to_owned))
         .collect();
-    let root_ms = root["id"].as_str().and_then(crate::assemble::id_time_ms);
+    let root_ms = root["id"].as_str().and_then(crate::record::id_time_ms);
     let mut out = Vec::new();
     let mut unreadable = 0u64;
     let segs = source.segments()?;

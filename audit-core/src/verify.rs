@@ -334,7 +334,7 @@ fn check_block(
         let hash = segment::check_line_hash(line).map_err(|w| broken(name, Some(expected), w))?;
         // Intact but unreadable is still a trail a reviewer cannot use: a record nested
         // past what JSON readers parse would be skipped by every review command.
-        if crate::assemble::json_depth_exceeds(line, READABLE_DEPTH) {
+        if crate::record::nesting_exceeds(line, READABLE_DEPTH) {
             return Err(broken(
                 name,
                 Some(expected),

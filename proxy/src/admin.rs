@@ -25,9 +25,15 @@ use tokio::{
 
 use crate::{
     connection::{serve_unless_silent, Cap, Seen},
-    server::ReloadRequest,
     service::Shared,
 };
+
+/// A new configuration to apply, and where to say how it went (the new version, or
+/// why it was refused).
+pub type ReloadRequest = (
+    custody_config::Config,
+    oneshot::Sender<Result<String, String>>,
+);
 
 /// Reads the configuration anew for a reload (the file `serve` was started with).
 pub type ReloadSource = Arc<dyn Fn() -> Result<custody_config::Config, String> + Send + Sync>;

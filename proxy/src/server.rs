@@ -19,10 +19,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
 };
-use tokio::{
-    net::TcpListener,
-    sync::{mpsc, oneshot},
-};
+use tokio::{net::TcpListener, sync::mpsc};
 
 use crate::{
     admin::{self, AdminState, ReloadSource},
@@ -43,9 +40,7 @@ pub struct RunSummary {
     pub dropped: u64,
 }
 
-/// A new configuration to apply, and where to say how it went (the new version, or
-/// why it was refused).
-pub type ReloadRequest = (Config, oneshot::Sender<Result<String, String>>);
+pub use crate::admin::ReloadRequest;
 
 /// What a caller can add to [`run`].
 #[derive(Default)]

@@ -395,6 +395,18 @@ impl Assembler {
         out
     }
 
+    /// A body recorded as one redacted JSON string (text that is not JSON, or JSON too
+    /// deep to keep as JSON).
+    fn as_text(
+        &self,
+        text: &str,
+        credentials: &[String],
+        counts: &mut Counts,
+    ) -> Option<Box<RawValue>> {
+        let s = self.field(text, credentials, counts);
+        serde_json::value::to_raw_value(&s).ok()
+    }
+
     /// An extracted field, redacted and with the exchange's own credentials removed.
     fn field(&self, s: &str, credentials: &[String], counts: &mut Counts) -> String {
         let mut out = self.redactor.redact_str(s, counts).into_owned();
@@ -486,9 +498,7 @@ impl Assembler {
             out.stored_as_text = Some(format!(
                 "JSON nested deeper than {MAX_BODY_DEPTH} levels; stored as redacted text"
             ));
-            let mut v = Value::String(self.redactor.redact_str(text, counts).into_owned());
-            scrub_literals(&mut v, credentials, "CLIENT_CREDENTIAL", counts);
-            out.body = serde_json::value::to_raw_value(&v).ok();
+            out.body = self.as_text(text, credentials, counts);
             return (out, None);
         }
         let is_sse = content_type
@@ -502,30 +512,31 @@ impl Assembler {
         let recorded: Option<Box<RawValue>> = match side {
             Side::Response(op) if is_sse || json_array_stream => {
                 out.streamed = true;
-                if is_sse {
-                    stream_error = genai::stream_error(text);
-                }
-                let (reassembled, stopped) = if is_sse {
-                    op.map_or((None, false), |op| genai::reassemble_bounded(op, text))
+                let genai::Reassembled {
+                    value: reassembled,
+                    stopped,
+                    error,
+                } = if is_sse {
+                    genai::reassemble_bounded(op, text)
                 } else {
                     genai::reassemble_json_array(text)
                 };
+                stream_error = error;
                 if stopped {
                     out.reassembly_stopped = Some(format!(
                         "parts with an index of {} or more were left out",
                         genai::MAX_STREAM_INDEX
                     ));
                 }
-                let mut v = match reassembled {
+                match reassembled {
                     Some(mut v) => {
                         inspect(&v);
                         self.redactor.redact_json(&mut v, counts);
-                        v
+                        scrub_literals(&mut v, credentials, "CLIENT_CREDENTIAL", counts);
+                        serde_json::value::to_raw_value(&v).ok()
                     }
-                    None => Value::String(self.redactor.redact_str(text, counts).into_owned()),
-                };
-                scrub_literals(&mut v, credentials, "CLIENT_CREDENTIAL", counts);
-                serde_json::value::to_raw_value(&v).ok()
+                    None => self.as_text(text, credentials, counts),
+                }
             }
             // JSON is redacted as text, string by string: nothing else of it is rebuilt.
             _ => {
@@ -548,12 +559,7 @@ impl Assembler {
                         let red = one_line(scrub_text(red, credentials, counts));
                         RawValue::from_string(red).ok()
                     }
-                    None => {
-                        let mut v =
-                            Value::String(self.redactor.redact_str(text, counts).into_owned());
-                        scrub_literals(&mut v, credentials, "CLIENT_CREDENTIAL", counts);
-                        serde_json::value::to_raw_value(&v).ok()
-                    }
+                    None => self.as_text(text, credentials, counts),
                 }
             }
         };
@@ -724,13 +730,7 @@ fn scrub_text(text: String, credentials: &[String], counts: &mut Counts) -> Stri
     };
     if credentials.iter().all(|c| plain(c)) {
         let mut text = text;
-        for c in credentials {
-            let n = text.matches(c.as_str()).count() as u64;
-            if n > 0 {
-                text = text.replace(c.as_str(), "[CLIENT_CREDENTIAL]");
-                counts.add("CLIENT_CREDENTIAL", n);
-            }
-        }
+        scrub_credentials(&mut text, credentials, counts);
         return text;
     }
     match serde_json::from_str::<Value>(&text) {

@@ -61,11 +61,19 @@ impl Fingerprinter {
 }
 
 /// Reads an existing hex secret of at least 16 bytes (for reviewers: never creates one).
+/// A key file is a few dozen bytes: a device or a huge file given by mistake is read no
+/// further than 4 KiB, and is then not hex.
 pub fn load_key(path: &Path) -> Result<Vec<u8>, AuditError> {
-    let text = fs::read_to_string(path).map_err(|source| AuditError::Io {
+    use std::io::Read;
+    let io = |source| AuditError::Io {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    let mut text = String::new();
+    crate::reader::open_regular(path)?
+        .take(4096)
+        .read_to_string(&mut text)
+        .map_err(io)?;
     parse_key(path, &text)
 }
 

@@ -314,44 +314,50 @@ pub const MAX_STREAM_INDEX: u64 = 256;
 /// Reassembles a streamed response body into the equivalent non-streamed object.
 /// `None` when the stream holds no usable event.
 pub fn reassemble(op: Operation, body: &str) -> Option<Value> {
-    reassemble_bounded(op, body).0
+    reassemble_bounded(Some(op), body).value
 }
 
-/// [`reassemble`], and whether it left out parts of the stream whose index is past
-/// [`MAX_STREAM_INDEX`].
-pub fn reassemble_bounded(op: Operation, body: &str) -> (Option<Value>, bool) {
-    let mut stopped = false;
-    let v = reassemble_inner(op, body, &mut stopped);
-    (v, stopped)
+/// What a stream adds up to, read in one pass over its events.
+#[derive(Debug, Default)]
+pub struct Reassembled {
+    /// The equivalent non-streamed object (for a known operation with usable events).
+    pub value: Option<Value>,
+    /// Parts whose index is past [`MAX_STREAM_INDEX`] were left out.
+    pub stopped: bool,
+    /// The provider's error reported inside the stream (see [`stream_error`]).
+    pub error: Option<Value>,
 }
 
-fn reassemble_inner(op: Operation, body: &str, stop: &mut bool) -> Option<Value> {
+/// [`reassemble`], with what it left out and the provider's error, if the stream
+/// carried one.
+pub fn reassemble_bounded(op: Option<Operation>, body: &str) -> Reassembled {
     let events = sse::parse(body);
+    let mut out = Reassembled {
+        error: stream_error(&events),
+        ..Reassembled::default()
+    };
     let datas = events.iter().filter_map(|e| {
         if e.data == "[DONE]" {
             return None;
         }
         serde_json::from_str::<Value>(&e.data).ok()
     });
-    match op {
-        Operation::Chat | Operation::TextCompletion => openai_choices(op, datas, stop),
-        Operation::Responses => responses(&events),
-        Operation::Messages => anthropic(datas, stop),
-        Operation::GenerateContent => gemini(datas, stop),
-        Operation::Embeddings | Operation::Moderations | Operation::Images | Operation::Audio => {
-            None
-        }
-    }
+    let stop = &mut out.stopped;
+    out.value = match op {
+        Some(op @ (Operation::Chat | Operation::TextCompletion)) => openai_choices(op, datas, stop),
+        Some(Operation::Responses) => responses(&events),
+        Some(Operation::Messages) => anthropic(datas, stop),
+        Some(Operation::GenerateContent) => gemini(datas, stop),
+        _ => None,
+    };
+    out
 }
 
 /// The provider's error reported inside a stream that began with a 200: OpenAI's
 /// `data: {"error": ...}`, Anthropic's and the Responses API's `event: error`, a
 /// Responses `response.failed`. SDKs raise on these; the record must not say `ok`.
-pub fn stream_error(body: &str) -> Option<Value> {
-    if !body.contains("error") && !body.contains("response.failed") {
-        return None;
-    }
-    sse::parse(body).into_iter().find_map(|e| {
+fn stream_error(events: &[sse::SseEvent]) -> Option<Value> {
+    events.iter().find_map(|e| {
         let named = e.event.as_deref();
         if !matches!(named, Some("error") | Some("response.failed"))
             && !e.data.trim_start().starts_with("{\"error\"")
@@ -373,10 +379,10 @@ pub fn stream_error(body: &str) -> Option<Value> {
 
 /// Gemini's stream without `alt=sse`: one JSON array of response chunks, sent piece by
 /// piece. Reads the chunks that arrived whole (a cut stream keeps them) and merges them.
-pub fn reassemble_json_array(body: &str) -> (Option<Value>, bool) {
-    let mut stopped = false;
-    let v = json_array_inner(body, &mut stopped);
-    (v, stopped)
+pub fn reassemble_json_array(body: &str) -> Reassembled {
+    let mut out = Reassembled::default();
+    out.value = json_array_inner(body, &mut out.stopped);
+    out
 }
 
 fn json_array_inner(body: &str, stop: &mut bool) -> Option<Value> {

@@ -270,114 +270,32 @@ pub struct ParsedSegment {
     pub tail_error: Option<FormatError>,
 }
 
-/// Parses a whole segment. A bad header is an error; a bad or torn frame after it ends
-/// the scan and is reported in `tail_error`, with everything before it kept.
+/// Parses a whole segment held in memory (recovery, tests): the [`FrameReader`] over
+/// its bytes. A bad header is an error; a bad or torn frame after it ends the scan and
+/// is reported in `tail_error`, with everything before it kept.
 pub fn parse_segment(bytes: &[u8]) -> Result<ParsedSegment, FormatError> {
-    let (magic, content, next) =
-        read_skippable(bytes, 0).ok_or_else(|| ferr(0, "segment header is missing or torn"))?;
-    if magic != SEGMENT_MAGIC {
-        return Err(ferr(0, "segment does not start with a segment header"));
-    }
-    let header = SegmentHeader::decode(content).map_err(|w| ferr(8, w))?;
+    let mut frames = FrameReader::new(bytes, true)?;
     let mut blocks = Vec::new();
-    let mut at = next;
-    let mut tail_error = None;
     let mut seal = None;
-    while at < bytes.len() {
-        if seal.is_some() {
-            tail_error = Some(ferr(at, "data after the seal"));
-            break;
-        }
-        if let Some((SEAL_MAGIC, content, next)) = read_skippable(bytes, at) {
-            match serde_json::from_slice::<crate::signing::Seal>(content) {
-                Ok(s) => {
-                    seal = Some(SealFrame {
-                        line: content.to_vec(),
-                        seal: s,
-                        offset: at as u64,
-                    });
-                    at = next;
-                    continue;
-                }
-                Err(e) => {
-                    tail_error = Some(ferr(at + 8, format!("seal is not readable: {e}")));
-                    break;
-                }
-            }
-        }
-        match read_block(bytes, at) {
-            Ok((block, next)) => {
-                blocks.push(block);
-                at = next;
-            }
+    let mut tail_error = None;
+    let valid_len = loop {
+        let at = frames.offset();
+        match frames.next_frame() {
+            Ok(Some((_, Frame::Block(block)))) => blocks.push(block),
+            Ok(Some((_, Frame::Seal(s, _)))) => seal = Some(*s),
+            Ok(None) => break at,
             Err(e) => {
                 tail_error = Some(e);
-                break;
+                break at;
             }
         }
-    }
+    };
     Ok(ParsedSegment {
-        header,
+        header: frames.header().clone(),
         blocks,
         seal,
-        valid_len: at as u64,
+        valid_len,
         tail_error,
-    })
-}
-
-/// A segment's frames, located without decompressing anything.
-#[derive(Debug)]
-pub struct Frames {
-    pub header: SegmentHeader,
-    /// Each block header with the offset of its frame.
-    pub blocks: Vec<(u64, BlockHeader)>,
-    pub seal: Option<SealFrame>,
-}
-
-/// Walks a segment's frames by their headers alone, for verification that trusts a
-/// signed seal's SHA-256 over the bytes.
-pub fn scan_frames(bytes: &[u8]) -> Result<Frames, FormatError> {
-    let (magic, content, mut at) =
-        read_skippable(bytes, 0).ok_or_else(|| ferr(0, "segment header is missing or torn"))?;
-    if magic != SEGMENT_MAGIC {
-        return Err(ferr(0, "segment does not start with a segment header"));
-    }
-    let header = SegmentHeader::decode(content).map_err(|w| ferr(8, w))?;
-    let mut blocks = Vec::new();
-    let mut seal = None;
-    while at < bytes.len() {
-        if seal.is_some() {
-            return Err(ferr(at, "data after the seal"));
-        }
-        let (magic, content, next) =
-            read_skippable(bytes, at).ok_or_else(|| ferr(at, "frame is torn"))?;
-        match magic {
-            SEAL_MAGIC => {
-                let s = serde_json::from_slice::<crate::signing::Seal>(content)
-                    .map_err(|e| ferr(at + 8, format!("seal is not readable: {e}")))?;
-                seal = Some(SealFrame {
-                    line: content.to_vec(),
-                    seal: s,
-                    offset: at as u64,
-                });
-                at = next;
-            }
-            BLOCK_MAGIC => {
-                let h = BlockHeader::decode(content).map_err(|w| ferr(at + 8, w))?;
-                let end = next + h.frame_len as usize;
-                if end > bytes.len() {
-                    return Err(ferr(next, "block frame is torn"));
-                }
-                blocks.push((at as u64, h));
-                at = end;
-            }
-            other => return Err(ferr(at, format!("unexpected frame magic {other:#010x}"))),
-        }
-    }
-    Ok(Frames {
-        header,
-        blocks,
-        seal,
     })
 }
 

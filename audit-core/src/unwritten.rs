@@ -72,6 +72,8 @@ impl Reserve {
         let mut buf = vec![b' '; SIZE];
         buf[..text.len()].copy_from_slice(text);
         buf[SIZE - 1] = b'\n';
+        // An edited, longer file is cut back to the reservation.
+        f.set_len(SIZE as u64)?;
         f.seek(SeekFrom::Start(0))?;
         f.write_all(&buf)?;
         f.sync_data()
@@ -97,5 +99,17 @@ mod tests {
         assert_eq!(note.unwrap()["records"], 3);
         let (_, again) = Reserve::open(dir.path());
         assert!(again.is_none());
+    }
+
+    #[test]
+    fn an_edited_or_huge_note_is_read_bounded_and_never_trusted_as_anything_but_an_object() {
+        let dir = tempfile::tempdir().unwrap();
+        for junk in [b"[1,2,3]".to_vec(), vec![b'{'; 1 << 20], vec![0xff; 10_000]] {
+            std::fs::write(dir.path().join(FILE), &junk).unwrap();
+            let (_, note) = Reserve::open(dir.path());
+            assert!(note.is_none());
+            let len = std::fs::metadata(dir.path().join(FILE)).unwrap().len();
+            assert_eq!(len, SIZE as u64);
+        }
     }
 }

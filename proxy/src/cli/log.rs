@@ -93,16 +93,16 @@ impl TrailArgs {
         if plain {
             return Ok(user.to_owned());
         }
-        let path = match (key_file, &self.dir, &self.config) {
+        let path = match (key_file, &self.dir, &self.from) {
             (Some(k), _, _) => k.to_owned(),
             (None, Some(d), _) => d.join("fingerprint.key"),
-            (None, None, _) if self.from.is_none() => {
+            (None, None, None) => {
                 let audit = super::load_config(self.config.as_ref())?.audit;
                 audit
                     .fingerprint_key_file
                     .unwrap_or_else(|| audit.dir.join("fingerprint.key"))
             }
-            _ => anyhow::bail!(
+            (None, None, Some(_)) => anyhow::bail!(
                 "--user `…` holds an entity (an e-mail address...), stored pseudonymized: pass --key-file with the deployment's fingerprint key to search for it"
             ),
         };

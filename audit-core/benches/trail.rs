@@ -5,7 +5,8 @@
 //!
 //! `cargo bench -p custody-audit --bench trail` (1,000,000 records; `-- --quick` for 100,000;
 //! `-- --single-turn` for short one-question chats instead of conversations with history;
-//! `-- --writer-only` to stop after the writer, for profiling it).
+//! `-- --writer-only` to stop after the writer, for profiling it; `-- --policies` to
+//! run the writer with 10 flag rules over 1,000 terms, for their cost).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -94,12 +95,17 @@ fn pool(n: usize, max_turns: u64) -> Vec<(Bytes, Bytes)> {
         ];
         for _ in 0..(1 + r.next() % max_turns) {
             let len = 12 + (r.next() % 40) as usize;
-            let user = format!(
+            let mut user = format!(
                 "{} (ticket {}; contact jane.doe{}@example.com)",
                 r.words(len),
                 r.next() % 100_000,
                 r.next() % 50
             );
+            // One message in sixteen names a project the policy term lists hold.
+            if r.next().is_multiple_of(16) {
+                let (list, i) = (r.next() % 4, r.next() % 250);
+                user.push_str(&format!(" re Codename-{list}-{i:03} internal"));
+            }
             messages.push(serde_json::json!({"role": "user", "content": user}));
             let req = serde_json::json!({"model": "gpt-4o-mini", "temperature": 0.2, "messages": messages});
             let len = 30 + (r.next() % 120) as usize;
@@ -112,6 +118,35 @@ fn pool(n: usize, max_turns: u64) -> Vec<(Bytes, Bytes)> {
         }
     }
     out
+}
+
+/// Ten flag rules as a security team would write them, over four term lists of 250
+/// project code names each (1,000 in all), which one user message in sixteen names.
+fn policies(config: &mut Config) {
+    use custody_config::{Action, Policy, Severity};
+    for list in 0..4 {
+        let terms: Vec<String> = (0..250)
+            .map(|i| format!("codename-{list}-{i:03} internal"))
+            .collect();
+        config.policy_terms.insert(format!("list{list}"), terms);
+    }
+    let rules = [
+        "request.text.containsAny(terms.list0)",
+        "request.text.containsAny(terms.list1)",
+        "request.text.containsAny(terms.list2)",
+        "request.text.containsAny(terms.list3)",
+        "response.text.containsAny(terms.list0)",
+        "request.entities.EMAIL_ADDRESS > 3",
+        "model.startsWith('gpt-4o') && usage.output_tokens > 300",
+        "request.tools.exists(t, t == 'shell')",
+        "status >= 500",
+        "user == 'mallory' || team == 'contractors'",
+    ];
+    config.policies = rules
+        .iter()
+        .enumerate()
+        .map(|(i, when)| Policy::new(&format!("rule-{i}"), when, Action::Flag, Severity::Medium))
+        .collect();
 }
 
 fn exchange(req: &Bytes, resp: &Bytes, key: &HeaderValue, start: SystemTime) -> Exchange {
@@ -176,6 +211,10 @@ fn main() {
         .to_owned();
     config.audit.signing_key = Some(private);
     config.audit.queue_capacity = 16_384;
+    let with_policies = std::env::args().any(|a| a == "--policies");
+    if with_policies {
+        policies(&mut config);
+    }
     let pool = pool(4096, max_turns);
     let keys: Vec<HeaderValue> = (0..200)
         .map(|i| {
@@ -216,8 +255,14 @@ fn main() {
     );
     if std::env::args().any(|a| a == "--writer-only") {
         println!(
-            "writer                   {:.0} records/s",
-            n as f64 / write_secs
+            "writer                   {:.0} records/s, {:.1} µs of writer CPU per record{}",
+            n as f64 / write_secs,
+            summary.cpu_nanos.map_or(f64::NAN, |c| c as f64 / 1e3) / n as f64,
+            if with_policies {
+                " (10 flag rules, 1,000 terms)"
+            } else {
+                ""
+            }
         );
         return;
     }

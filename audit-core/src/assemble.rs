@@ -13,6 +13,7 @@ use crate::{
     fingerprint::{credential_token, Fingerprinter, CREDENTIAL_HEADERS},
     genai::{self, GenAiFacts, Operation},
     lineage::{self, Lineage, LineageHasher},
+    policy::{self, Facts, Phase, PolicyRecord, PolicySet},
     record::{
         self, Body, Chain, Client, Completion, ConfigRef, Conversation, GenAi, GenAiRequest,
         GenAiResponse, Http, InputTokens, Name, OutputTokens, Prompt, Record, Session, Template,
@@ -68,6 +69,10 @@ pub struct Assembler {
     source: Option<Box<RawValue>>,
     /// Largest decoded body accepted (a compressed body may expand; beyond this it is omitted).
     decode_limit: usize,
+    /// The rules the writer evaluates (flag, and observe-mode rules).
+    policy: std::sync::Arc<PolicySet>,
+    /// `source.*` as the rules see it.
+    source_map: std::collections::BTreeMap<String, String>,
 }
 
 /// What assembly learned beyond the record, for the writer's conversation index.
@@ -76,6 +81,8 @@ pub struct Learned {
     pub lineage: Lineage,
     pub response_id: Option<String>,
     pub previous_response_id: Option<String>,
+    /// Time the writer's rules took on this exchange (0 when none applied).
+    pub policy_seconds: f64,
 }
 
 impl Assembler {
@@ -84,6 +91,7 @@ impl Assembler {
         fingerprinter: Fingerprinter,
         decode_limit: usize,
         config: &custody_config::Config,
+        policy: std::sync::Arc<PolicySet>,
     ) -> Self {
         let lineage = LineageHasher::new(&fingerprinter.derive("custody.lineage/v1"));
         Self {
@@ -94,6 +102,8 @@ impl Assembler {
             headers: LineageHeaders::from_config(&config.lineage),
             source: source_json(&config.source),
             decode_limit,
+            policy,
+            source_map: record::source_map(&config.source),
         }
     }
 
@@ -114,6 +124,9 @@ impl Assembler {
         let mut facts = GenAiFacts::default();
         let mut prompt = Vec::new();
         let mut completion = None;
+        // What the rules see of the bodies, read before redaction and never written.
+        let needs = self.policy.needs(Phase::Record);
+        let mut seen = Facts::default();
 
         let (req_body, _) = self.body(
             &ex.request_headers,
@@ -125,6 +138,9 @@ impl Assembler {
                 if let Some(op) = op {
                     genai::request_facts(op, v, path_model, &mut facts);
                     prompt = lineage::prompt_messages(op, v);
+                }
+                if needs.text("request") {
+                    seen.request.text = policy::facts::text_of(v);
                 }
             },
         );
@@ -139,18 +155,25 @@ impl Assembler {
                     genai::response_facts(op, v, &mut facts);
                     completion = lineage::completion_message(op, v);
                 }
+                if needs.text("response") {
+                    seen.response.text = policy::facts::text_of(v);
+                }
+                if needs.has("response") {
+                    seen.response.tools = policy::facts::tool_calls_of(v);
+                }
             },
         );
         if facts.request_model.is_none() {
             facts.request_model = path_model.map(str::to_owned);
         }
-        let learned = Learned {
+        let mut learned = Learned {
             lineage: Lineage {
                 prefixes: self.lineage.prefixes(&prompt),
                 completion: completion.map(|c| self.lineage.message(&c)),
             },
             response_id: facts.response_id.clone(),
             previous_response_id: facts.previous_response_id.clone(),
+            policy_seconds: 0.0,
         };
 
         let ms = |t: Option<Instant>| t.map(|t| millis(t.duration_since(ex.started)));
@@ -169,6 +192,17 @@ impl Assembler {
         let query = ex.uri.query().map(|q| self.query(q, &mut counts));
         // Every field custody extracts is redacted like the bodies: a client can put
         // anything (its own key, an e-mail address) where a model or user is expected.
+        let key_user = ex.identity.as_ref().and_then(|i| i.user.as_deref());
+        if !self.policy.is_empty() {
+            seen.model = facts.request_model.clone().unwrap_or_default();
+            seen.served_model = facts.response_model.clone().unwrap_or_default();
+            seen.user = key_user
+                .or(facts.end_user.as_deref())
+                .unwrap_or_default()
+                .to_owned();
+            seen.request.tools = facts.tool_names.clone();
+            seen.finish_reasons = facts.finish_reasons.clone();
+        }
         let end_user = facts
             .end_user
             .take()
@@ -190,7 +224,6 @@ impl Assembler {
             }
             _ => (ex.outcome.as_str().to_owned(), ex.error.clone()),
         };
-        let key_user = ex.identity.as_ref().and_then(|i| i.user.as_deref());
         let (user, end_user) = match key_user {
             Some(u) => (Some(u.to_owned()), end_user),
             None => (end_user, None),
@@ -255,6 +288,15 @@ impl Assembler {
             ),
         });
 
+        let (policy, policy_seconds) = self.decide(
+            ex,
+            seen,
+            &req_body,
+            &resp_body,
+            &outcome,
+            &usage_of(&gen_ai),
+        );
+        learned.policy_seconds = policy_seconds;
         let record = Record {
             schema: record::SCHEMA.to_owned(),
             id: record_id(ex.started_at),
@@ -307,6 +349,7 @@ impl Assembler {
             }),
             outcome,
             error,
+            policy,
             gen_ai,
             request: req_body,
             response: resp_body,
@@ -318,6 +361,64 @@ impl Assembler {
             },
         };
         (record, learned)
+    }
+
+    /// Evaluates the writer's rules on what was seen before redaction, and joins their
+    /// decisions to the request path's.
+    fn decide(
+        &self,
+        ex: &Exchange,
+        mut seen: Facts,
+        request: &Body,
+        response: &Body,
+        outcome: &str,
+        usage: &(Option<u64>, Option<u64>),
+    ) -> (Option<PolicyRecord>, f64) {
+        let decided = ex.policy.as_deref();
+        if self.policy.is_empty() && decided.is_none() {
+            return (None, 0.0);
+        }
+        let tokens = |n: Option<u64>| n.map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX));
+        seen.route = ex.route.as_deref().unwrap_or_default().to_owned();
+        seen.provider = ex.provider.as_str().to_owned();
+        seen.operation = {
+            let path = ex.upstream_path.as_deref().unwrap_or_else(|| ex.uri.path());
+            Operation::detect(ex.provider, path).map_or_else(String::new, |o| o.name().to_owned())
+        };
+        seen.team = ex
+            .identity
+            .as_ref()
+            .and_then(|i| i.team.as_deref())
+            .unwrap_or_default()
+            .to_owned();
+        seen.key_id = ex
+            .identity
+            .as_ref()
+            .map(|i| i.key_id.to_string())
+            .unwrap_or_default();
+        seen.session = ex
+            .request_headers
+            .get(&self.headers.session)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        seen.source = self.source_map.clone();
+        seen.status = ex.status.map_or(0, |s| i64::from(s.as_u16()));
+        seen.outcome = outcome.to_owned();
+        seen.request.entities = request.redactions.clone();
+        seen.response.entities = response.redactions.clone();
+        seen.input_tokens = tokens(usage.0);
+        seen.output_tokens = tokens(usage.1);
+        let verdict = self.policy.evaluate(&seen, Phase::Record);
+        let seconds = verdict.seconds;
+        let mut decisions = decided.map(|d| d.decisions.clone()).unwrap_or_default();
+        decisions.extend(verdict.decisions);
+        let record = PolicyRecord {
+            version: self.policy.version().to_owned(),
+            decisions,
+            sanitized: decided.map(|d| d.sanitized.clone()).unwrap_or_default(),
+        };
+        (Some(record), seconds)
     }
 
     /// Every credential the client presented, as tokens (for fingerprinting and
@@ -433,6 +534,27 @@ impl Assembler {
     /// fact extraction (JSON text as sent, or a reassembled stream), and says whether it
     /// read the text as JSON, which spares the redactor a validating pass.
     fn body(
+        &self,
+        headers: &HeaderMap,
+        cap: &Capture,
+        credentials: &[String],
+        counts: &mut Counts,
+        side: Side,
+        inspect: impl FnOnce(&Value),
+    ) -> (Body, Option<Value>) {
+        // Each body says what was found in it (`request.entities` for the rules, and
+        // for `policy test` on exported records); the record's total is the sum.
+        let mut own = Counts::new();
+        let (mut body, error) =
+            self.body_counted(headers, cap, credentials, &mut own, side, inspect);
+        for (entity, n) in own.iter() {
+            counts.add(entity, n);
+        }
+        body.redactions = own.into_map();
+        (body, error)
+    }
+
+    fn body_counted(
         &self,
         headers: &HeaderMap,
         cap: &Capture,
@@ -697,21 +819,7 @@ fn multipart_field<'a>(body: &'a [u8], name: &str) -> Option<&'a str> {
 
 /// `[source]` plus the Kubernetes downward-API environment, as one JSON object.
 fn source_json(config: &std::collections::BTreeMap<String, String>) -> Option<Box<RawValue>> {
-    let mut m: std::collections::BTreeMap<String, String> = [
-        ("k8s.pod.name", "POD_NAME"),
-        ("k8s.namespace.name", "POD_NAMESPACE"),
-        ("k8s.node.name", "NODE_NAME"),
-        ("k8s.serviceaccount.name", "POD_SERVICE_ACCOUNT"),
-    ]
-    .into_iter()
-    .filter_map(|(k, env)| {
-        std::env::var(env)
-            .ok()
-            .filter(|v| !v.is_empty())
-            .map(|v| (k.to_owned(), v))
-    })
-    .collect();
-    m.extend(config.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let m = record::source_map(config);
     if m.is_empty() {
         return None;
     }
@@ -760,4 +868,11 @@ pub fn record_id(started_at: std::time::SystemTime) -> String {
 
 fn millis(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
+}
+
+/// Input and output tokens of a record's usage.
+fn usage_of(g: &Option<GenAi>) -> (Option<u64>, Option<u64>) {
+    g.as_ref()
+        .and_then(|g| g.usage.as_ref())
+        .map_or((None, None), |u| (u.input_tokens, u.output_tokens))
 }

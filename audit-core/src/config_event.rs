@@ -16,6 +16,8 @@ pub struct Snapshot {
     /// First 16 hex digits of the SHA-256 of `canonical`.
     pub version: String,
     pub canonical: Value,
+    /// The policy set's version (`policy.version` on records).
+    pub policy_version: String,
 }
 
 impl Snapshot {
@@ -94,6 +96,16 @@ impl Snapshot {
                 fingerprint_all(rule.get_mut("terms"));
             }
         }
+        // Policy term lists are what the rules look for (project code names, customer
+        // names): fingerprinted like redaction terms, the version still follows them.
+        if let Some(lists) = canonical
+            .get_mut("policy_terms")
+            .and_then(Value::as_object_mut)
+        {
+            for list in lists.values_mut() {
+                fingerprint_all(Some(list));
+            }
+        }
         for r in &config.routes {
             if let Some(env) = &r.upstream_key_env {
                 secrets.insert(
@@ -109,6 +121,7 @@ impl Snapshot {
         Self {
             version: hex::encode(&digest[..8]),
             canonical,
+            policy_version: crate::policy::version(&config.policies, &config.policy_terms),
         }
     }
 
@@ -126,6 +139,7 @@ impl Snapshot {
             "reason": reason,
             "version": self.version,
             "previous_version": previous.map(|p| p.version.clone()),
+            "policy_version": self.policy_version,
             "changed": changed,
             "config": self.canonical,
         })
@@ -137,9 +151,11 @@ impl Snapshot {
         let text = std::fs::read_to_string(dir.join(LAST_FILE)).ok()?;
         let canonical: Value = serde_json::from_str(&text).ok()?;
         let digest = Sha256::digest(canonical.to_string().as_bytes());
+        // Only compared against: the policy version of the new snapshot is the one told.
         Some(Self {
             version: hex::encode(&digest[..8]),
             canonical,
+            policy_version: String::new(),
         })
     }
 

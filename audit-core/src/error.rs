@@ -23,6 +23,9 @@ pub enum AuditError {
     /// The `[redaction]` rules cannot be built.
     #[error(transparent)]
     Redact(#[from] crate::redact::RedactError),
+    /// A `[[policy]]` rule does not compile.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
     /// No record has this id.
     #[error("no record with id {0}")]
     NotFound(String),

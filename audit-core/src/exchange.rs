@@ -27,6 +27,8 @@ pub enum Outcome {
     UpstreamTimeout,
     /// Custody refused the request (no route).
     Rejected,
+    /// A policy blocked the request; nothing went upstream.
+    Blocked,
 }
 
 impl Outcome {
@@ -37,6 +39,7 @@ impl Outcome {
             Outcome::UpstreamError => "upstream_error",
             Outcome::UpstreamTimeout => "upstream_timeout",
             Outcome::Rejected => "rejected",
+            Outcome::Blocked => "blocked",
         }
     }
 }
@@ -154,6 +157,16 @@ pub struct Exchange {
     /// Under `durability = "durable"`: told once the record is fsynced, so that the
     /// response's last frame can be released.
     pub durable: Option<tokio::sync::oneshot::Sender<()>>,
+    /// What the request-path rules (block, sanitize) decided, when any applied.
+    pub policy: Option<Box<RequestDecided>>,
+}
+
+/// The request path's policy decisions, carried to the record.
+#[derive(Debug, Clone, Default)]
+pub struct RequestDecided {
+    pub decisions: Vec<crate::record::Decision>,
+    /// Entities replaced in the body sent upstream.
+    pub sanitized: std::collections::BTreeMap<String, u64>,
 }
 
 /// A client authenticated by a virtual key.
@@ -209,6 +222,7 @@ impl Exchange {
             response_returned_at: None,
             permit: None,
             durable: None,
+            policy: None,
         }
     }
 }

@@ -139,6 +139,31 @@ fn trim(v: &[u8]) -> &[u8] {
     &v[start..end]
 }
 
+/// The redaction engine for a configuration, loading (or creating) the pseudonym key
+/// only when some entity is pseudonymized.
+pub fn redactor_for(
+    config: &custody_config::Config,
+) -> Result<crate::redact::Redactor, AuditError> {
+    let r = &config.redaction;
+    let pseudonymizes = r.default_mode == custody_config::Mode::Pseudonymize
+        || r.entities
+            .values()
+            .any(|m| *m == custody_config::Mode::Pseudonymize)
+        || r.custom
+            .iter()
+            .any(|c| c.mode == Some(custody_config::Mode::Pseudonymize));
+    let key = if pseudonymizes {
+        let path = r
+            .pseudonym_key_file
+            .clone()
+            .unwrap_or_else(|| config.audit.dir.join("pseudonym.key"));
+        Some(load_or_create_key(&path)?)
+    } else {
+        None
+    };
+    Ok(crate::redact::Redactor::new(r, key)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,9 @@ pub struct Facts {
     /// `client.user` and `client.end_user` (absent in indexes written before them).
     #[serde(default)]
     pub users: BTreeSet<String>,
+    /// Policies with a decision on some record (none before policies existed).
+    #[serde(default)]
+    pub policies: BTreeSet<String>,
 }
 
 impl Facts {
@@ -43,6 +46,10 @@ impl Facts {
         self.entities.extend(r.redactions.keys().cloned());
         self.users.extend(r.client.user.iter().cloned());
         self.users.extend(r.client.end_user.iter().cloned());
+        if let Some(p) = &r.policy {
+            self.policies
+                .extend(p.decisions.iter().map(|d| d.name.clone()));
+        }
     }
 
     /// The same from a stored record (for segments indexed after the fact).
@@ -63,6 +70,9 @@ impl Facts {
         }
         self.users.extend(s(&v["client"]["user"]));
         self.users.extend(s(&v["client"]["end_user"]));
+        for d in v["policy"]["decisions"].as_array().into_iter().flatten() {
+            self.policies.extend(s(&d["name"]));
+        }
     }
 
     pub fn merge(&mut self, o: &Facts) {
@@ -73,6 +83,7 @@ impl Facts {
         self.outcomes.extend(o.outcomes.iter().cloned());
         self.entities.extend(o.entities.iter().cloned());
         self.users.extend(o.users.iter().cloned());
+        self.policies.extend(o.policies.iter().cloned());
     }
 }
 

@@ -5,6 +5,8 @@
 //! - [`exchange`]: what the proxy hands over (heads, `Bytes` clones, timings).
 //! - [`writer`]: the bounded queue and the writer thread.
 //! - [`assemble`]: exchange -> [`record::Record`]: [`decode`], [`genai`] (with [`sse`]), [`redact`], [`fingerprint`].
+//! - [`policy`]: `[[policy]]` rules, evaluated on the request path (block, sanitize)
+//!   and by the writer (flag, observe), their decisions in every record.
 //! - [`store`]: appending blocks to segments, rotation, fsync, torn-tail recovery;
 //!   [`unwritten`]: what a stop could not write, told by the next start.
 //! - [`segment`]: the on-disk format (its module doc is the spec).
@@ -22,6 +24,7 @@ pub mod genai;
 pub mod index;
 pub mod lineage;
 pub mod metrics;
+pub mod policy;
 pub mod reader;
 pub mod record;
 pub mod redact;

@@ -45,6 +45,18 @@ pub struct TokenLabels {
     pub token_type: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub policy: String,
+    pub action: &'static str,
+    pub mode: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: &'static str,
+}
+
 /// Counters shared by the proxy and the writer.
 #[derive(Debug)]
 pub struct AuditStats {
@@ -79,6 +91,10 @@ pub struct AuditStats {
     pub writer_lag_seconds: Histogram,
     pub redactions: Family<EntityLabels, Counter>,
     pub tokens: Family<TokenLabels, Counter>,
+    /// Policy decisions, by policy, action and mode (names are the configured rules').
+    pub policy_decisions: Family<PolicyLabels, Counter>,
+    /// Time to evaluate one exchange's rules, by phase (request, record).
+    pub policy_seconds: Family<PhaseLabels, Histogram, fn() -> Histogram>,
     pub segments: Gauge,
     pub disk_bytes: Gauge,
     /// Woken each time the writer takes an exchange (room for waiting admissions).
@@ -97,6 +113,13 @@ pub struct Losses {
     pub refused: u64,
     pub first_ms: Option<i64>,
     pub last_ms: Option<i64>,
+}
+
+/// Policy evaluations take microseconds: buckets from 5 µs to 25 ms.
+fn policy_histogram() -> Histogram {
+    Histogram::new([
+        0.000_005, 0.00001, 0.000_025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.025,
+    ])
 }
 
 impl Default for AuditStats {
@@ -124,6 +147,8 @@ impl Default for AuditStats {
             writer_lag_seconds: seconds(),
             redactions: Family::default(),
             tokens: Family::default(),
+            policy_decisions: Family::default(),
+            policy_seconds: Family::new_with_constructor(policy_histogram),
             segments: Gauge::default(),
             disk_bytes: Gauge::default(),
             room: tokio::sync::Notify::new(),
@@ -217,10 +242,42 @@ impl AuditStats {
             self.redactions.clone(),
         );
         r.register(
+            "custody_policy_decisions",
+            "Policy decisions (matches and evaluation errors), by policy, action and mode",
+            self.policy_decisions.clone(),
+        );
+        r.register(
+            "custody_policy_evaluation_seconds",
+            "Time to evaluate one exchange's rules, by phase (request: block and sanitize before the upstream; record: on the writer)",
+            self.policy_seconds.clone(),
+        );
+        r.register(
             "gen_ai_client_token_usage",
             "Tokens used, by route, model (served, else requested) and token_type (input, output)",
             self.tokens.clone(),
         );
+    }
+
+    /// Counts one exchange's policy decisions and the time their evaluation took.
+    pub fn count_policy(
+        &self,
+        phase: &'static str,
+        decisions: &[crate::record::Decision],
+        seconds: f64,
+    ) {
+        if seconds > 0.0 {
+            self.policy_seconds
+                .get_or_create(&PhaseLabels { phase })
+                .observe(seconds);
+        }
+        for d in decisions {
+            let labels = PolicyLabels {
+                policy: d.name.clone(),
+                action: d.action.as_str(),
+                mode: d.mode.as_str(),
+            };
+            self.policy_decisions.get_or_create(&labels).inc();
+        }
     }
 
     /// Counts an exchange that proceeded unaudited (`refused == false`) or was refused

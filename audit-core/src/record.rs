@@ -41,6 +41,8 @@ pub struct Record {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gen_ai: Option<GenAi>,
     pub request: Body,
     pub response: Body,
@@ -277,6 +279,48 @@ pub struct Body {
     /// in `body`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reassembly_stopped: Option<String>,
+    /// Entities found (and replaced) in this body, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub redactions: BTreeMap<String, u64>,
+}
+
+/// `policy`: the policy set in force and what its rules decided.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    /// The policy set's fingerprint (`[[policy]]` and `[policy_terms]`).
+    pub version: String,
+    /// Every rule that matched or failed to evaluate; empty when none did.
+    pub decisions: Vec<Decision>,
+    /// Entities a sanitize rule replaced in the request before it went upstream.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sanitized: BTreeMap<String, u64>,
+}
+
+/// What a matching (or failing) rule did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Effect {
+    Flagged,
+    Blocked,
+    Sanitized,
+    WouldFlag,
+    WouldBlock,
+    WouldSanitize,
+    /// The rule failed to evaluate and did nothing (`on_error = "ignore"`).
+    Error,
+}
+
+/// One rule's decision on one exchange, as records carry it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub name: String,
+    pub action: custody_config::Action,
+    pub severity: custody_config::Severity,
+    pub mode: custody_config::PolicyMode,
+    pub effect: Effect,
+    /// Why the rule failed to evaluate (types and names only, never values).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -354,4 +398,26 @@ pub fn id_time_ms(id: &str) -> Option<i64> {
     let u = uuid::Uuid::parse_str(id).ok()?;
     let (secs, nanos) = u.get_timestamp()?.to_unix();
     Some(secs as i64 * 1000 + i64::from(nanos / 1_000_000))
+}
+
+/// `source.*`: the Kubernetes downward-API environment, then `[source]`.
+pub fn source_map(
+    config: &std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<String, String> {
+    let mut m: std::collections::BTreeMap<String, String> = [
+        ("k8s.pod.name", "POD_NAME"),
+        ("k8s.namespace.name", "POD_NAMESPACE"),
+        ("k8s.node.name", "NODE_NAME"),
+        ("k8s.serviceaccount.name", "POD_SERVICE_ACCOUNT"),
+    ]
+    .into_iter()
+    .filter_map(|(k, env)| {
+        std::env::var(env)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(|v| (k.to_owned(), v))
+    })
+    .collect();
+    m.extend(config.iter().map(|(k, v)| (k.clone(), v.clone())));
+    m
 }

@@ -60,6 +60,10 @@ pub struct Query {
     pub session: Option<String>,
     /// `trace.id`.
     pub trace: Option<String>,
+    /// A policy that decided on the record (matched, or failed to evaluate).
+    pub policy: Option<String>,
+    /// Records with a policy decision of this severity or above.
+    pub severity: Option<custody_config::Severity>,
     /// Search the trail's events (config, recovery, retention) instead of its records.
     pub events: bool,
     /// Most records returned (the newest ones).
@@ -108,6 +112,21 @@ impl Query {
         }
         if let Some(want) = &self.outcome {
             if r["outcome"].as_str() != Some(want) {
+                return false;
+            }
+        }
+        if self.policy.is_some() || self.severity.is_some() {
+            let decided = r["policy"]["decisions"].as_array().into_iter().flatten();
+            let mut any = decided.filter(|d| {
+                self.policy
+                    .as_deref()
+                    .is_none_or(|p| d["name"].as_str() == Some(p))
+                    && self.severity.is_none_or(|min| {
+                        serde_json::from_value::<custody_config::Severity>(d["severity"].clone())
+                            .is_ok_and(|s| s >= min)
+                    })
+            });
+            if any.next().is_none() {
                 return false;
             }
         }
@@ -175,6 +194,7 @@ impl Query {
             || !has(&f.outcomes, &self.outcome)
             || !has(&f.entities, &self.entity)
             || !has(&f.users, &self.user)
+            || !has(&f.policies, &self.policy)
         {
             return false;
         }

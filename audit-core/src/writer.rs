@@ -20,42 +20,24 @@ use std::{
 };
 
 use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender, TryRecvError, TrySendError};
-use custody_config::Mode;
 
 use crate::{
     assemble::Assembler,
     config_event::Snapshot,
     exchange::Exchange,
-    fingerprint::{self, Fingerprinter},
+    fingerprint::Fingerprinter,
     index::Facts,
     lineage::ConversationIndex,
     metrics::AuditStats,
+    policy::PolicySet,
     record::{self, Chain, EventRecord, EventTime},
-    redact::Redactor,
     segment,
     signing::SignerKey,
     store::{ChainHead, Recovery, SegmentStore, StoreOptions},
     AuditError,
 };
 
-/// The redaction engine for a configuration, loading (or creating) the pseudonym key
-/// only when some entity is pseudonymized.
-pub fn redactor_for(config: &custody_config::Config) -> Result<Redactor, AuditError> {
-    let r = &config.redaction;
-    let pseudonymizes = r.default_mode == Mode::Pseudonymize
-        || r.entities.values().any(|m| *m == Mode::Pseudonymize)
-        || r.custom.iter().any(|c| c.mode == Some(Mode::Pseudonymize));
-    let key = if pseudonymizes {
-        let path = r
-            .pseudonym_key_file
-            .clone()
-            .unwrap_or_else(|| config.audit.dir.join("pseudonym.key"));
-        Some(fingerprint::load_or_create_key(&path)?)
-    } else {
-        None
-    };
-    Ok(Redactor::new(r, key)?)
-}
+pub use crate::fingerprint::redactor_for;
 
 /// Uncompressed bytes per block before it is cut.
 pub const BLOCK_TARGET: usize = 256 * 1024;
@@ -157,6 +139,9 @@ pub struct WriterSummary {
     /// Records (and events) held at the stop that the disk would not take; the next
     /// start writes a `gap` event for them (see [`crate::unwritten`]).
     pub unwritten: u64,
+    /// Nanoseconds of CPU the writer thread used, where the kernel tells it (Linux
+    /// `schedstat`): what the benchmarks divide by the records written.
+    pub cpu_nanos: Option<u64>,
 }
 
 /// Settings the writer needs (from `[audit]`).
@@ -246,6 +231,7 @@ impl ConfigHandle {
             self.fingerprinter.clone(),
             wc.decode_limit,
             config,
+            Arc::new(PolicySet::from_config(config)?),
         );
         let snapshot = Snapshot::of(config, &self.fingerprinter);
         let event = snapshot.event("reload", Some(&current.0));
@@ -307,7 +293,14 @@ impl AuditWriter {
             .unwrap_or_else(|| audit.dir.join("fingerprint.key"));
         let fingerprinter = Fingerprinter::load_or_create(&key_path)?;
         let redactor = redactor_for(config)?;
-        let assembler = Assembler::new(redactor, fingerprinter.clone(), wc.decode_limit, config);
+        let policy = Arc::new(PolicySet::from_config(config)?);
+        let assembler = Assembler::new(
+            redactor,
+            fingerprinter.clone(),
+            wc.decode_limit,
+            config,
+            policy,
+        );
         let snapshot = Snapshot::of(config, &fingerprinter);
         let start_event = snapshot.event("start", Snapshot::load_last(&audit.dir).as_ref());
         snapshot.store_last(&audit.dir);
@@ -662,6 +655,7 @@ impl Worker {
             head: self.store.head(),
             written: self.stats.written.get(),
             unwritten,
+            cpu_nanos: thread_cpu_nanos(),
         })
     }
 
@@ -893,6 +887,10 @@ impl Worker {
             &record.id,
         );
         self.count(&record);
+        if let Some(p) = &record.policy {
+            self.stats
+                .count_policy("record", &p.decisions, learned.policy_seconds);
+        }
         let mut facts = Facts::default();
         facts.add_record(&record);
         record.chain.prev = hex::encode(self.batch.head.prev_hash);
@@ -1027,4 +1025,11 @@ impl Worker {
             }
         }
     }
+}
+
+/// This thread's CPU time so far, in nanoseconds: the first field of
+/// `/proc/thread-self/schedstat`; `None` off Linux.
+fn thread_cpu_nanos() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    stat.split_whitespace().next()?.parse().ok()
 }

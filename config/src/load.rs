@@ -14,25 +14,7 @@ impl Config {
     /// Reads, parses and validates a TOML file of at most [`MAX_CONFIG_BYTES`]; a FIFO,
     /// a device or `/dev/zero` given by mistake is refused, not read forever.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let read = |source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        };
-        let file = std::fs::File::open(path).map_err(read)?;
-        let meta = file.metadata().map_err(read)?;
-        if !meta.is_file() {
-            return Err(read(std::io::Error::other("not a regular file")));
-        }
-        let mut text = String::new();
-        use std::io::Read;
-        file.take(MAX_CONFIG_BYTES + 1)
-            .read_to_string(&mut text)
-            .map_err(read)?;
-        if text.len() as u64 > MAX_CONFIG_BYTES {
-            return Err(read(std::io::Error::other(format!(
-                "larger than {MAX_CONFIG_BYTES} bytes"
-            ))));
-        }
+        let text = read_bounded(path)?;
         Self::from_toml_str(&text, &path.display().to_string())
     }
 
@@ -44,4 +26,28 @@ impl Config {
         })?;
         config.validate(origin)
     }
+}
+
+/// A file's text, of at most [`MAX_CONFIG_BYTES`], from a regular file only.
+pub fn read_bounded(path: &Path) -> Result<String, ConfigError> {
+    let read = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read)?;
+    let meta = file.metadata().map_err(read)?;
+    if !meta.is_file() {
+        return Err(read(std::io::Error::other("not a regular file")));
+    }
+    let mut text = String::new();
+    use std::io::Read;
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(read(std::io::Error::other(format!(
+            "larger than {MAX_CONFIG_BYTES} bytes"
+        ))));
+    }
+    Ok(text)
 }

@@ -50,6 +50,12 @@ pub struct Config {
     /// Where sealed segments are shipped.
     #[serde(default)]
     pub ship: Ship,
+    /// Rules over each exchange: flag, block or sanitize (`docs/policy.md`).
+    #[serde(default, rename = "policy")]
+    pub policies: Vec<crate::Policy>,
+    /// Named term lists for rules: `request.text.containsAny(terms.NAME)`.
+    #[serde(default)]
+    pub policy_terms: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// `[ship]`: sealed segments, their indexes and the checkpoint log, uploaded to object
@@ -645,6 +651,16 @@ impl Config {
         if let Err((key, reason)) = self.redaction.check() {
             return Err(invalid(key, &reason));
         }
+        let entities: HashSet<&str> = crate::BUILTIN_ENTITIES
+            .iter()
+            .copied()
+            .chain(self.redaction.custom.iter().map(|c| c.name.as_str()))
+            .collect();
+        if let Err((key, reason)) =
+            crate::policy::check(&self.policies, &self.policy_terms, &names, &entities)
+        {
+            return Err(invalid(key, &reason));
+        }
         if a.dir.as_os_str().is_empty() {
             return Err(invalid("audit.dir".into(), "must not be empty"));
         }
@@ -685,6 +701,8 @@ impl Config {
             log: Log::default(),
             limits: Limits::default(),
             ship: Ship::default(),
+            policies: Vec::new(),
+            policy_terms: Default::default(),
         }
     }
 }

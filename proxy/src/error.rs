@@ -57,6 +57,8 @@ pub enum Refusal {
     /// The path has dot segments (`..`, `.`, percent-encoded or not) or an encoded
     /// slash: it could climb out of a route's base path.
     AmbiguousPath,
+    /// An enforcing `block` policy matched; nothing went upstream.
+    PolicyBlocked,
 }
 
 impl Refusal {
@@ -76,6 +78,7 @@ impl Refusal {
             Refusal::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::AmbiguousPath => StatusCode::BAD_REQUEST,
+            Refusal::PolicyBlocked => StatusCode::FORBIDDEN,
         }
     }
 
@@ -94,10 +97,11 @@ impl Refusal {
             Refusal::ClientTimeout => "client_timeout",
             Refusal::MethodNotAllowed => "method_not_allowed",
             Refusal::AmbiguousPath => "ambiguous_path",
+            Refusal::PolicyBlocked => "policy_blocked",
         }
     }
 
-    fn message(self) -> &'static str {
+    pub fn message(self) -> &'static str {
         match self {
             Refusal::NoRoute => {
                 "custody: no route for this path; only configured routes are proxied"
@@ -118,21 +122,27 @@ impl Refusal {
             Refusal::AmbiguousPath => {
                 "custody: the path has dot segments or encoded slashes; send it normalized"
             }
+            Refusal::PolicyBlocked => custody_audit::policy::request::DEFAULT_BLOCK_MESSAGE,
         }
     }
 
     /// The JSON body, in the error shape of the route's provider so that SDKs parse it.
     pub fn body(self, provider: Provider) -> Bytes {
+        self.body_saying(provider, self.message())
+    }
+
+    /// [`Self::body`] with another message (a blocking policy's own).
+    pub fn body_saying(self, provider: Provider, message: &str) -> Bytes {
         let v = match provider {
             Provider::Anthropic => serde_json::json!({
                 "type": "error",
-                "error": {"type": self.anthropic_type(), "message": self.message()},
+                "error": {"type": self.anthropic_type(), "message": message},
             }),
             Provider::Gemini => serde_json::json!({
-                "error": {"code": self.status().as_u16(), "message": self.message(), "status": self.grpc_status()},
+                "error": {"code": self.status().as_u16(), "message": message, "status": self.grpc_status()},
             }),
             _ => serde_json::json!({
-                "error": {"message": self.message(), "type": "custody_error", "param": null, "code": self.code()},
+                "error": {"message": message, "type": "custody_error", "param": null, "code": self.code()},
             }),
         };
         Bytes::from(v.to_string())
@@ -143,7 +153,7 @@ impl Refusal {
         match self {
             Refusal::NoRoute => "not_found_error",
             Refusal::UnknownKey => "authentication_error",
-            Refusal::KeyNotAllowed => "permission_error",
+            Refusal::KeyNotAllowed | Refusal::PolicyBlocked => "permission_error",
             Refusal::BadRequest => "invalid_request_error",
             Refusal::UpstreamUnreachable | Refusal::UpstreamTimeout => "api_error",
             Refusal::AuditQueueFull | Refusal::TooManyConnections => "overloaded_error",
@@ -160,7 +170,7 @@ impl Refusal {
         match self {
             Refusal::NoRoute => "NOT_FOUND",
             Refusal::UnknownKey => "UNAUTHENTICATED",
-            Refusal::KeyNotAllowed => "PERMISSION_DENIED",
+            Refusal::KeyNotAllowed | Refusal::PolicyBlocked => "PERMISSION_DENIED",
             Refusal::BadRequest => "INVALID_ARGUMENT",
             Refusal::UpstreamUnreachable => "UNAVAILABLE",
             Refusal::UpstreamTimeout => "DEADLINE_EXCEEDED",

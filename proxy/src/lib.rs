@@ -4,7 +4,8 @@
 //! # Layout
 //! The request path, in order: [`server`] (accept, shutdown; [`connection`] bounds how
 //! many connections and how long a silent one lives) -> [`service`] (route,
-//! forward) with [`route`] and [`upstream`] -> [`tee`] (bodies, hand-over to the audit
+//! forward) with [`route`] and [`upstream`] (and, for routes a
+//! request policy applies to, [`policy`]) -> [`tee`] (bodies, hand-over to the audit
 //! queue). [`error`] maps failures to responses in one place. [`mock`] is the loopback
 //! mock provider used by `custody demo` and the SDK conformance tests.
 #![forbid(unsafe_code)]
@@ -16,6 +17,7 @@ pub mod error;
 pub mod keys;
 pub mod metrics;
 pub mod mock;
+pub mod policy;
 pub mod remote;
 pub mod route;
 pub mod server;

@@ -6,8 +6,18 @@
 //! `slow` (a two-second answer, or a stream paced at 100 ms per event).
 //! The assistant echoes the start of the last user message, so PII sent in a prompt
 //! comes back in the answer, as it does with real models.
+//!
+//! It records what it receives: `GET /mock/requests` returns the last
+//! [`RECORDED_MAX`] requests (path and body as received), so a test can prove what
+//! reached the upstream, and what did not.
 
-use std::{convert::Infallible, future::Future, net::SocketAddr};
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -23,15 +33,22 @@ use tokio::net::TcpListener;
 
 type MockBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
+/// Requests the mock keeps for `GET /mock/requests`; older ones are forgotten.
+pub const RECORDED_MAX: usize = 1000;
+
+type Recorded = Arc<Mutex<VecDeque<Value>>>;
+
 /// Serves the mock provider on `listener` until `shutdown` completes.
 pub async fn serve(listener: TcpListener, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
+    let recorded: Recorded = Arc::default();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
+                let recorded = recorded.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(handle);
+                    let svc = hyper::service::service_fn(move |req| handle(req, recorded.clone()));
                     let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
                 });
             }
@@ -48,14 +65,30 @@ pub async fn spawn(addr: SocketAddr) -> std::io::Result<SocketAddr> {
     Ok(bound)
 }
 
-async fn handle(req: Request<Incoming>) -> Result<Response<MockBody>, Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    recorded: Recorded,
+) -> Result<Response<MockBody>, Infallible> {
     let path = req.uri().path().trim_end_matches('/').to_owned();
+    if req.method() == http::Method::GET && path == "/mock/requests" {
+        let list: Vec<Value> = recorded
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default();
+        return Ok(json_response(StatusCode::OK, &json!({ "requests": list })));
+    }
     let body = req
         .into_body()
         .collect()
         .await
         .map(|c| c.to_bytes())
         .unwrap_or_default();
+    if let Ok(mut r) = recorded.lock() {
+        if r.len() == RECORDED_MAX {
+            r.pop_front();
+        }
+        r.push_back(json!({"path": path, "body": String::from_utf8_lossy(&body)}));
+    }
     let Ok(body) = serde_json::from_slice::<Value>(&body) else {
         return Ok(json_response(
             StatusCode::BAD_REQUEST,

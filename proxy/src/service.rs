@@ -1,5 +1,7 @@
 //! The per-request path: route, rewrite, tee both bodies, forward, map failures.
-//! Nothing here parses JSON, redacts or blocks; the writer does the heavy work.
+//! Nothing here parses JSON, redacts or blocks; the writer does the heavy work. The
+//! one exception is opt-in: a route an enforcing `block` or `sanitize` policy applies
+//! to reads its request body first ([`crate::policy`]).
 
 use std::{
     convert::Infallible,
@@ -12,7 +14,14 @@ use std::{
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use custody_audit::{AuditSender, Capture, Exchange, Outcome};
+use custody_audit::{
+    exchange::RequestDecided,
+    policy::{
+        request::{RequestHead, RequestPolicy},
+        PolicySet,
+    },
+    AuditSender, Capture, Exchange, Outcome,
+};
 use custody_config::{Config, Provider};
 use http::{Request, Response, Version};
 use http_body_util::{BodyExt, Either, Full};
@@ -24,6 +33,7 @@ use crate::{
     error::Refusal,
     keys::{self, KeyTable},
     metrics::ProxyMetrics,
+    policy::{self as guard, Replay},
     route::Router,
     tee::{Handoff, InFlight, Reporter, Side, TeeBody},
     timeout::{Limited, Limits},
@@ -36,8 +46,9 @@ use crate::{
 pub type ProxyBody = Either<TeeBody<Limited<Incoming>>, Full<Bytes>>;
 
 /// What goes upstream: the client's body as it streams in, or, when custody had to
-/// read it first (a key restricted to some models), the bytes it read.
-pub type RequestBody = Either<Limited<Incoming>, Full<Bytes>>;
+/// read it first (a key restricted to some models, a request policy), the bytes it
+/// read (or the sanitized body) and the rest.
+pub type RequestBody = Either<Limited<Incoming>, Replay>;
 
 /// The part of the configuration that a reload replaces, swapped atomically: each
 /// request works with the one it loaded at admission.
@@ -49,6 +60,8 @@ pub struct Active {
     upstream_idle: Option<Duration>,
     total: Option<Duration>,
     limits: custody_config::Limits,
+    /// Enforcing `block` and `sanitize` rules, when the configuration has any.
+    policy: Option<Arc<RequestPolicy>>,
 }
 
 impl Active {
@@ -62,8 +75,15 @@ impl Active {
             upstream_idle: secs(config.upstream.idle_timeout_secs),
             total: secs(config.upstream.total_timeout_secs),
             limits: config.limits.clone(),
+            policy: request_policy(config)?,
         })
     }
+}
+
+/// The request path's rules; a rule that does not compile refuses the configuration.
+fn request_policy(config: &Config) -> Result<Option<Arc<RequestPolicy>>, ProxyError> {
+    let set = PolicySet::from_config(config).map_err(custody_audit::AuditError::from)?;
+    Ok(RequestPolicy::new(config, Arc::new(set))?.map(Arc::new))
 }
 
 /// A limit in seconds, `0` meaning none.
@@ -245,6 +265,76 @@ async fn proxy(
             body
         }
     };
+    let body = match active.policy.as_ref().filter(|p| p.applies(&target.name)) {
+        None => body,
+        Some(policy) => {
+            let read = match body {
+                Either::Left(b) => guard::read(b, shared.capture_max).await,
+                Either::Right(r) => Ok(r.into_read()),
+            };
+            let read = match read {
+                Ok(r) => r,
+                Err(e) => {
+                    let refusal = match e {
+                        crate::timeout::LimitError::TooLarge { .. } => Refusal::BodyTooLarge,
+                        crate::timeout::LimitError::Idle { .. }
+                        | crate::timeout::LimitError::Total { .. } => Refusal::ClientTimeout,
+                        crate::timeout::LimitError::Inner(_) => Refusal::BadRequest,
+                    };
+                    let why = format!("request body could not be read for the policies: {e}");
+                    return refuse(ex, audit, refusal, provider, Some(why));
+                }
+            };
+            let identity = key.map(|k| &k.identity);
+            let head = RequestHead {
+                route: &target.name,
+                provider,
+                path: &forwarded,
+                headers: &parts.headers,
+                key_id: identity.map(|i| &*i.key_id),
+                user: identity.and_then(|i| i.user.as_deref()),
+                team: identity.and_then(|i| i.team.as_deref()),
+            };
+            let checked = guard::check(policy, head, &read, shared.capture_max).await;
+            audit
+                .audit
+                .stats()
+                .count_policy("request", &[], checked.seconds);
+            ex.policy = Some(Box::new(RequestDecided {
+                decisions: checked.decisions.clone(),
+                sanitized: checked.sanitized.clone(),
+            }));
+            if let Some(message) = &checked.blocked {
+                // The record keeps the prompt that was blocked.
+                for c in &read.chunks {
+                    ex.request.push(c, shared.capture_max);
+                }
+                ex.request.complete = read.complete();
+                ex.upstream_path = Some(forwarded);
+                let name = checked
+                    .decisions
+                    .iter()
+                    .find(|d| d.effect == custody_audit::policy::Effect::Blocked)
+                    .map_or("", |d| d.name.as_str());
+                let why = format!("blocked by policy `{name}`");
+                let inflight = InFlight::new(ex, audit.clone());
+                return respond(
+                    &inflight,
+                    Refusal::PolicyBlocked,
+                    provider,
+                    Some(why),
+                    message,
+                );
+            }
+            match checked.body.clone() {
+                Some(b) => {
+                    guard::replaced_body(&mut parts.headers, checked.decoded, b.len());
+                    Either::Right(Replay::whole(b))
+                }
+                None => Either::Right(read.forward()),
+            }
+        }
+    };
     if let Some(k) = key {
         keys::strip_credentials(&mut parts.headers);
         if let Some(secret) = k.upstream.as_ref().or(target.upstream_key.as_ref()) {
@@ -363,7 +453,7 @@ async fn requested_model(
     let model = serde_json::from_slice::<Model>(&bytes)
         .ok()
         .and_then(|m| m.model);
-    Ok((model, Either::Right(Full::new(bytes))))
+    Ok((model, Either::Right(Replay::whole(bytes))))
 }
 
 /// The limit a request head breaks, if any: too many connections, a head or a declared
@@ -442,7 +532,18 @@ fn respond_refusal(
     provider: Provider,
     error: Option<String>,
 ) -> Response<ProxyBody> {
-    let body = refusal.body(provider);
+    respond(inflight, refusal, provider, error, refusal.message())
+}
+
+/// Answers for custody with `message` in the provider's error shape.
+fn respond(
+    inflight: &Arc<InFlight>,
+    refusal: Refusal,
+    provider: Provider,
+    error: Option<String>,
+    message: &str,
+) -> Response<ProxyBody> {
+    let body = refusal.body_saying(provider, message);
     let mut resp = Response::new(Either::Right(Full::new(body.clone())));
     *resp.status_mut() = refusal.status();
     for (k, v) in refusal.headers() {
@@ -470,6 +571,7 @@ fn respond_refusal(
             | Refusal::TooManyConnections
             | Refusal::MethodNotAllowed
             | Refusal::AmbiguousPath => Outcome::Rejected,
+            Refusal::PolicyBlocked => Outcome::Blocked,
             Refusal::ClientTimeout => Outcome::ClientCancelled,
             Refusal::UpstreamTimeout => Outcome::UpstreamTimeout,
             Refusal::UpstreamUnreachable => Outcome::UpstreamError,

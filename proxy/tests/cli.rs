@@ -124,7 +124,15 @@ fn http_post(addr: &str, path: &str, headers: &str, body: &str) -> String {
 #[test]
 fn help_names_every_command_a_user_can_run() {
     let help = stdout(&custody(&["--help"]));
-    for command in ["serve", "demo", "mock-provider", "log", "redact", "keygen"] {
+    for command in [
+        "serve",
+        "demo",
+        "mock-provider",
+        "log",
+        "policy",
+        "redact",
+        "keygen",
+    ] {
         assert!(
             help.contains(command),
             "{command} missing from --help:\n{help}"
@@ -156,6 +164,116 @@ fn config_default_is_the_embedded_file_and_check_names_the_line() {
     assert!(
         err.contains("line 5") && err.contains("segment_max_byte"),
         "{err}"
+    );
+}
+
+/// `custody policy test --config RULES` with `input` on standard input.
+fn policy_test(rules: &Path, input: &[u8]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(["policy", "test", "--config", rules.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn policy_check_names_every_bad_rule_and_policy_test_replays_exported_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    let good = r#"
+[policy_terms]
+codenames = ["Project Nightingale"]
+
+[[policy]]
+name = "codename"
+when = "request.text.containsAny(terms.codenames)"
+action = "flag"
+severity = "medium"
+
+[[policy]]
+name = "cards"
+when = "request.entities.CREDIT_CARD > 0"
+action = "block"
+severity = "critical"
+"#;
+    let bad = format!(
+        "{good}{}",
+        r#"
+[[policy]]
+name = "typo"
+when = """
+route == 'openai' &&
+  reqest.text == ''"""
+action = "flag"
+severity = "low"
+
+[[policy]]
+name = "syntax"
+when = "model == 'a' &&"
+action = "flag"
+severity = "low"
+"#
+    );
+    std::fs::write(&rules, &bad).unwrap();
+    let o = custody(&["policy", "check", rules.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("policy `typo`: `when` line 2, column 3: unknown variable `reqest`"),
+        "{err}"
+    );
+    assert!(err.contains("policy `syntax`: `when` line 1"), "{err}");
+    assert!(err.contains("2 of 4 rules do not compile"), "{err}");
+
+    std::fs::write(&rules, good).unwrap();
+    let o = custody(&["policy", "check", rules.to_str().unwrap()]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        stdout(&o).contains("2 rules, 1 term lists"),
+        "{}",
+        stdout(&o)
+    );
+
+    let record = |id: &str, text: &str, cards: u64| {
+        serde_json::json!({
+            "schema": "custody.record/v1", "id": id, "route": "openai", "outcome": "ok",
+            "gen_ai": {"provider": {"name": "openai"}, "request": {"model": "gpt-4o"}},
+            "request": {"body": {"messages": [{"role": "user", "content": text}]},
+                        "redactions": {"CREDIT_CARD": cards}},
+            "response": {},
+        })
+        .to_string()
+    };
+    let input = [
+        record("r1", "news on project nightingale?", 0),
+        record("r2", "pay with [CREDIT_CARD]", 1),
+        record("r3", "hello", 0),
+        r#"{"schema":"custody.event/v1","event":{"type":"config"}}"#.to_owned(),
+    ]
+    .join("\n");
+    let o = policy_test(&rules, input.as_bytes());
+    assert!(o.status.success(), "{o:?}");
+    let out = stdout(&o);
+    assert!(
+        out.contains("r1  codename") && out.contains("flagged"),
+        "{out}"
+    );
+    assert!(
+        out.contains("r2  cards") && out.contains("blocked"),
+        "{out}"
+    );
+    assert!(!out.contains("r3"), "{out}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("3 records, 2 matched"), "{err}");
+
+    let o = policy_test(&rules, b"not json\n");
+    assert!(
+        !o.status.success(),
+        "an unreadable input line fails the replay"
     );
 }
 
@@ -395,6 +513,16 @@ fn demo_runs_without_a_key_and_verifies() {
         out.contains("[EMAIL_ADDRESS]") && !out.contains("jane.doe@example.com"),
         "{out}"
     );
+    // The embedded default policies decide in the tour, and the token stays out.
+    assert!(
+        out.contains("policy `card-number-in-prompt` (critical block, observe mode): would_block"),
+        "{out}"
+    );
+    assert!(
+        out.contains("policy `secret-in-prompt` (high flag, enforce mode): flagged"),
+        "{out}"
+    );
+    assert!(!out.contains("ghp_0123456789"), "{out}");
 }
 
 #[test]

@@ -2,9 +2,12 @@
 
 import os
 import pathlib
+import json
 import signal
 import socket
 import subprocess
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -29,21 +32,25 @@ def _spawn(args):
     return proc, line.strip().rsplit("http://", 1)[1]
 
 
+ADMIN_TOKEN = "conformance-admin-token"
+
+
 class Stack:
-    def __init__(self, tmp: pathlib.Path):
+    def __init__(self, tmp: pathlib.Path, extra: str = ""):
         self.mock, mock_addr = _spawn(["mock-provider"])
+        self.mock_addr = mock_addr
         self.audit_dir = tmp / "audit"
         keys = tmp / "keys"
         subprocess.run([BIN, "keygen", "--out", str(keys)], check=True, capture_output=True)
         self.pubkey = keys / "custody.pub"
-        config = tmp / "custody.toml"
-        config.write_text(
-            f"""
+        self.config = tmp / "custody.toml"
+        self.base_config = f"""
 [listen]
 addr = "127.0.0.1:0"
 
 [admin]
 addr = "127.0.0.1:0"
+token = "{ADMIN_TOKEN}"
 
 [audit]
 dir = "{self.audit_dir}"
@@ -70,9 +77,31 @@ strip_prefix = true
 upstream = "http://127.0.0.1:{_closed_port()}"
 provider = "openai"
 """
-        )
-        self.custody, self.addr = _spawn(["serve", "--config", str(config)])
+        self.config.write_text(self.base_config + extra)
+        self.custody, self.addr = _spawn(["serve", "--config", str(self.config)])
+        admin_line = self.custody.stdout.readline()
+        self.admin = admin_line.strip().rsplit("http://", 1)[1]
         self.stopped = False
+
+    def reload(self, extra: str):
+        """Rewrites the configuration file and asks custody to apply it; returns
+        (HTTP status, JSON answer) once the reload is in force or refused."""
+        self.config.write_text(self.base_config + extra)
+        req = urllib.request.Request(
+            f"http://{self.admin}/admin/reload",
+            method="POST",
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def upstream_requests(self):
+        """What the mock provider received, oldest first."""
+        with urllib.request.urlopen(f"http://{self.mock_addr}/mock/requests", timeout=30) as r:
+            return json.loads(r.read())["requests"]
 
     @property
     def openai_base(self):

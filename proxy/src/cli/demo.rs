@@ -10,6 +10,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 
 const PROMPT: &str = "My email is jane.doe@example.com, card 4111 1111 1111 1111, SSN 123-45-6789. Summarise my account.";
+/// A prompt that leaks a credential: the default `secret-in-prompt` policy flags it.
+const LEAKY_PROMPT: &str =
+    "ghp_0123456789abcdefghijABCDEFGHIJ012345 is my token: why does git push fail?";
 
 pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let (dir, _temp) = match dir {
@@ -45,6 +48,10 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         }],
     );
     config.audit.signing_key = Some(private);
+    // The embedded default's policies: a newcomer sees them decide.
+    let defaults = Config::embedded_default()?;
+    config.policies = defaults.policies;
+    config.policy_terms = defaults.policy_terms;
     let listener = tokio::net::TcpListener::bind(config.listen.addr).await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -57,12 +64,12 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     );
 
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    for (n, stream) in [(3, false), (4, true)] {
+    for (n, stream, prompt) in [(3, false, PROMPT), (4, true, LEAKY_PROMPT)] {
         let body = serde_json::json!({
             "model": "gpt-4o-mini",
             "stream": stream,
             "stream_options": if stream { serde_json::json!({"include_usage": true}) } else { serde_json::Value::Null },
-            "messages": [{"role": "user", "content": PROMPT}],
+            "messages": [{"role": "user", "content": prompt}],
         });
         let req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
             .header("content-type", "application/json")
@@ -75,7 +82,15 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         let status = resp.status();
         let text = resp.into_body().collect().await?.to_bytes();
         let kind = if stream { "streamed" } else { "plain" };
-        println!("{n}. A {kind} chat request with an e-mail, a card number and an SSN: HTTP {status}, {} bytes back unchanged", text.len());
+        let what = if stream {
+            "a GitHub token"
+        } else {
+            "an e-mail, a card number and an SSN"
+        };
+        println!(
+            "{n}. A {kind} chat request with {what}: HTTP {status}, {} bytes back unchanged",
+            text.len()
+        );
     }
 
     let _ = stop.send(());
@@ -87,12 +102,30 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     );
 
     println!("The records, as stored (PII and the API key redacted; the key kept only as a fingerprint):");
+    let mut decided = Vec::new();
     reader::for_each_line(&dir, |_, line| {
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) {
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            for d in v["policy"]["decisions"].as_array().into_iter().flatten() {
+                decided.push(format!(
+                    "  record {}: policy `{}` ({} {}, {} mode): {}",
+                    v["id"].as_str().unwrap_or("-"),
+                    d["name"].as_str().unwrap_or("-"),
+                    d["severity"].as_str().unwrap_or("-"),
+                    d["action"].as_str().unwrap_or("-"),
+                    d["mode"].as_str().unwrap_or("-"),
+                    d["effect"].as_str().unwrap_or("-"),
+                ));
+            }
         }
         ControlFlow::Continue(())
     })?;
+    println!(
+        "\nPolicy decisions (the embedded default's rules; custody config default shows them):"
+    );
+    for line in &decided {
+        println!("{line}");
+    }
     let trusted = custody_audit::signing::load_public(&public)?;
     match verify::verify_dir(&dir, Some(&trusted), |_, _, _| {}) {
         Ok(r) => println!(

@@ -210,9 +210,17 @@ pub struct SearchArgs {
     status: Option<StatusFilter>,
     #[arg(long)]
     key_id: Option<String>,
-    /// `ok`, `client_cancelled`, `upstream_error`, `upstream_timeout` or `rejected`.
+    /// `ok`, `client_cancelled`, `upstream_error`, `upstream_timeout`, `rejected` or
+    /// `blocked` (by a policy).
     #[arg(long)]
     outcome: Option<String>,
+    /// Records a policy decided on (matched, or failed to evaluate).
+    #[arg(long)]
+    policy: Option<String>,
+    /// Records with a policy decision of this severity or above (`low`, `medium`,
+    /// `high`, `critical`).
+    #[arg(long, value_parser = severity)]
+    severity: Option<custody_config::Severity>,
     /// Records where this redaction entity fired (`EMAIL_ADDRESS`, `OPENAI_API_KEY`...).
     #[arg(long)]
     entity: Option<String>,
@@ -248,6 +256,11 @@ pub struct SearchArgs {
     /// Whole records as JSON Lines instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+fn severity(s: &str) -> Result<custody_config::Severity, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase()))
+        .map_err(|_| format!("`{s}` is not low, medium, high or critical"))
 }
 
 fn when(s: &str) -> anyhow::Result<SystemTime> {
@@ -345,6 +358,8 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
                 key_id: a.key_id,
                 text: a.text,
                 outcome: a.outcome,
+                policy: a.policy,
+                severity: a.severity,
                 entity: a.entity,
                 user: a
                     .user

@@ -2,6 +2,7 @@
 
 mod demo;
 mod log;
+mod policy;
 mod redact;
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
@@ -37,6 +38,11 @@ enum Command {
     Log {
         #[command(subcommand)]
         command: Box<log::LogCommand>,
+    },
+    /// Check policy rules, and try them on exported records.
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
     },
     /// Make a virtual key for a client: prints the key (give it to the client) and the
     /// `[[key]]` entry holding only its SHA-256.
@@ -157,10 +163,17 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             command: ConfigCommand::Check { file },
         } => {
             let c = Config::load(&file)?;
-            println!("{}: ok ({} routes)", file.display(), c.routes.len());
+            custody_audit::policy::PolicySet::from_config(&c)?;
+            println!(
+                "{}: ok ({} routes, {} policies)",
+                file.display(),
+                c.routes.len(),
+                c.policies.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Log { command } => log::run(*command),
+        Command::Policy { command } => policy::run(command),
         Command::Key {
             command: KeyCommand::New { id, user, team },
         } => {

@@ -6,7 +6,8 @@
 //! `cargo bench -p custody-audit --bench trail` (1,000,000 records; `-- --quick` for 100,000;
 //! `-- --single-turn` for short one-question chats instead of conversations with history;
 //! `-- --writer-only` to stop after the writer, for profiling it; `-- --policies` to
-//! run the writer with 10 flag rules over 1,000 terms, for their cost).
+//! run the writer with 10 flag rules over 1,000 terms; `-- --policy-cost` to measure
+//! what those rules add: interleaved rounds with and without them, in one process).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -180,6 +181,101 @@ fn exchange(req: &Bytes, resp: &Bytes, key: &HeaderValue, start: SystemTime) -> 
     ex
 }
 
+/// Writes `n` records of `pool` through a writer on `config`; its summary and the
+/// wall time.
+fn write(
+    config: &Config,
+    pool: &[(Bytes, Bytes)],
+    keys: &[HeaderValue],
+    n: u64,
+) -> (custody_audit::writer::WriterSummary, f64) {
+    // Records spread over 30 days, in order, as a month of traffic would be.
+    let month = Duration::from_secs(30 * 86_400);
+    let t0 = SystemTime::now() - month;
+    let step = month / n as u32;
+    let writer = AuditWriter::start(config).unwrap();
+    let sender = writer.sender();
+    let started = Instant::now();
+    for i in 0..n {
+        let (req, resp) = &pool[(i as usize) % pool.len()];
+        // Spin rather than block on a full queue, as the proxy never blocks: a blocked
+        // producer would cost the writer a wake-up per record.
+        let mut ex = exchange(req, resp, &keys[(i % 200) as usize], t0 + step * i as u32);
+        while let Some(back) = sender.try_submit(ex) {
+            ex = back;
+            std::thread::yield_now();
+        }
+    }
+    drop(sender);
+    let summary = writer.shutdown().unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(
+        summary.written,
+        n + 1,
+        "the records and the start's config event"
+    );
+    (summary, secs)
+}
+
+/// What the policies add to the writer's CPU per record: rounds with and without them,
+/// interleaved, each in a fresh directory, so that the machine's drift falls on both.
+fn policy_cost(config: &Config, pool: &[(Bytes, Bytes)], keys: &[HeaderValue], n: u64) {
+    const ROUNDS: usize = 11;
+    let mut with = config.clone();
+    policies(&mut with);
+    let (mut plain, mut ruled, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut own = Vec::new();
+    let mut cpu = |c: &Config| {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = c.clone();
+        c.audit.dir = tmp.path().join("audit");
+        let (summary, _) = write(&c, pool, keys, n);
+        if !c.policies.is_empty() {
+            own.push(summary.policy_nanos as f64 / 1e3 / n as f64);
+        }
+        summary.cpu_nanos.map_or(f64::NAN, |c| c as f64 / 1e3) / n as f64
+    };
+    for round in 0..ROUNDS {
+        // Alternate which goes first, so that a drift within a round favours neither.
+        let (a, b) = if round % 2 == 0 {
+            let a = cpu(config);
+            (a, cpu(&with))
+        } else {
+            let b = cpu(&with);
+            (cpu(config), b)
+        };
+        plain.push(a);
+        ruled.push(b);
+        ratios.push(b / a - 1.0);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let show = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.1}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!("writer CPU per record, {n} records per round, {ROUNDS} interleaved rounds");
+    println!("no policies                  {} µs", show(&plain));
+    println!("10 flag rules, 1,000 terms   {} µs", show(&ruled));
+    let base = median(&mut plain);
+    println!(
+        "median {:.1} µs against {base:.1} µs; median of the rounds' differences {:+.1}%",
+        median(&mut ruled),
+        median(&mut ratios) * 100.0
+    );
+    // The writer's own account of its policy work, free of the machine's drift between
+    // rounds.
+    let own = median(&mut own);
+    println!(
+        "policy work as the writer times it: {own:.2} µs per record, {:.1}% of the writer without policies",
+        own / base * 100.0
+    );
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     // `--single-turn`: short one-question chats instead of conversations with history.
@@ -221,38 +317,17 @@ fn main() {
             HeaderValue::from_str(&format!("Bearer sk-bench-key-{i:06}-abcdefghijklmnop")).unwrap()
         })
         .collect();
-    // Records spread over 30 days, in order, as a month of traffic would be.
-    let month = Duration::from_secs(30 * 86_400);
-    let t0 = SystemTime::now() - month;
-    let step = month / n as u32;
-
-    let writer = AuditWriter::start(&config).unwrap();
-    let sender = writer.sender();
+    if std::env::args().any(|a| a == "--policy-cost") {
+        policy_cost(&config, &pool, &keys, n / 4);
+        return;
+    }
+    let (summary, write_secs) = write(&config, &pool, &keys, n);
     let json_bytes: u64 = pool
         .iter()
         .map(|(a, b)| (a.len() + b.len()) as u64)
         .sum::<u64>()
         * n
         / pool.len() as u64;
-    let started = Instant::now();
-    for i in 0..n {
-        let (req, resp) = &pool[(i as usize) % pool.len()];
-        // Spin rather than block on a full queue, as the proxy never blocks: a blocked
-        // producer would cost the writer a wake-up per record.
-        let mut ex = exchange(req, resp, &keys[(i % 200) as usize], t0 + step * i as u32);
-        while let Some(back) = sender.try_submit(ex) {
-            ex = back;
-            std::thread::yield_now();
-        }
-    }
-    drop(sender);
-    let summary = writer.shutdown().unwrap();
-    let write_secs = started.elapsed().as_secs_f64();
-    assert_eq!(
-        summary.written,
-        n + 1,
-        "the records and the start's config event"
-    );
     if std::env::args().any(|a| a == "--writer-only") {
         println!(
             "writer                   {:.0} records/s, {:.1} µs of writer CPU per record{}",

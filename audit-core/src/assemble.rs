@@ -81,7 +81,8 @@ pub struct Learned {
     pub lineage: Lineage,
     pub response_id: Option<String>,
     pub previous_response_id: Option<String>,
-    /// Time the writer's rules took on this exchange (0 when none applied).
+    /// Time the writer's policy work took on this exchange: reading what the rules
+    /// read, and evaluating them (0 without policies).
     pub policy_seconds: f64,
 }
 
@@ -124,9 +125,11 @@ impl Assembler {
         let mut facts = GenAiFacts::default();
         let mut prompt = Vec::new();
         let mut completion = None;
-        // What the rules see of the bodies, read before redaction and never written.
+        // What the rules see of the bodies, read before redaction and never written;
+        // and the time reading it takes, counted with the rules' own.
         let needs = self.policy.needs(Phase::Record);
         let mut seen = Facts::default();
+        let mut reading = std::time::Duration::ZERO;
 
         let (req_body, _) = self.body(
             &ex.request_headers,
@@ -140,7 +143,9 @@ impl Assembler {
                     prompt = lineage::prompt_messages(op, v);
                 }
                 if needs.text("request") {
-                    seen.request.text = policy::facts::text_of(v);
+                    let t = Instant::now();
+                    seen.request.text = policy::facts::text_of(v).into();
+                    reading += t.elapsed();
                 }
             },
         );
@@ -155,11 +160,15 @@ impl Assembler {
                     genai::response_facts(op, v, &mut facts);
                     completion = lineage::completion_message(op, v);
                 }
-                if needs.text("response") {
-                    seen.response.text = policy::facts::text_of(v);
-                }
-                if needs.has("response") {
-                    seen.response.tools = policy::facts::tool_calls_of(v);
+                if needs.text("response") || needs.tool_calls() {
+                    let t = Instant::now();
+                    if needs.text("response") {
+                        seen.response.text = policy::facts::text_of(v).into();
+                    }
+                    if needs.tool_calls() {
+                        seen.response.tools = policy::facts::tool_calls_of(v);
+                    }
+                    reading += t.elapsed();
                 }
             },
         );
@@ -194,14 +203,26 @@ impl Assembler {
         // anything (its own key, an e-mail address) where a model or user is expected.
         let key_user = ex.identity.as_ref().and_then(|i| i.user.as_deref());
         if !self.policy.is_empty() {
-            seen.model = facts.request_model.clone().unwrap_or_default();
-            seen.served_model = facts.response_model.clone().unwrap_or_default();
-            seen.user = key_user
-                .or(facts.end_user.as_deref())
-                .unwrap_or_default()
-                .to_owned();
-            seen.request.tools = facts.tool_names.clone();
-            seen.finish_reasons = facts.finish_reasons.clone();
+            let t = Instant::now();
+            let copy = |name: &str, v: Option<&String>| match v {
+                Some(v) if needs.has(name) => v.clone(),
+                _ => String::new(),
+            };
+            seen.model = copy("model", facts.request_model.as_ref());
+            seen.served_model = copy("served_model", facts.response_model.as_ref());
+            if needs.has("user") {
+                seen.user = key_user
+                    .or(facts.end_user.as_deref())
+                    .unwrap_or_default()
+                    .to_owned();
+            }
+            if needs.has("request") {
+                seen.request.tools = facts.tool_names.clone();
+            }
+            if needs.has("response") {
+                seen.finish_reasons = facts.finish_reasons.clone();
+            }
+            reading += t.elapsed();
         }
         let end_user = facts
             .end_user
@@ -296,7 +317,11 @@ impl Assembler {
             &outcome,
             &usage_of(&gen_ai),
         );
-        learned.policy_seconds = policy_seconds;
+        learned.policy_seconds = if policy.is_some() {
+            policy_seconds + reading.as_secs_f64()
+        } else {
+            0.0
+        };
         let record = Record {
             schema: record::SCHEMA.to_owned(),
             id: record_id(ex.started_at),
@@ -378,39 +403,53 @@ impl Assembler {
         if self.policy.is_empty() && decided.is_none() {
             return (None, 0.0);
         }
+        let started = Instant::now();
         let tokens = |n: Option<u64>| n.map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX));
         seen.route = ex.route.as_deref().unwrap_or_default().to_owned();
-        seen.provider = ex.provider.as_str().to_owned();
-        seen.operation = {
+        // Only what some rule reads is copied (the route always: rules apply by it).
+        let needs = self.policy.needs(Phase::Record);
+        if needs.has("provider") {
+            seen.provider = ex.provider.as_str().to_owned();
+        }
+        if needs.has("operation") {
             let path = ex.upstream_path.as_deref().unwrap_or_else(|| ex.uri.path());
-            Operation::detect(ex.provider, path).map_or_else(String::new, |o| o.name().to_owned())
-        };
-        seen.team = ex
-            .identity
-            .as_ref()
-            .and_then(|i| i.team.as_deref())
-            .unwrap_or_default()
-            .to_owned();
-        seen.key_id = ex
-            .identity
-            .as_ref()
-            .map(|i| i.key_id.to_string())
-            .unwrap_or_default();
-        seen.session = ex
-            .request_headers
-            .get(&self.headers.session)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        seen.source = self.source_map.clone();
+            seen.operation = Operation::detect(ex.provider, path)
+                .map_or_else(String::new, |o| o.name().to_owned());
+        }
+        let identity = ex.identity.as_ref();
+        if needs.has("team") {
+            seen.team = identity
+                .and_then(|i| i.team.as_deref())
+                .unwrap_or_default()
+                .to_owned();
+        }
+        if needs.has("key_id") {
+            seen.key_id = identity.map(|i| i.key_id.to_string()).unwrap_or_default();
+        }
+        if needs.has("session") {
+            seen.session = ex
+                .request_headers
+                .get(&self.headers.session)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+        }
+        if needs.has("source") {
+            seen.source = self.source_map.clone();
+        }
         seen.status = ex.status.map_or(0, |s| i64::from(s.as_u16()));
-        seen.outcome = outcome.to_owned();
-        seen.request.entities = request.redactions.clone();
-        seen.response.entities = response.redactions.clone();
+        if needs.has("outcome") {
+            seen.outcome = outcome.to_owned();
+        }
+        if needs.request_entities() {
+            seen.request.entities = request.redactions.clone();
+        }
+        if needs.has("response") {
+            seen.response.entities = response.redactions.clone();
+        }
         seen.input_tokens = tokens(usage.0);
         seen.output_tokens = tokens(usage.1);
         let verdict = self.policy.evaluate(&seen, Phase::Record);
-        let seconds = verdict.seconds;
         let mut decisions = decided.map(|d| d.decisions.clone()).unwrap_or_default();
         decisions.extend(verdict.decisions);
         let record = PolicyRecord {
@@ -418,7 +457,7 @@ impl Assembler {
             decisions,
             sanitized: decided.map(|d| d.sanitized.clone()).unwrap_or_default(),
         };
-        (Some(record), seconds)
+        (Some(record), started.elapsed().as_secs_f64())
     }
 
     /// Every credential the client presented, as tokens (for fingerprinting and

@@ -248,7 +248,7 @@ impl AuditStats {
         );
         r.register(
             "custody_policy_evaluation_seconds",
-            "Time to evaluate one exchange's rules, by phase (request: block and sanitize before the upstream; record: on the writer)",
+            "Time the policies took on one exchange, by phase (request: block and sanitize before the upstream; record: on the writer, reading what the rules read and evaluating them)",
             self.policy_seconds.clone(),
         );
         r.register(

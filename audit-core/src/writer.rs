@@ -142,6 +142,8 @@ pub struct WriterSummary {
     /// Nanoseconds of CPU the writer thread used, where the kernel tells it (Linux
     /// `schedstat`): what the benchmarks divide by the records written.
     pub cpu_nanos: Option<u64>,
+    /// Nanoseconds of it the policies took (their metric's `record` phase, summed).
+    pub policy_nanos: u64,
 }
 
 /// Settings the writer needs (from `[audit]`).
@@ -354,6 +356,7 @@ impl AuditWriter {
             retry_at: None,
             reserve,
             shutdown_hold: wc.shutdown_hold,
+            policy_nanos: 0,
         };
         if let Some(event) = recovery_event(&recovery) {
             worker.add_event(event);
@@ -472,6 +475,7 @@ struct Worker {
     /// Where a stop that cannot write tells the next start.
     reserve: crate::unwritten::Reserve,
     shutdown_hold: Duration,
+    policy_nanos: u64,
 }
 
 /// How often retention looks for expired segments.
@@ -656,6 +660,7 @@ impl Worker {
             written: self.stats.written.get(),
             unwritten,
             cpu_nanos: thread_cpu_nanos(),
+            policy_nanos: self.policy_nanos,
         })
     }
 
@@ -890,6 +895,7 @@ impl Worker {
         if let Some(p) = &record.policy {
             self.stats
                 .count_policy("record", &p.decisions, learned.policy_seconds);
+            self.policy_nanos += (learned.policy_seconds * 1e9) as u64;
         }
         let mut facts = Facts::default();
         facts.add_record(&record);

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use custody_audit::{
     exchange::RequestDecided,
     policy::{
-        request::{RequestHead, RequestPolicy},
+        request::{Checked, RequestHead, RequestPolicy},
         PolicySet,
     },
     AuditSender, Capture, Exchange, Outcome,
@@ -295,27 +295,33 @@ async fn proxy(
                 user: identity.and_then(|i| i.user.as_deref()),
                 team: identity.and_then(|i| i.team.as_deref()),
             };
-            let checked = guard::check(policy, head, &read, shared.capture_max).await;
-            audit
-                .audit
-                .stats()
-                .count_policy("request", &[], checked.seconds);
+            let Checked {
+                decisions,
+                blocked,
+                body: replaced,
+                sanitized,
+                decoded,
+                seconds,
+            } = guard::check(policy, head, &read, shared.capture_max).await;
+            audit.audit.stats().count_policy("request", &[], seconds);
+            let blocked = blocked.map(|message| {
+                let name = decisions
+                    .iter()
+                    .find(|d| d.effect == custody_audit::policy::Effect::Blocked)
+                    .map_or_else(String::new, |d| d.name.clone());
+                (message, name)
+            });
             ex.policy = Some(Box::new(RequestDecided {
-                decisions: checked.decisions.clone(),
-                sanitized: checked.sanitized.clone(),
+                decisions,
+                sanitized,
             }));
-            if let Some(message) = &checked.blocked {
+            if let Some((message, name)) = blocked {
                 // The record keeps the prompt that was blocked.
                 for c in &read.chunks {
                     ex.request.push(c, shared.capture_max);
                 }
                 ex.request.complete = read.complete();
                 ex.upstream_path = Some(forwarded);
-                let name = checked
-                    .decisions
-                    .iter()
-                    .find(|d| d.effect == custody_audit::policy::Effect::Blocked)
-                    .map_or("", |d| d.name.as_str());
                 let why = format!("blocked by policy `{name}`");
                 let inflight = InFlight::new(ex, audit.clone());
                 return respond(
@@ -323,12 +329,12 @@ async fn proxy(
                     Refusal::PolicyBlocked,
                     provider,
                     Some(why),
-                    message,
+                    &message,
                 );
             }
-            match checked.body.clone() {
+            match replaced {
                 Some(b) => {
-                    guard::replaced_body(&mut parts.headers, checked.decoded, b.len());
+                    guard::replaced_body(&mut parts.headers, decoded, b.len());
                     Either::Right(Replay::whole(b))
                 }
                 None => Either::Right(read.forward()),

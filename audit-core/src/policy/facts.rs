@@ -3,8 +3,9 @@
 //! a field the exchange lacks is false rather than an error.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap},
-    sync::Arc,
+    sync::{Arc, OnceLock},
 };
 
 use cel::{
@@ -13,14 +14,16 @@ use cel::{
         value::{CowVal, Val},
     },
     context::VariableResolver,
-    Context, Env, Value,
+    Context, Env,
 };
 use serde_json::Value as Json;
+
+use super::terms::Terms;
 
 /// The variables of a rule, read before redaction (on the writer, or on the request
 /// path for `block` and `sanitize`). Never written anywhere.
 #[derive(Debug, Default, Clone)]
-pub struct Facts {
+pub struct Facts<'a> {
     pub route: String,
     pub provider: String,
     pub operation: String,
@@ -36,8 +39,8 @@ pub struct Facts {
     /// HTTP status; 0 before (or without) a response.
     pub status: i64,
     pub outcome: String,
-    pub request: SideFacts,
-    pub response: SideFacts,
+    pub request: SideFacts<'a>,
+    pub response: SideFacts<'a>,
     pub input_tokens: i64,
     pub output_tokens: i64,
     pub finish_reasons: Vec<String>,
@@ -46,8 +49,9 @@ pub struct Facts {
 /// One body's share: its text, the entities found in it, and the tools it names
 /// (offered in a request, called in a response).
 #[derive(Debug, Default, Clone)]
-pub struct SideFacts {
-    pub text: String,
+pub struct SideFacts<'a> {
+    /// Borrowed from the body where it is one string of it (the request path).
+    pub text: Cow<'a, str>,
     pub entities: BTreeMap<String, u64>,
     pub tools: Vec<String>,
 }
@@ -91,10 +95,6 @@ impl Needs {
             .map_or(Self(0), |i| Self(1 << i))
     }
 
-    pub fn all() -> Self {
-        Self((1 << (TEXT_BITS + 3)) - 1)
-    }
-
     pub fn union(self, other: Self) -> Self {
         Self(self.0 | other.0)
     }
@@ -103,117 +103,76 @@ impl Needs {
         self.0 & Self::of(name).0 != 0
     }
 
-    /// A use of `var` (with `field` selected on it): the text of a body is extracted
-    /// only for rules that read `request.text` or `response.text` (or the whole map).
+    /// A use of `var` (with `field` selected on it): a body's text, entities and tool
+    /// calls are extracted only for rules that read them (or the whole map).
     pub fn of_use(var: &str, field: Option<&str>) -> Self {
-        let text = match (var, field) {
-            ("request", None) => Self(1 << TEXT_BITS | 1 << (TEXT_BITS + 2)),
-            ("request", Some("text")) => Self(1 << TEXT_BITS),
-            ("request", Some("entities")) => Self(1 << (TEXT_BITS + 2)),
-            ("response", Some("text") | None) => Self(1 << (TEXT_BITS + 1)),
-            _ => Self(0),
+        let bit = |b: usize| 1 << (EXTRA_BITS + b);
+        let extra = match (var, field) {
+            ("request", None) => bit(REQUEST_TEXT) | bit(REQUEST_ENTITIES),
+            ("request", Some("text")) => bit(REQUEST_TEXT),
+            ("request", Some("entities")) => bit(REQUEST_ENTITIES),
+            ("response", None) => bit(RESPONSE_TEXT) | bit(TOOL_CALLS),
+            ("response", Some("text")) => bit(RESPONSE_TEXT),
+            ("response", Some("tool_calls")) => bit(TOOL_CALLS),
+            _ => 0,
         };
-        Self::of(var).union(text)
+        Self::of(var).union(Self(extra))
     }
 
     /// Whether a rule reads `request.entities` (the request path then scans for them).
     pub fn request_entities(self) -> bool {
-        self.0 & (1 << (TEXT_BITS + 2)) != 0
+        self.extra(REQUEST_ENTITIES)
+    }
+
+    /// Whether a rule reads `response.tool_calls`.
+    pub fn tool_calls(self) -> bool {
+        self.extra(TOOL_CALLS)
     }
 
     /// Whether a rule reads the text of `side` (`request` or `response`).
     pub fn text(self, side: &str) -> bool {
-        let bit = if side == "request" {
-            TEXT_BITS
+        self.extra(if side == "request" {
+            REQUEST_TEXT
         } else {
-            TEXT_BITS + 1
-        };
-        self.0 & (1 << bit) != 0
+            RESPONSE_TEXT
+        })
+    }
+
+    fn extra(self, bit: usize) -> bool {
+        self.0 & (1 << (EXTRA_BITS + bit)) != 0
     }
 }
 
-/// The bits past the variables': `request.text`, `response.text`, `request.entities`.
-const TEXT_BITS: usize = VARIABLES.len();
+/// The bits past the variables': the parts of a body that cost an extraction.
+const EXTRA_BITS: usize = VARIABLES.len();
+const REQUEST_TEXT: usize = 0;
+const RESPONSE_TEXT: usize = 1;
+const REQUEST_ENTITIES: usize = 2;
+const TOOL_CALLS: usize = 3;
 
-impl Facts {
-    /// The variables of a CEL evaluation of these facts: only those in `needs`, every
-    /// string borrowed, not copied (a record's text is evaluated where it lies), no
-    /// map of names built per evaluation. `terms` are the set's prebuilt automata.
-    pub fn variables<'v>(
-        &'v self,
-        terms: &'v Terms,
-        entity_names: &'v [String],
-        needs: Needs,
-    ) -> Variables<'v> {
-        let mut vars = Variables {
+impl Facts<'_> {
+    /// The variables of a CEL evaluation of these facts, built as the rules ask for
+    /// them: every string borrowed, not copied (a record's text is evaluated where it
+    /// lies), and a qualified name (`request.text`, `terms.NAME`) answered directly,
+    /// without building the map it selects from. `terms` are the set's prebuilt
+    /// automata.
+    pub fn variables<'v>(&'v self, terms: &'v Terms, entity_names: &'v [String]) -> Variables<'v> {
+        Variables {
+            facts: self,
             terms,
-            values: Vec::with_capacity(8),
-        };
-        let mut add = |name: &'static str, v: Box<dyn Val + 'v>| {
-            if needs.has(name) {
-                vars.values.push((name, v));
-            }
-        };
-        add("route", string(&self.route));
-        add("provider", string(&self.provider));
-        add("operation", string(&self.operation));
-        add("model", string(&self.model));
-        add("served_model", string(&self.served_model));
-        add("user", string(&self.user));
-        add("team", string(&self.team));
-        add("key_id", string(&self.key_id));
-        add("session", string(&self.session));
-        add("status", Box::new(CelInt::from(self.status)));
-        add("outcome", string(&self.outcome));
-        if needs.has("source") {
-            add(
-                "source",
-                map(self.source.iter().map(|(k, v)| (k.as_str(), string(v)))),
-            );
+            entity_names,
+            built: Default::default(),
         }
-        if needs.has("request") {
-            let r = &self.request;
-            add(
-                "request",
-                map([
-                    ("text", string(&r.text)),
-                    ("entities", entities(&r.entities, entity_names)),
-                    ("tools", strings(&r.tools)),
-                ]),
-            );
-        }
-        if needs.has("response") {
-            let r = &self.response;
-            add(
-                "response",
-                map([
-                    ("text", string(&r.text)),
-                    ("entities", entities(&r.entities, entity_names)),
-                    ("tool_calls", strings(&r.tools)),
-                    ("finish_reasons", strings(&self.finish_reasons)),
-                ]),
-            );
-        }
-        if needs.has("usage") {
-            add(
-                "usage",
-                map([
-                    ("input_tokens", int(self.input_tokens)),
-                    ("output_tokens", int(self.output_tokens)),
-                ]),
-            );
-        }
-        vars
     }
 
     /// The facts of an exported record (`custody policy test`): what the record holds,
     /// after redaction. Entity counts are each body's `redactions`.
-    pub fn from_record(r: &Json) -> Self {
+    pub fn from_record(r: &Json) -> Facts<'static> {
         let s = |v: &Json| v.as_str().unwrap_or_default().to_owned();
-        let body = |side: &str| -> SideFacts {
+        let body = |side: &str| -> SideFacts<'static> {
             let b = &r[side];
             SideFacts {
-                text: b.get("body").map(text_of).unwrap_or_default(),
+                text: b.get("body").map(text_of).unwrap_or_default().into(),
                 entities: b
                     .get("redactions")
                     .and_then(Json::as_object)
@@ -234,7 +193,7 @@ impl Facts {
             .get("body")
             .map(tool_calls_of)
             .unwrap_or_default();
-        Self {
+        Facts {
             route: s(&r["route"]),
             provider: s(&g["provider"]["name"]),
             operation: s(&g["operation"]["name"]),
@@ -302,122 +261,388 @@ fn entities<'v>(found: &'v BTreeMap<String, u64>, names: &'v [String]) -> Box<dy
     Box::new(CelMap::from(m))
 }
 
-/// The variables of one evaluation, found by name (a handful: a scan beats a map).
+/// The variables of one evaluation. Lists and maps are built on first use and kept
+/// for the other rules; strings and numbers are lent as they are asked for.
 pub struct Variables<'v> {
+    facts: &'v Facts<'v>,
     terms: &'v Terms,
-    values: Vec<(&'static str, Box<dyn Val + 'v>)>,
+    entity_names: &'v [String],
+    built: [OnceLock<Box<dyn Val + 'v>>; Built::COUNT],
 }
 
-impl Variables<'_> {
+/// The values [`Variables`] builds once per evaluation.
+#[derive(Clone, Copy)]
+enum Built {
+    Source,
+    Request,
+    RequestEntities,
+    RequestTools,
+    Response,
+    ResponseEntities,
+    ResponseToolCalls,
+    FinishReasons,
+    Usage,
+}
+
+impl Built {
+    const COUNT: usize = 9;
+}
+
+impl<'v> Variables<'v> {
     /// A CEL context reading these variables.
     pub fn context<'c>(&'c self, env: &Arc<Env>) -> Context<'c, 'c> {
         let mut ctx = Context::with_env(env.clone());
         ctx.set_variable_resolver(self);
         ctx
     }
+
+    fn built(&self, which: Built) -> CowVal<'_, 'v> {
+        let f = self.facts;
+        let value = self.built[which as usize].get_or_init(|| match which {
+            Built::Source => map(f.source.iter().map(|(k, v)| (k.as_str(), string(v)))),
+            Built::Request => map([
+                ("text", string(&f.request.text)),
+                ("entities", entities(&f.request.entities, self.entity_names)),
+                ("tools", strings(&f.request.tools)),
+            ]),
+            Built::RequestEntities => entities(&f.request.entities, self.entity_names),
+            Built::RequestTools => strings(&f.request.tools),
+            Built::Response => map([
+                ("text", string(&f.response.text)),
+                (
+                    "entities",
+                    entities(&f.response.entities, self.entity_names),
+                ),
+                ("tool_calls", strings(&f.response.tools)),
+                ("finish_reasons", strings(&f.finish_reasons)),
+            ]),
+            Built::ResponseEntities => entities(&f.response.entities, self.entity_names),
+            Built::ResponseToolCalls => strings(&f.response.tools),
+            Built::FinishReasons => strings(&f.finish_reasons),
+            Built::Usage => map([
+                ("input_tokens", int(f.input_tokens)),
+                ("output_tokens", int(f.output_tokens)),
+            ]),
+        });
+        CowVal::Borrowed(&**value)
+    }
+
+    /// `request.entities.NAME`: the count, or 0 for an entity a rule names.
+    fn entity(&self, found: &BTreeMap<String, u64>, name: &str) -> Option<CowVal<'_, 'v>> {
+        let n = match found.get(name) {
+            Some(n) => *n,
+            None if self.entity_names.iter().any(|e| e == name) => 0,
+            // Not a name the rules know: the map says so, as for any missing key.
+            None => return None,
+        };
+        Some(CowVal::owned(CelInt::from(
+            i64::try_from(n).unwrap_or(i64::MAX),
+        )))
+    }
 }
 
 impl VariableResolver for Variables<'_> {
     fn resolve<'b>(&'b self, variable: &str) -> Option<CowVal<'b, 'b>> {
-        if variable == "terms" {
-            return Some(CowVal::Borrowed(&*self.terms.0));
+        let f = self.facts;
+        let text = |s: &'b str| Some(CowVal::owned(CelString::from(s)));
+        let number = |n: i64| Some(CowVal::owned(CelInt::from(n)));
+        match variable {
+            "route" => text(&f.route),
+            "provider" => text(&f.provider),
+            "operation" => text(&f.operation),
+            "model" => text(&f.model),
+            "served_model" => text(&f.served_model),
+            "user" => text(&f.user),
+            "team" => text(&f.team),
+            "key_id" => text(&f.key_id),
+            "session" => text(&f.session),
+            "status" => number(f.status),
+            "outcome" => text(&f.outcome),
+            "source" => Some(self.built(Built::Source)),
+            "request" => Some(self.built(Built::Request)),
+            "request.text" => text(&f.request.text),
+            "request.entities" => Some(self.built(Built::RequestEntities)),
+            "request.tools" => Some(self.built(Built::RequestTools)),
+            "response" => Some(self.built(Built::Response)),
+            "response.text" => text(&f.response.text),
+            "response.entities" => Some(self.built(Built::ResponseEntities)),
+            "response.tool_calls" => Some(self.built(Built::ResponseToolCalls)),
+            "response.finish_reasons" => Some(self.built(Built::FinishReasons)),
+            "usage" => Some(self.built(Built::Usage)),
+            "usage.input_tokens" => number(f.input_tokens),
+            "usage.output_tokens" => number(f.output_tokens),
+            "terms" => Some(self.terms.all()),
+            _ => {
+                if let Some(name) = variable.strip_prefix("request.entities.") {
+                    self.entity(&f.request.entities, name)
+                } else if let Some(name) = variable.strip_prefix("response.entities.") {
+                    self.entity(&f.response.entities, name)
+                } else if let Some(name) = variable.strip_prefix("terms.") {
+                    self.terms.list(name)
+                } else {
+                    None
+                }
+            }
         }
-        self.values
-            .iter()
-            .find(|(n, _)| *n == variable)
-            .map(|(_, v)| CowVal::Borrowed(&**v))
-    }
-}
-
-/// The `terms` variable: the set's term lists, built once, lent to every context.
-pub struct Terms(Box<dyn Val>);
-
-impl Terms {
-    pub fn new(map: Value) -> Result<Self, cel::ExecutionError> {
-        Ok(Self(Box::<dyn Val>::try_from(map)?))
-    }
-}
-
-impl std::fmt::Debug for Terms {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Terms")
     }
 }
 
 /// Keys whose values are not text a person wrote or read: identifiers, settings,
-/// tool declarations and inline binaries.
-const NOT_TEXT: &[&str] = &[
-    "model",
-    "role",
-    "type",
-    "id",
-    "object",
-    "name",
-    "tools",
-    "tool_choice",
-    "response_format",
-    "format",
-    "metadata",
-    "user",
-    "stop",
-    "logit_bias",
-    "index",
-    "finish_reason",
-    "stop_reason",
-    "usage",
-    "usageMetadata",
-    "created",
-    "system_fingerprint",
-    "data",
-    "b64_json",
-    "image_url",
-    "url",
-    "file_id",
-    "mime_type",
-    "mimeType",
-    "media_type",
-    "inlineData",
-    "fileData",
-    "cache_control",
-    "generationConfig",
-    "safetySettings",
-    "stream_options",
-    "tool_call_id",
-    "tool_use_id",
-    "call_id",
-    "signature",
-    "encrypted_content",
-    "logprobs",
-    "service_tier",
-    "status",
-];
+/// tool declarations and inline binaries. (A `match`: this runs for every key of
+/// every body a rule reads.)
+fn not_text(key: &str) -> bool {
+    matches!(
+        key,
+        "model"
+            | "role"
+            | "type"
+            | "id"
+            | "object"
+            | "name"
+            | "tools"
+            | "tool_choice"
+            | "response_format"
+            | "format"
+            | "metadata"
+            | "user"
+            | "stop"
+            | "logit_bias"
+            | "index"
+            | "finish_reason"
+            | "stop_reason"
+            | "usage"
+            | "usageMetadata"
+            | "created"
+            | "system_fingerprint"
+            | "data"
+            | "b64_json"
+            | "image_url"
+            | "url"
+            | "file_id"
+            | "mime_type"
+            | "mimeType"
+            | "media_type"
+            | "inlineData"
+            | "fileData"
+            | "cache_control"
+            | "generationConfig"
+            | "safetySettings"
+            | "stream_options"
+            | "tool_call_id"
+            | "tool_use_id"
+            | "call_id"
+            | "signature"
+            | "encrypted_content"
+            | "logprobs"
+            | "service_tier"
+            | "status"
+    )
+}
 
 /// The user-visible text of a body: every string of it (message contents, tool
 /// arguments and results, instructions) except identifiers, settings, tool
 /// declarations and inline binaries; one per line.
 pub fn text_of(body: &Json) -> String {
-    fn walk(v: &Json, out: &mut String) {
-        match v {
-            Json::String(s) => {
-                if !out.is_empty() {
-                    out.push('\n');
+    let mut pieces = Vec::new();
+    pieces_of(body, &mut pieces);
+    joined(pieces).into_owned()
+}
+
+/// The strings [`text_of`] reads, in order.
+fn pieces_of<'a>(v: &'a Json, out: &mut Vec<Cow<'a, str>>) {
+    match v {
+        Json::String(s) => out.push(Cow::Borrowed(s)),
+        Json::Array(items) => items.iter().for_each(|i| pieces_of(i, out)),
+        Json::Object(m) => {
+            for (k, v) in m {
+                if !not_text(k) {
+                    pieces_of(v, out);
                 }
-                out.push_str(s);
             }
-            Json::Array(items) => items.iter().for_each(|i| walk(i, out)),
-            Json::Object(m) => {
-                for (k, v) in m {
-                    if !NOT_TEXT.contains(&k.as_str()) {
-                        walk(v, out);
-                    }
-                }
-            }
-            _ => {}
         }
+        _ => {}
     }
-    let mut out = String::new();
-    walk(body, &mut out);
-    out
+}
+
+/// Pieces of text, one per line (leading empty ones add no line): borrowed when there
+/// is one.
+fn joined(mut pieces: Vec<Cow<'_, str>>) -> Cow<'_, str> {
+    let first = pieces
+        .iter()
+        .position(|p| !p.is_empty())
+        .unwrap_or(pieces.len());
+    match pieces.len() - first {
+        0 => Cow::Borrowed(""),
+        1 => pieces.swap_remove(first),
+        _ => Cow::Owned(pieces[first..].join("\n")),
+    }
+}
+
+/// A request body as the request path reads it: its text, borrowed from the body
+/// where a string has no escapes, and its settings (every top-level field but the
+/// conversation) as a value for [`crate::genai::request_facts`]. The conversation,
+/// most of a large request, is never copied into a value.
+pub struct RequestView<'a> {
+    pub pieces: Vec<Cow<'a, str>>,
+    pub settings: Json,
+}
+
+/// Top-level fields that hold the conversation, in every provider's shape.
+fn conversation(key: &str) -> bool {
+    matches!(
+        key,
+        "messages"
+            | "input"
+            | "contents"
+            | "system"
+            | "systemInstruction"
+            | "prompt"
+            | "instructions"
+    )
+}
+
+impl<'a> RequestView<'a> {
+    /// `None` when the body is not a JSON object.
+    pub fn read(body: &'a str) -> Option<Self> {
+        let mut view = Self {
+            pieces: Vec::new(),
+            settings: Json::Object(serde_json::Map::new()),
+        };
+        let mut de = serde_json::Deserializer::from_str(body);
+        serde::Deserializer::deserialize_map(&mut de, Top(&mut view)).ok()?;
+        de.end().ok()?;
+        Some(view)
+    }
+
+    /// The text, as [`text_of`] gives it: borrowed when it is one string of the body.
+    pub fn into_parts(self) -> (Cow<'a, str>, Json) {
+        (joined(self.pieces), self.settings)
+    }
+}
+
+/// The top-level object of a request.
+struct Top<'v, 'a>(&'v mut RequestView<'a>);
+
+impl<'de> serde::de::Visitor<'de> for Top<'_, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+        let view = self.0;
+        while let Some(key) = map.next_key::<String>()? {
+            if conversation(&key) {
+                map.next_value_seed(Pieces(&mut view.pieces))?;
+                continue;
+            }
+            let value: Json = map.next_value()?;
+            if !not_text(&key) {
+                let mut pieces = Vec::new();
+                pieces_of(&value, &mut pieces);
+                view.pieces
+                    .extend(pieces.into_iter().map(|p| Cow::Owned(p.into_owned())));
+            }
+            if let Json::Object(settings) = &mut view.settings {
+                settings.insert(key, value);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Collects the strings of a value, as [`text_of`] does, without building it.
+struct Pieces<'v, 'a>(&'v mut Vec<Cow<'a, str>>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Pieces<'_, 'de> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Pieces<'_, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<(), E> {
+        self.0.push(Cow::Borrowed(s));
+        Ok(())
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<(), E> {
+        self.0.push(Cow::Owned(s.to_owned()));
+        Ok(())
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<(), E> {
+        self.0.push(Cow::Owned(s));
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<S: serde::de::SeqAccess<'de>>(self, mut seq: S) -> Result<(), S::Error> {
+        while seq.next_element_seed(Pieces(self.0))?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+        while let Some(skip) = map.next_key_seed(NotText)? {
+            if skip {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            } else {
+                map.next_value_seed(Pieces(self.0))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A key, read only for whether its value is not text.
+struct NotText;
+
+impl<'de> serde::de::DeserializeSeed<'de> for NotText {
+    type Value = bool;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for NotText {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a key")
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<bool, E> {
+        Ok(not_text(s))
+    }
 }
 
 /// The names of the tools a response calls, in every provider's shape: OpenAI's
@@ -477,6 +702,36 @@ mod tests {
             {"role":"assistant","tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{\"q\":1}"}}]}],
             "tools":[{"type":"function","function":{"name":"f","description":"secret tool doc"}}]});
         assert_eq!(text_of(&chat), "be brief\nhello\n{\"q\":1}");
+    }
+
+    #[test]
+    fn the_request_path_reads_the_same_text_without_building_the_conversation() {
+        let bodies = [
+            json!({"model":"gpt-4o","messages":[{"role":"user","content":"one message"}]}),
+            json!({"model":"m","messages":[{"role":"system","content":""},{"role":"user","content":"a \"quoted\"\nline é"}],"user":"u1"}),
+            json!({"system":[{"type":"text","text":"be brief"}],"messages":[{"role":"user","content":[{"type":"text","text":""},{"type":"text","text":"x"}]}],"metadata":{"user_id":"u"}}),
+            json!({"contents":[{"parts":[{"text":"hi"},{"inlineData":{"data":"AAAA"}}]}],"generationConfig":{"temperature":0.2}}),
+            json!({"input":"plain","instructions":"sys","text":{"format":{"type":"json_schema","description":"schema doc"}}}),
+            json!({"model":"m","tools":[{"type":"function","function":{"name":"f","description":"d"}}],"messages":[]}),
+            json!({}),
+        ];
+        for body in bodies {
+            let raw = body.to_string();
+            let (text, settings) = RequestView::read(&raw).unwrap().into_parts();
+            assert_eq!(text, text_of(&body), "{raw}");
+            // The settings are the body but its conversation.
+            for (k, v) in body.as_object().unwrap() {
+                if !conversation(k) {
+                    assert_eq!(&settings[k], v, "{raw}");
+                }
+            }
+        }
+        let one = json!({"messages":[{"role":"user","content":"only this"}]}).to_string();
+        let (text, _) = RequestView::read(&one).unwrap().into_parts();
+        assert!(matches!(text, Cow::Borrowed(_)), "one string is not copied");
+        for not_object in ["[1]", "\"s\"", "{", "{\"a\":1} trailing"] {
+            assert!(RequestView::read(not_object).is_none(), "{not_object}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - [`facts`]: what a rule sees; [`terms`]: `[policy_terms]` automata.
 
 pub mod facts;
+mod memo;
 pub mod request;
 pub mod terms;
 
@@ -25,7 +26,8 @@ use custody_config::{Action, OnError, Policy, PolicyMode};
 use sha2::{Digest, Sha256};
 
 pub use crate::record::{Decision, Effect, PolicyRecord};
-pub use facts::{Facts, Needs, SideFacts, Terms};
+pub use facts::{Facts, Needs, SideFacts};
+pub use terms::Terms;
 
 /// A rule that cannot be put in force; always names the rule, and where it can, the
 /// line and column in its `when`.
@@ -61,6 +63,8 @@ pub enum Phase {
 pub struct Rule {
     pub policy: Policy,
     program: Program,
+    /// What its result depends on, when that can be remembered ([`memo`]).
+    inputs: Option<Vec<memo::Input>>,
 }
 
 impl Rule {
@@ -78,6 +82,15 @@ impl Rule {
             .routes
             .as_ref()
             .is_none_or(|r| r.iter().any(|n| n == route))
+    }
+
+    /// Runs the rule: matched or not, or why it failed (value-free).
+    fn run(&self, ctx: &cel::Context<'_, '_>) -> memo::Outcome {
+        match self.program.execute(ctx) {
+            Ok(Value::Bool(m)) => Ok(m),
+            Ok(_) => Err("`when` did not evaluate to a bool".into()),
+            Err(e) => Err(describe(&e)),
+        }
     }
 
     fn effect(&self, matched: bool) -> Option<Effect> {
@@ -108,8 +121,41 @@ pub struct Verdict {
     pub seconds: f64,
 }
 
+impl Verdict {
+    /// Adds rule `i`'s decision on `outcome`.
+    fn add(&mut self, i: usize, rule: &Rule, outcome: memo::Outcome, phase: Phase) {
+        let p = &rule.policy;
+        let (effect, error) = match outcome {
+            Ok(m) => (rule.effect(m), None),
+            Err(why) => (Some(Effect::Error), Some(why)),
+        };
+        let Some(mut effect) = effect else { return };
+        let enforcing = p.mode == PolicyMode::Enforce && phase != Phase::Replay;
+        if effect == Effect::Error && enforcing && p.on_error == OnError::Block {
+            effect = Effect::Blocked;
+        }
+        if enforcing {
+            match effect {
+                Effect::Blocked if self.block.is_none() => self.block = Some(i),
+                Effect::Sanitized => self.sanitize.push(i),
+                _ => {}
+            }
+        }
+        self.decisions.push(Decision {
+            name: p.name.clone(),
+            action: p.action,
+            severity: p.severity,
+            mode: p.mode,
+            effect,
+            error,
+        });
+    }
+}
+
 /// Every rule of a configuration, compiled, with the `terms` automata.
 pub struct PolicySet {
+    /// Unique per compiled set: what remembered results belong to.
+    id: u64,
     version: String,
     rules: Vec<Rule>,
     env: Arc<Env>,
@@ -137,7 +183,7 @@ impl PolicySet {
     /// reports them all, where loading stops at the first).
     pub fn faults(config: &custody_config::Config) -> Vec<PolicyError> {
         let entities = entity_names(config);
-        if let Err((list, message)) = terms::compile(&config.policy_terms) {
+        if let Err((list, message)) = Terms::compile(&config.policy_terms) {
             return vec![PolicyError::Terms { list, message }];
         }
         config
@@ -160,21 +206,40 @@ impl PolicySet {
         terms: &BTreeMap<String, Vec<String>>,
         entity_names: Vec<String>,
     ) -> Result<Self, PolicyError> {
+        // CEL's parser recurses per level of nesting before its own depth limit
+        // applies: parse on a stack known to be deep enough, whichever thread asks (a
+        // runtime worker on reload has 2 MiB).
+        std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name("custody-policy".into())
+                .stack_size(COMPILE_STACK)
+                .spawn_scoped(s, || Self::compile_here(policies, terms, entity_names))
+                .map_err(|e| PolicyError::Engine(format!("cannot start the compiler: {e}")))?
+                .join()
+                .map_err(|_| PolicyError::Engine("the rule compiler failed".into()))?
+        })
+    }
+
+    fn compile_here(
+        policies: &[Policy],
+        terms: &BTreeMap<String, Vec<String>>,
+        entity_names: Vec<String>,
+    ) -> Result<Self, PolicyError> {
         let mut env = Env::stdlib();
         env.add_extension(cel::extensions::strings)
             .and_then(|()| env.add_extension(terms::declare))
             .map_err(|e| PolicyError::Engine(e.to_string()))?;
         let env = Arc::new(env);
-        let terms_value = terms::compile(terms)
-            .and_then(|v| Terms::new(v).map_err(|e| ("*".to_owned(), e.to_string())))
+        let terms_value = Terms::compile(terms)
             .map_err(|(list, message)| PolicyError::Terms { list, message })?;
         let mut rules = Vec::with_capacity(policies.len());
         let mut needs = [Needs::default(); 3];
         for p in policies {
-            let (program, rule_needs) = compile_rule(&env, p, terms)?;
+            let (program, rule_needs, inputs) = compile_rule(&env, p, terms)?;
             let rule = Rule {
                 policy: p.clone(),
                 program,
+                inputs,
             };
             for (i, phase) in [Phase::Request, Phase::Record, Phase::Replay]
                 .into_iter()
@@ -198,7 +263,9 @@ impl PolicySet {
             .filter(|e| named.contains(e))
             .collect();
         let version = version(policies, terms);
+        static SETS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let set = Self {
+            id: SETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             version,
             rules,
             env,
@@ -252,39 +319,16 @@ impl PolicySet {
         }
         let started = Instant::now();
         terms::begin_evaluation();
-        let vars = facts.variables(&self.terms, &self.entity_names, self.needs(phase));
+        let vars = facts.variables(&self.terms, &self.entity_names);
         let ctx = vars.context(&self.env);
-        for (i, rule) in applicable {
-            let p = &rule.policy;
-            let (effect, error) = match rule.program.execute(&ctx) {
-                Ok(Value::Bool(m)) => (rule.effect(m), None),
-                Ok(_) => (
-                    Some(Effect::Error),
-                    Some("`when` did not evaluate to a bool".into()),
-                ),
-                Err(e) => (Some(Effect::Error), Some(describe(&e))),
-            };
-            let Some(mut effect) = effect else { continue };
-            let enforcing = p.mode == PolicyMode::Enforce && phase != Phase::Replay;
-            if effect == Effect::Error && enforcing && p.on_error == OnError::Block {
-                effect = Effect::Blocked;
+        memo::with(self.id, |memo| {
+            for (i, rule) in applicable {
+                let outcome = memo.recall(i, rule.inputs.as_deref(), facts, &self.terms, || {
+                    rule.run(&ctx)
+                });
+                verdict.add(i, rule, outcome, phase);
             }
-            if enforcing {
-                match effect {
-                    Effect::Blocked if verdict.block.is_none() => verdict.block = Some(i),
-                    Effect::Sanitized => verdict.sanitize.push(i),
-                    _ => {}
-                }
-            }
-            verdict.decisions.push(Decision {
-                name: p.name.clone(),
-                action: p.action,
-                severity: p.severity,
-                mode: p.mode,
-                effect,
-                error,
-            });
-        }
+        });
         verdict.seconds = started.elapsed().as_secs_f64();
         verdict
     }
@@ -324,7 +368,7 @@ impl PolicySet {
     fn dry_run(&self) -> Result<(), PolicyError> {
         terms::begin_evaluation();
         let empty = Facts::default();
-        let vars = empty.variables(&self.terms, &self.entity_names, Needs::all());
+        let vars = empty.variables(&self.terms, &self.entity_names);
         let ctx = vars.context(&self.env);
         for rule in &self.rules {
             let fail = |message: String| PolicyError::Rule {
@@ -362,12 +406,33 @@ fn entity_names(config: &custody_config::Config) -> Vec<String> {
         .collect()
 }
 
-/// Parses a rule and checks the names it uses; the variables it needs.
+/// The stack rules are compiled on.
+const COMPILE_STACK: usize = 64 * 1024 * 1024;
+
+/// Longest `when`: rules are short; long lists belong in `[policy_terms]`.
+pub const MAX_WHEN_BYTES: usize = 4096;
+
+/// Deepest expression a rule may be: evaluation recurses once per level, on the
+/// writer's and the runtime's threads (2 MiB stacks; a level takes up to 40 KiB of
+/// it in a debug build). Rules people write are under 10.
+pub const MAX_DEPTH: usize = 24;
+
+/// Parses a rule and checks the names it uses; the variables it needs, and what its
+/// result depends on.
 fn compile_rule(
     env: &Env,
     p: &Policy,
     terms: &BTreeMap<String, Vec<String>>,
-) -> Result<(Program, Needs), PolicyError> {
+) -> Result<(Program, Needs, Option<Vec<memo::Input>>), PolicyError> {
+    if p.when.len() > MAX_WHEN_BYTES {
+        return Err(PolicyError::Rule {
+            name: p.name.clone(),
+            message: format!(
+                "`when` is {} bytes; at most {MAX_WHEN_BYTES} (put long lists in [policy_terms])",
+                p.when.len()
+            ),
+        });
+    }
     let program = env.compile(&p.when).map_err(|errors| {
         let first = errors.errors.first();
         let (line, column) = first.map_or((1, 1), |e| {
@@ -383,10 +448,17 @@ fn compile_rule(
             message: first.map_or_else(|| "does not parse".into(), |e| e.msg.clone()),
         }
     })?;
-    let mut names = Vec::new();
-    free_names(program.expression(), &mut Vec::new(), &mut names);
+    let depth = depth(program.expression());
+    if depth > MAX_DEPTH {
+        return Err(PolicyError::Rule {
+            name: p.name.clone(),
+            message: format!("`when` is nested {depth} levels deep; at most {MAX_DEPTH}"),
+        });
+    }
+    let mut uses = Vec::new();
+    free_names(program.expression(), &mut Vec::new(), &mut uses);
     let mut needs = Needs::default();
-    for (var, field, id) in names {
+    for Use { var, field, id, .. } in uses.iter().cloned() {
         let at = |message: String| {
             let (line, column) = position(&p.when, program.source_info().offset_for(id));
             PolicyError::At {
@@ -422,7 +494,42 @@ fn compile_rule(
         }
         needs = needs.union(Needs::of_use(&var, field.as_deref()));
     }
-    Ok((program, needs))
+    Ok((program, needs, memo::inputs(&uses)))
+}
+
+/// How deep an expression is (the parser has bounded it already; this bounds evaluation).
+fn depth(e: &IdedExpr) -> usize {
+    let deepest = |xs: &mut dyn Iterator<Item = &IdedExpr>| xs.map(depth).max().unwrap_or(0);
+    1 + match &e.expr {
+        Expr::Select(s) => depth(&s.operand),
+        Expr::Call(c) => deepest(&mut c.target.iter().map(|t| &**t).chain(c.args.iter())),
+        Expr::List(l) => deepest(&mut l.elements.iter()),
+        Expr::Map(m) => deepest(
+            &mut m
+                .entries
+                .iter()
+                .filter_map(|e| match &e.expr {
+                    EntryExpr::MapEntry(me) => Some([&me.key, &me.value]),
+                    EntryExpr::StructField(_) => None,
+                })
+                .flatten(),
+        ),
+        Expr::Struct(s) => deepest(&mut s.entries.iter().flat_map(|e| match &e.expr {
+            EntryExpr::StructField(f) => vec![&f.value],
+            EntryExpr::MapEntry(me) => vec![&me.key, &me.value],
+        })),
+        Expr::Comprehension(c) => deepest(
+            &mut [
+                &c.iter_range,
+                &c.accu_init,
+                &c.loop_cond,
+                &c.loop_step,
+                &c.result,
+            ]
+            .into_iter(),
+        ),
+        Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => 0,
+    }
 }
 
 /// The string literals and selected field names of an expression.
@@ -488,24 +595,55 @@ fn position(source: &str, offset: Option<(u32, u32)>) -> (u32, u32) {
     (line, column)
 }
 
-/// The variables an expression reads, outside the comprehension variables it binds:
-/// `(variable, field selected on it, expression id)`.
-fn free_names(e: &IdedExpr, bound: &mut Vec<String>, out: &mut Vec<(String, Option<String>, u64)>) {
+/// A variable an expression reads (outside the comprehension variables it binds).
+#[derive(Debug, Clone)]
+struct Use {
+    var: String,
+    /// The field selected on it.
+    field: Option<String>,
+    /// The expression id, for positions in errors.
+    id: u64,
+    /// Read only as `VAR.FIELD.containsAny(terms.NAME)`: only which lists match counts.
+    scanned: bool,
+}
+
+/// The variables an expression reads, outside the comprehension variables it binds.
+fn free_names(e: &IdedExpr, bound: &mut Vec<String>, out: &mut Vec<Use>) {
+    let free = |n: &String, bound: &Vec<String>| !bound.contains(n);
     match &e.expr {
         Expr::Ident(n) => {
-            if !bound.contains(n) {
-                out.push((n.clone(), None, e.id));
+            if free(n, bound) {
+                out.push(Use {
+                    var: n.clone(),
+                    field: None,
+                    id: e.id,
+                    scanned: false,
+                });
             }
         }
         Expr::Select(s) => match &s.operand.expr {
-            Expr::Ident(n) if !bound.contains(n) => {
-                out.push((n.clone(), Some(s.field.clone()), s.operand.id));
-            }
+            Expr::Ident(n) if free(n, bound) => out.push(Use {
+                var: n.clone(),
+                field: Some(s.field.clone()),
+                id: s.operand.id,
+                scanned: false,
+            }),
             _ => free_names(&s.operand, bound, out),
         },
         Expr::Call(c) => {
             if let Some(t) = &c.target {
+                let before = out.len();
                 free_names(t, bound, out);
+                // `X.containsAny(terms.NAME)` asks only which lists X holds a term of.
+                let on_terms = c.func_name == "containsAny"
+                    && matches!(c.args.as_slice(), [a] if matches!(&a.expr,
+                        Expr::Select(s) if matches!(&s.operand.expr,
+                            Expr::Ident(n) if n == "terms" && free(n, bound))));
+                let direct = matches!(&t.expr, Expr::Select(s) if !s.test
+                    && matches!(&s.operand.expr, Expr::Ident(_)));
+                if on_terms && direct && out.len() == before + 1 {
+                    out[before].scanned = true;
+                }
             }
             for a in &c.args {
                 free_names(a, bound, out);

@@ -8,7 +8,7 @@ use aho_corasick::AhoCorasick;
 use cel::{
     common::{
         types::{CelBool, CelString, Type, LIST_TYPE, STRING_TYPE},
-        value::CowVal,
+        value::{CowVal, Val},
     },
     objects::{Map, Opaque},
     DeclarationError, Env, ExecutionError, Value,
@@ -27,10 +27,11 @@ struct TermIndex {
 }
 
 impl TermIndex {
-    /// Which lists have a term in `text`: one overlapping pass (a term inside another
-    /// list's term still counts).
-    fn scan(&self, text: &str) -> Vec<bool> {
-        let mut found = vec![false; self.lists];
+    /// Which lists have a term in `text`, into `found` (one flag per list): one
+    /// overlapping pass (a term inside another list's term still counts).
+    fn scan(&self, text: &str, found: &mut Vec<bool>) {
+        found.clear();
+        found.resize(self.lists, false);
         let mut left = self.lists;
         for m in self.automaton.find_overlapping_iter(text) {
             let list = self.list_of[m.pattern().as_usize()];
@@ -42,7 +43,6 @@ impl TermIndex {
                 }
             }
         }
-        found
     }
 }
 
@@ -56,42 +56,70 @@ pub struct TermSet {
 
 impl TermSet {
     pub fn is_match(&self, text: &str) -> bool {
-        self.index.scan(text)[self.list]
+        let mut found = Vec::new();
+        self.index.scan(text, &mut found);
+        found[self.list]
     }
 
     /// [`Self::is_match`] for text that stays put during one evaluation (a field of
     /// the exchange): scanned once for every list, the answer kept until
     /// [`begin_evaluation`].
     fn is_match_stable(&self, text: &str) -> bool {
+        self.index.scanned(text, |found| found[self.list])
+    }
+}
+
+impl TermIndex {
+    /// [`Self::scan`], remembered for this evaluation by text address and length.
+    fn scanned<R>(self: &Arc<Self>, text: &str, f: impl FnOnce(&[bool]) -> R) -> R {
         let key = (
             text.as_ptr() as usize,
             text.len(),
-            Arc::as_ptr(&self.index) as usize,
+            Arc::as_ptr(self) as usize,
         );
         SCANS.with(|scans| {
-            let mut scans = scans.borrow_mut();
-            if let Some((_, found)) = scans.iter().find(|(k, _)| *k == key) {
-                return found[self.list];
+            let scans = &mut *scans.borrow_mut();
+            if let Some((_, found)) = scans.done().iter().find(|(k, _)| *k == key) {
+                return f(found);
             }
-            let found = self.index.scan(text);
-            let answer = found[self.list];
-            scans.push((key, found));
-            answer
+            // The flags of an earlier evaluation are reused: no allocation per scan.
+            if scans.used == scans.entries.len() {
+                scans.entries.push((key, Vec::new()));
+            }
+            let (k, found) = &mut scans.entries[scans.used];
+            *k = key;
+            self.scan(text, found);
+            scans.used += 1;
+            f(found)
         })
     }
 }
 
 type ScanKey = (usize, usize, usize);
 
+/// This thread's scans in the evaluation under way (the first `used` entries), by text
+/// address, length and index: the texts are the facts', borrowed and unmoved until the
+/// evaluation ends.
+struct Scans {
+    entries: Vec<(ScanKey, Vec<bool>)>,
+    used: usize,
+}
+
+impl Scans {
+    fn done(&self) -> &[(ScanKey, Vec<bool>)] {
+        &self.entries[..self.used]
+    }
+}
+
 thread_local! {
-    /// This thread's scans in the evaluation under way, by text address, length and
-    /// index: the texts are the facts', borrowed and unmoved until the evaluation ends.
-    static SCANS: std::cell::RefCell<Vec<(ScanKey, Vec<bool>)>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCANS: std::cell::RefCell<Scans> = const {
+        std::cell::RefCell::new(Scans { entries: Vec::new(), used: 0 })
+    };
 }
 
 /// Forgets the scans of the previous evaluation on this thread: its texts are gone.
 pub fn begin_evaluation() {
-    SCANS.with(|s| s.borrow_mut().clear());
+    SCANS.with(|s| s.borrow_mut().used = 0);
 }
 
 impl fmt::Debug for TermSet {
@@ -114,9 +142,62 @@ impl Opaque for TermSet {
     }
 }
 
-/// The `terms` variable: a map from list name to its list, all lists in one
-/// automaton (ASCII case-insensitive).
-pub fn compile(lists: &BTreeMap<String, Vec<String>>) -> Result<Value, (String, String)> {
+/// The `terms` variable: the set's term lists, built once, lent to every context;
+/// each list also by its qualified name (`terms.NAME`).
+pub struct Terms {
+    all: Box<dyn Val>,
+    lists: Vec<(String, Box<dyn Val>)>,
+    index: Arc<TermIndex>,
+}
+
+impl Terms {
+    /// `terms`: a map from list name to its list, all lists in one automaton (ASCII
+    /// case-insensitive).
+    pub fn compile(lists: &BTreeMap<String, Vec<String>>) -> Result<Self, (String, String)> {
+        let (map, index) = compile(lists)?;
+        let boxed =
+            |v: Value| Box::<dyn Val>::try_from(v).map_err(|e| ("*".to_owned(), e.to_string()));
+        let mut named = Vec::new();
+        for (k, v) in map.map.iter() {
+            if let cel::objects::Key::String(name) = k {
+                named.push((name.to_string(), boxed(v.clone())?));
+            }
+        }
+        Ok(Self {
+            all: boxed(Value::Map(map))?,
+            lists: named,
+            index,
+        })
+    }
+
+    pub(super) fn all(&self) -> CowVal<'_, '_> {
+        CowVal::Borrowed(&*self.all)
+    }
+
+    pub(super) fn list(&self, name: &str) -> Option<CowVal<'_, '_>> {
+        self.lists
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| CowVal::Borrowed(&**v))
+    }
+
+    /// Which lists have a term in `text` (a field of the facts, unmoved until the
+    /// evaluation ends), one flag per list, passed to `f`: the scan `containsAny`
+    /// makes, made once per text and evaluation.
+    pub(super) fn scanned<R>(&self, text: &str, f: impl FnOnce(&[bool]) -> R) -> R {
+        self.index.scanned(text, f)
+    }
+}
+
+impl fmt::Debug for Terms {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Terms")
+    }
+}
+
+fn compile(
+    lists: &BTreeMap<String, Vec<String>>,
+) -> Result<(Map, Arc<TermIndex>), (String, String)> {
     let mut patterns = Vec::new();
     let mut list_of = Vec::new();
     for (i, terms) in lists.values().enumerate() {
@@ -147,7 +228,7 @@ pub fn compile(lists: &BTreeMap<String, Vec<String>>) -> Result<Value, (String, 
             Value::Opaque(opaque),
         );
     }
-    Ok(Value::Map(Map { map: Arc::new(map) }))
+    Ok((Map { map: Arc::new(map) }, index))
 }
 
 /// Declares `containsAny` on `env`: `string.containsAny(terms.NAME)`,

@@ -13,7 +13,7 @@ fn set(rules: Vec<Policy>) -> Result<PolicySet, PolicyError> {
     PolicySet::compile(&rules, &terms, vec!["CREDIT_CARD".into(), "JWT".into()])
 }
 
-fn facts(text: &str) -> Facts {
+fn facts(text: &str) -> Facts<'_> {
     Facts {
         route: "openai".into(),
         model: "gpt-4o".into(),
@@ -178,4 +178,149 @@ fn ad_hoc_lists_and_lists_of_tools_work_with_contains_any() {
     let mut f = facts("a FOO b");
     f.request.tools = vec!["blue falcon".into()];
     assert_eq!(s.evaluate(&f, Phase::Record).decisions.len(), 2);
+}
+
+/// Remembered results must follow every input a rule reads: each case evaluates the
+/// same set again and again while one input changes back and forth.
+#[test]
+fn remembered_results_follow_every_input_the_rule_reads() {
+    let flagged = |s: &PolicySet, f: &Facts| !s.evaluate(f, Phase::Record).decisions.is_empty();
+    type Change = Box<dyn Fn(&mut Facts, bool)>;
+    let cases: Vec<(&str, Change)> = vec![
+        (
+            "request.text.containsAny(terms.secrets)",
+            Box::new(|f, on| f.request.text = if on { "blue FALCON" } else { "blue" }.into()),
+        ),
+        (
+            "request.text.size() > 4",
+            Box::new(|f, on| f.request.text = if on { "longer" } else { "x" }.into()),
+        ),
+        (
+            "!request.text.containsAny(terms.secrets) && request.text != ''",
+            Box::new(|f, on| f.request.text = if on { "plain" } else { "blue falcon" }.into()),
+        ),
+        (
+            "usage.output_tokens > 300",
+            Box::new(|f, on| f.output_tokens = if on { 301 } else { 300 }),
+        ),
+        (
+            "usage.input_tokens + usage.output_tokens > 10",
+            Box::new(|f, on| f.input_tokens = if on { 11 } else { 0 }),
+        ),
+        (
+            "request.entities.CREDIT_CARD > 1",
+            Box::new(|f, on| {
+                f.request.entities =
+                    BTreeMap::from([("CREDIT_CARD".into(), if on { 2 } else { 1 })]);
+            }),
+        ),
+        (
+            "request.tools.exists(t, t == 'shell')",
+            Box::new(|f, on| f.request.tools = vec![if on { "shell" } else { "search" }.into()]),
+        ),
+        (
+            "source.env == 'prod'",
+            Box::new(|f, on| {
+                f.source = BTreeMap::from([("env".into(), if on { "prod" } else { "dev" }.into())]);
+            }),
+        ),
+        (
+            "user == 'mallory' || team == 'contractors'",
+            Box::new(|f, on| f.team = if on { "contractors" } else { "staff" }.into()),
+        ),
+        (
+            "model.startsWith('gpt-4o')",
+            Box::new(|f, on| f.model = if on { "gpt-4o-mini" } else { "o3" }.into()),
+        ),
+        (
+            "response.tool_calls.size() > 0",
+            Box::new(|f, on| f.response.tools = if on { vec!["x".into()] } else { vec![] }),
+        ),
+    ];
+    for (when, set_input) in cases {
+        let s = set(vec![rule("r", when, Action::Flag)]).unwrap();
+        let mut f = facts("");
+        for on in [false, true, false, true, true, false] {
+            set_input(&mut f, on);
+            assert_eq!(flagged(&s, &f), on, "{when} with the input {on}");
+        }
+    }
+}
+
+#[test]
+fn a_reloaded_set_never_reads_the_old_sets_results() {
+    let f = facts("blue falcon");
+    let before = set(vec![rule(
+        "r",
+        "request.text.containsAny(terms.secrets)",
+        Action::Flag,
+    )])
+    .unwrap();
+    assert_eq!(before.evaluate(&f, Phase::Record).decisions.len(), 1);
+    // Same rule name and text, other lists: the remembered "matched" must not apply.
+    let terms = BTreeMap::from([("secrets".to_owned(), vec!["nightingale".to_owned()])]);
+    let after = PolicySet::compile(
+        &[rule(
+            "r",
+            "request.text.containsAny(terms.secrets)",
+            Action::Flag,
+        )],
+        &terms,
+        vec![],
+    )
+    .unwrap();
+    assert!(after.evaluate(&f, Phase::Record).decisions.is_empty());
+    assert_eq!(before.evaluate(&f, Phase::Record).decisions.len(), 1);
+}
+
+#[test]
+fn an_input_too_long_to_remember_is_evaluated_every_time() {
+    let s = set(vec![rule("r", "user.endsWith('!')", Action::Flag)]).unwrap();
+    let mut f = facts("");
+    for on in [true, false, true] {
+        f.user = "u".repeat(memo::MAX_KEY) + if on { "!" } else { "?" };
+        assert_eq!(
+            s.evaluate(&f, Phase::Record).decisions.len(),
+            usize::from(on)
+        );
+    }
+}
+
+#[test]
+fn deep_or_long_rules_are_refused_with_a_reason_and_never_crash() {
+    let refused = |when: String| match set(vec![rule("r", &when, Action::Flag)]) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("accepted: {}", &when[..when.len().min(60)]),
+    };
+    // Far past the parser's own limit: refused, not a stack overflow.
+    let parens = format!("{}status > 1{}", "(".repeat(5000), ")".repeat(5000));
+    assert!(refused(parens).contains("policy `r`"));
+    let nots = format!(
+        "{}status > 1{}",
+        "!(".repeat(MAX_DEPTH),
+        ")".repeat(MAX_DEPTH)
+    );
+    assert!(refused(nots).contains("nested"));
+    let long = vec!["status == 1"; 400].join(" || ");
+    assert!(refused(long).contains("at most 4096"));
+}
+
+#[test]
+fn the_deepest_rule_allowed_evaluates_on_a_small_stack() {
+    // `!` adds a level over `status > 1` (two levels).
+    let k = MAX_DEPTH - 2;
+    let when = format!("{}status > 1{}", "!(".repeat(k), ")".repeat(k));
+    let s = set(vec![rule("deep", &when, Action::Flag)]).unwrap();
+    let f = facts("");
+    // Half the 2 MiB the writer and runtime threads have.
+    let flagged = std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .stack_size(1024 * 1024)
+            .spawn_scoped(scope, || s.evaluate(&f, Phase::Record).decisions.len())
+            .unwrap()
+            .join()
+            .unwrap()
+    });
+    // status 0: `status > 1` is false, and an even number of `!` keeps it so.
+    assert_eq!(flagged, usize::from(k % 2 == 1));
 }

@@ -79,17 +79,28 @@ fn check(file: &std::path::Path) -> anyhow::Result<ExitCode> {
 fn test(config: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
     let config = custody_config::policy::load_rules(config)?;
     let set = PolicySet::from_config(&config)?;
-    let stdin = std::io::stdin().lock();
+    let mut stdin = std::io::stdin().lock();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let (mut records, mut matched, mut unreadable) = (0u64, 0u64, 0u64);
     let mut by_rule: BTreeMap<String, u64> = BTreeMap::new();
-    for (n, line) in stdin.lines().enumerate() {
-        let line = line.context("reading standard input")?;
-        if line.trim().is_empty() {
+    let mut line = Vec::new();
+    for n in 1.. {
+        match bounded_line(&mut stdin, &mut line, MAX_RECORD_LINE)
+            .context("reading standard input")?
+        {
+            Line::End => break,
+            Line::TooLong => {
+                eprintln!("line {n}: longer than {MAX_RECORD_LINE} bytes; skipped");
+                unreadable += 1;
+                continue;
+            }
+            Line::Read => {}
+        }
+        if line.trim_ascii().is_empty() {
             continue;
         }
-        let Ok(record) = serde_json::from_str::<serde_json::Value>(&line) else {
-            eprintln!("line {}: not a JSON record", n + 1);
+        let Ok(record) = serde_json::from_slice::<serde_json::Value>(&line) else {
+            eprintln!("line {n}: not a JSON record");
             unreadable += 1;
             continue;
         };
@@ -144,4 +155,72 @@ fn test(config: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
         anyhow::bail!("{unreadable} input line(s) are not JSON records");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Longest exported record `policy test` reads: two bodies at the largest
+/// `decoded_max_bytes` anyone sets, escaped, with room to spare.
+const MAX_RECORD_LINE: u64 = 256 * 1024 * 1024;
+
+enum Line {
+    Read,
+    TooLong,
+    End,
+}
+
+/// Reads one line into `buf` (without its newline), holding at most `max` bytes of
+/// it: a longer line is consumed and reported, never held.
+fn bounded_line<R: BufRead>(input: &mut R, buf: &mut Vec<u8>, max: u64) -> std::io::Result<Line> {
+    buf.clear();
+    let n = <&mut R as std::io::Read>::take(input, max + 1).read_until(b'\n', buf)?;
+    if n == 0 {
+        return Ok(Line::End);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        return Ok(Line::Read);
+    }
+    if (buf.len() as u64) <= max {
+        // The last line, without a newline.
+        return Ok(Line::Read);
+    }
+    // Past the limit: drop the rest of the line as it streams by.
+    buf.clear();
+    loop {
+        let chunk = input.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok(Line::TooLong);
+        }
+        match memchr::memchr(b'\n', chunk) {
+            Some(i) => {
+                input.consume(i + 1);
+                return Ok(Line::TooLong);
+            }
+            None => {
+                let len = chunk.len();
+                input.consume(len);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_past_the_limit_is_skipped_without_being_held() {
+        let input = b"short\nthis one is too long\n{\"x\":1}\nlast";
+        let mut r = std::io::BufReader::with_capacity(4, &input[..]);
+        let mut buf = Vec::new();
+        let mut seen = Vec::new();
+        loop {
+            match bounded_line(&mut r, &mut buf, 8).unwrap() {
+                Line::End => break,
+                Line::TooLong => seen.push("(too long)".to_owned()),
+                Line::Read => seen.push(String::from_utf8(buf.clone()).unwrap()),
+            }
+            assert!(buf.len() <= 9);
+        }
+        assert_eq!(seen, ["short", "(too long)", "{\"x\":1}", "last"]);
+    }
 }

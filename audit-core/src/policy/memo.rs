@@ -138,7 +138,10 @@ impl Memo {
         for i in inputs {
             write(&mut self.key, *i, facts, terms);
             if self.key.len() > MAX_KEY {
-                // Too long to remember.
+                // Too long to remember; and the buffer does not keep a huge input's size.
+                if self.key.capacity() > 4 * MAX_KEY {
+                    self.key = Vec::with_capacity(MAX_KEY);
+                }
                 return run();
             }
         }

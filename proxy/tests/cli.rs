@@ -167,10 +167,10 @@ fn config_default_is_the_embedded_file_and_check_names_the_line() {
     );
 }
 
-/// `custody policy test --config RULES` with `input` on standard input.
-fn policy_test(rules: &Path, input: &[u8]) -> Output {
+/// `custody ARGS` with `input` on standard input.
+fn with_stdin(args: &[&str], input: &[u8]) -> Output {
     let mut child = Command::new(BIN)
-        .args(["policy", "test", "--config", rules.to_str().unwrap()])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -178,6 +178,14 @@ fn policy_test(rules: &Path, input: &[u8]) -> Output {
         .unwrap();
     child.stdin.take().unwrap().write_all(input).unwrap();
     child.wait_with_output().unwrap()
+}
+
+/// `custody policy test --config RULES` with `input` on standard input.
+fn policy_test(rules: &Path, input: &[u8]) -> Output {
+    with_stdin(
+        &["policy", "test", "--config", rules.to_str().unwrap()],
+        input,
+    )
 }
 
 #[test]
@@ -538,15 +546,10 @@ fn redact_keeps_lines_and_reports_counts() {
     )
     .unwrap();
     let input = b"mail bob@example.com or help@example.com\r\n{\"b\": 1,  \"a\":\"call 415-555-2671 re BlueBird\"}\n\xff\xfe not utf-8 4111 1111 1111 1111\nlast line without newline";
-    let mut child = Command::new(BIN)
-        .args(["redact", "--report", "--config", config.to_str().unwrap()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = with_stdin(
+        &["redact", "--report", "--config", config.to_str().unwrap()],
+        input,
+    );
     assert!(o.status.success());
     let out = String::from_utf8(o.stdout).expect("output is UTF-8");
     let lines: Vec<&str> = out.split_inclusive('\n').collect();

@@ -9,7 +9,22 @@ import subprocess
 import urllib.error
 import urllib.request
 
+import anthropic
+import openai
 import pytest
+
+API_KEY = "sk-conformance-0123456789abcdefghij"
+ANTHROPIC_KEY = "sk-ant-api03-conformance0123456789abcdef"
+
+
+def openai_client(stack):
+    """The OpenAI SDK pointed at custody's OpenAI route; no retries hide a failure."""
+    return openai.OpenAI(base_url=stack.openai_base, api_key=API_KEY, max_retries=0)
+
+
+def anthropic_client(stack):
+    """The Anthropic SDK pointed at custody's Anthropic route."""
+    return anthropic.Anthropic(base_url=stack.anthropic_base, api_key=ANTHROPIC_KEY, max_retries=0)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BIN = os.environ.get("CUSTODY_BIN", str(ROOT / "target" / "debug" / "custody"))

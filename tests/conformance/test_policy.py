@@ -9,10 +9,8 @@ import anthropic
 import openai
 import pytest
 
-from conftest import Stack
+from conftest import Stack, anthropic_client, openai_client
 
-API_KEY = "sk-conformance-0123456789abcdefghij"
-ANTHROPIC_KEY = "sk-ant-api03-conformance0123456789abcdef"
 CARD = "4111 1111 1111 1111"
 SSN = "536-22-8514"
 
@@ -70,12 +68,12 @@ def pstack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oai(pstack):
-    return openai.OpenAI(base_url=pstack.openai_base, api_key=API_KEY, max_retries=0)
+    return openai_client(pstack)
 
 
 @pytest.fixture(scope="module")
 def claude(pstack):
-    return anthropic.Anthropic(base_url=pstack.anthropic_base, api_key=ANTHROPIC_KEY, max_retries=0)
+    return anthropic_client(pstack)
 
 
 def chat(oai, text, **kw):

@@ -7,8 +7,8 @@ import anthropic
 import openai
 import pytest
 
-API_KEY = "sk-conformance-0123456789abcdefghij"
-ANTHROPIC_KEY = "sk-ant-api03-conformance0123456789abcdef"
+from conftest import API_KEY, ANTHROPIC_KEY, anthropic_client, openai_client
+
 EMAIL = "alice.conformance@example.org"
 TOOLS = [
     {
@@ -24,12 +24,12 @@ TOOLS = [
 
 @pytest.fixture(scope="module")
 def oai(stack):
-    return openai.OpenAI(base_url=stack.openai_base, api_key=API_KEY, max_retries=0)
+    return openai_client(stack)
 
 
 @pytest.fixture(scope="module")
 def claude(stack):
-    return anthropic.Anthropic(base_url=stack.anthropic_base, api_key=ANTHROPIC_KEY, max_retries=0)
+    return anthropic_client(stack)
 
 
 def test_chat(oai):

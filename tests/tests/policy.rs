@@ -18,6 +18,16 @@ fn chat(text: &str) -> String {
         .to_string()
 }
 
+/// A gzip-encoded chat request through custody; the response head.
+async fn post_gzip(custody: &Custody, gz: Vec<u8>) -> http::response::Parts {
+    let headers = [
+        ("content-type", "application/json"),
+        ("content-encoding", "gzip"),
+    ];
+    let url = custody.url("/v1/chat/completions");
+    send(&client(), post(&url, &headers, gz)).await.0
+}
+
 fn decisions(r: &Value) -> Vec<(String, String)> {
     r["policy"]["decisions"]
         .as_array()
@@ -90,15 +100,7 @@ async fn a_compressed_request_is_sanitized_and_forwarded_decoded() {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(plain.as_bytes()).unwrap();
     let gz = gz.finish().unwrap();
-    let headers = [
-        ("content-type", "application/json"),
-        ("content-encoding", "gzip"),
-    ];
-    let (parts, _) = send(
-        &client(),
-        post(&custody.url("/v1/chat/completions"), &headers, gz),
-    )
-    .await;
+    let parts = post_gzip(&custody, gz).await;
     assert_eq!(parts.status, 200);
     let got = up.next().await;
     let text = String::from_utf8(got.body.to_vec()).unwrap();
@@ -353,4 +355,35 @@ async fn term_lists_never_reach_the_trail_and_every_record_names_the_policy_vers
         !contains(&bytes, "Quiet Harbor"),
         "a term reached the audit directory"
     );
+}
+
+#[tokio::test]
+async fn a_compression_bomb_is_not_evaluated_and_not_expanded_past_the_limit() {
+    let mut up = chat_upstream().await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.audit.decoded_max_bytes = 1024 * 1024;
+        c.policies = vec![rule(
+            "forbidden",
+            "request.text.contains('forbidden')",
+            Action::Block,
+        )];
+    })
+    .await;
+    // 64 MiB of a prompt naming the phrase, in about 64 KB of gzip.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let line = b"forbidden words forbidden words ";
+    for _ in 0..(64 * 1024 * 1024 / line.len()) {
+        gz.write_all(line).unwrap();
+    }
+    let gz = gz.finish().unwrap();
+    let sent = gz.len();
+    let parts = post_gzip(&custody, gz).await;
+    // `on_error` is `ignore`: forwarded as sent, and the decision says why.
+    assert_eq!(parts.status, 200);
+    assert_eq!(up.next().await.body.len(), sent);
+    let done = custody.stop().await;
+    let why = done.records[0]["policy"]["decisions"][0]["error"]
+        .as_str()
+        .unwrap();
+    assert!(why.contains("not evaluated"), "{why}");
 }

@@ -732,6 +732,16 @@ mod tests {
         for not_object in ["[1]", "\"s\"", "{", "{\"a\":1} trailing"] {
             assert!(RequestView::read(not_object).is_none(), "{not_object}");
         }
+        // Nested past the parser's limit inside the conversation and inside a setting:
+        // refused (the request path then reads the body as text), never a stack overflow.
+        for key in ["messages", "tools"] {
+            let deep = format!(
+                "{{\"{key}\":{}1{}}}",
+                "[".repeat(100_000),
+                "]".repeat(100_000)
+            );
+            assert!(RequestView::read(&deep).is_none(), "{key}");
+        }
     }
 
     #[test]

@@ -57,6 +57,9 @@ impl LineageHeaders {
     }
 }
 
+/// The largest text buffer the writer keeps from one record to the next.
+const MAX_KEPT_TEXT: usize = 1 << 20;
+
 /// Builds records; holds the automata and keys, built once.
 pub struct Assembler {
     redactor: Redactor,
@@ -73,6 +76,9 @@ pub struct Assembler {
     policy: std::sync::Arc<PolicySet>,
     /// `source.*` as the rules see it.
     source_map: std::collections::BTreeMap<String, String>,
+    /// The request's and the response's text as the rules read it, reused from record
+    /// to record (an allocation per text cost the writer more than reading it).
+    texts: std::cell::RefCell<[String; 2]>,
 }
 
 /// What assembly learned beyond the record, for the writer's conversation index.
@@ -105,6 +111,7 @@ impl Assembler {
             decode_limit,
             policy,
             source_map: record::source_map(&config.source),
+            texts: Default::default(),
         }
     }
 
@@ -128,6 +135,9 @@ impl Assembler {
         // What the rules see of the bodies, read before redaction and never written;
         // and the time reading it takes, counted with the rules' own.
         let needs = self.policy.needs(Phase::Record);
+        let mut texts = self.texts.borrow_mut();
+        let [request_text, response_text] = &mut *texts;
+        let (mut request_read, mut response_read) = (false, false);
         let mut seen = Facts::default();
         let mut reading = std::time::Duration::ZERO;
 
@@ -144,7 +154,8 @@ impl Assembler {
                 }
                 if needs.text("request") {
                     let t = Instant::now();
-                    seen.request.text = policy::facts::text_of(v).into();
+                    policy::facts::text_into(v, request_text);
+                    request_read = true;
                     reading += t.elapsed();
                 }
             },
@@ -163,7 +174,8 @@ impl Assembler {
                 if needs.text("response") || needs.tool_calls() {
                     let t = Instant::now();
                     if needs.text("response") {
-                        seen.response.text = policy::facts::text_of(v).into();
+                        policy::facts::text_into(v, response_text);
+                        response_read = true;
                     }
                     if needs.tool_calls() {
                         seen.response.tools = policy::facts::tool_calls_of(v);
@@ -172,6 +184,12 @@ impl Assembler {
                 }
             },
         );
+        if request_read {
+            seen.request.text = request_text.as_str().into();
+        }
+        if response_read {
+            seen.response.text = response_text.as_str().into();
+        }
         if facts.request_model.is_none() {
             facts.request_model = path_model.map(str::to_owned);
         }
@@ -203,7 +221,6 @@ impl Assembler {
         // anything (its own key, an e-mail address) where a model or user is expected.
         let key_user = ex.identity.as_ref().and_then(|i| i.user.as_deref());
         if !self.policy.is_empty() {
-            let t = Instant::now();
             let copy = |name: &str, v: Option<&String>| match v {
                 Some(v) if needs.has(name) => v.clone(),
                 _ => String::new(),
@@ -219,10 +236,9 @@ impl Assembler {
             if needs.has("request") {
                 seen.request.tools = facts.tool_names.clone();
             }
-            if needs.has("response") {
+            if needs.finish_reasons() {
                 seen.finish_reasons = facts.finish_reasons.clone();
             }
-            reading += t.elapsed();
         }
         let end_user = facts
             .end_user
@@ -317,6 +333,13 @@ impl Assembler {
             &outcome,
             &usage_of(&gen_ai),
         );
+        // A huge body's text is not kept past its record.
+        for text in texts.iter_mut() {
+            if text.capacity() > MAX_KEPT_TEXT {
+                *text = String::new();
+            }
+        }
+        drop(texts);
         learned.policy_seconds = if policy.is_some() {
             policy_seconds + reading.as_secs_f64()
         } else {
@@ -403,7 +426,6 @@ impl Assembler {
         if self.policy.is_empty() && decided.is_none() {
             return (None, 0.0);
         }
-        let started = Instant::now();
         let tokens = |n: Option<u64>| n.map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX));
         seen.route = ex.route.as_deref().unwrap_or_default().to_owned();
         // Only what some rule reads is copied (the route always: rules apply by it).
@@ -444,20 +466,26 @@ impl Assembler {
         if needs.request_entities() {
             seen.request.entities = request.redactions.clone();
         }
-        if needs.has("response") {
+        if needs.response_entities() {
             seen.response.entities = response.redactions.clone();
         }
         seen.input_tokens = tokens(usage.0);
         seen.output_tokens = tokens(usage.1);
         let verdict = self.policy.evaluate(&seen, Phase::Record);
-        let mut decisions = decided.map(|d| d.decisions.clone()).unwrap_or_default();
-        decisions.extend(verdict.decisions);
-        let record = PolicyRecord {
-            version: self.policy.version().to_owned(),
-            decisions,
-            sanitized: decided.map(|d| d.sanitized.clone()).unwrap_or_default(),
+        let (decisions, sanitized) = match decided {
+            Some(d) => {
+                let mut decisions = d.decisions.clone();
+                decisions.extend(verdict.decisions);
+                (decisions, d.sanitized.clone())
+            }
+            None => (verdict.decisions, Default::default()),
         };
-        (Some(record), started.elapsed().as_secs_f64())
+        let record = PolicyRecord {
+            version: self.policy.version_shared(),
+            decisions,
+            sanitized,
+        };
+        (Some(record), verdict.seconds)
     }
 
     /// Every credential the client presented, as tokens (for fingerprinting and

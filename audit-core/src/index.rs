@@ -47,8 +47,12 @@ impl Facts {
         self.users.extend(r.client.user.iter().cloned());
         self.users.extend(r.client.end_user.iter().cloned());
         if let Some(p) = &r.policy {
-            self.policies
-                .extend(p.decisions.iter().map(|d| d.name.clone()));
+            for d in &p.decisions {
+                // Most records repeat a known name: no copy for those.
+                if !self.policies.contains(&d.name) {
+                    self.policies.insert(d.name.clone());
+                }
+            }
         }
     }
 

@@ -287,8 +287,9 @@ pub struct Body {
 /// `policy`: the policy set in force and what its rules decided.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PolicyRecord {
-    /// The policy set's fingerprint (`[[policy]]` and `[policy_terms]`).
-    pub version: String,
+    /// The policy set's fingerprint (`[[policy]]` and `[policy_terms]`); shared, as
+    /// every record of a set carries the same.
+    pub version: std::sync::Arc<str>,
     /// Every rule that matched or failed to evaluate; empty when none did.
     pub decisions: Vec<Decision>,
     /// Entities a sanitize rule replaced in the request before it went upstream.

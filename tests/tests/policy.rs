@@ -28,6 +28,17 @@ async fn post_gzip(custody: &Custody, gz: Vec<u8>) -> http::response::Parts {
     send(&client(), post(&url, &headers, gz)).await.0
 }
 
+/// `body` posted as a chat to custody's OpenAI route, which the upstream receives;
+/// then custody stopped, its trail read.
+async fn forwarded_chat(custody: Custody, up: &mut MockUpstream, body: String) -> Stopped {
+    let h = [("content-type", "application/json")];
+    let url = custody.url("/v1/chat/completions");
+    let (parts, _) = send(&client(), post(&url, &h, body)).await;
+    assert_eq!(parts.status, 200);
+    up.next().await;
+    custody.stop().await
+}
+
 fn decisions(r: &Value) -> Vec<(String, String)> {
     r["policy"]["decisions"]
         .as_array()
@@ -212,15 +223,7 @@ async fn rules_that_fail_at_run_time_are_recorded_without_the_exchanges_values()
     })
     .await;
     let body = chat("secret-marker-((");
-    let h = [("content-type", "application/json")];
-    let (parts, _) = send(
-        &client(),
-        post(&custody.url("/v1/chat/completions"), &h, body),
-    )
-    .await;
-    assert_eq!(parts.status, 200);
-    up.next().await;
-    let done = custody.stop().await;
+    let done = forwarded_chat(custody, &mut up, body).await;
     let d = &done.one()["policy"]["decisions"][0];
     assert_eq!(d["effect"], "error");
     let why = d["error"].as_str().unwrap();
@@ -337,15 +340,7 @@ async fn term_lists_never_reach_the_trail_and_every_record_names_the_policy_vers
         )];
     })
     .await;
-    let h = [("content-type", "application/json")];
-    let (parts, _) = send(
-        &client(),
-        post(&custody.url("/v1/chat/completions"), &h, chat("hello")),
-    )
-    .await;
-    assert_eq!(parts.status, 200);
-    up.next().await;
-    let done = custody.stop().await;
+    let done = forwarded_chat(custody, &mut up, chat("hello")).await;
     let r = done.one();
     assert_eq!(r["policy"]["decisions"], serde_json::json!([]));
     let version = r["policy"]["version"].as_str().unwrap();
@@ -386,4 +381,60 @@ async fn a_compression_bomb_is_not_evaluated_and_not_expanded_past_the_limit() {
         .as_str()
         .unwrap();
     assert!(why.contains("not evaluated"), "{why}");
+}
+
+#[tokio::test]
+async fn writer_rules_see_each_part_of_the_response_they_name_and_only_those() {
+    let mut up = MockUpstream::start(|_, _| {
+        respond(
+            200,
+            &[("content-type", "application/json")],
+            serde_json::json!({
+                "id": "chatcmpl-1", "model": "gpt-4o-2024-08-06",
+                "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                    "role": "assistant", "content": "write to ops@example.com",
+                    "tool_calls": [{"id": "c1", "type": "function",
+                        "function": {"name": "shell", "arguments": "{\"cmd\":\"ls\"}"}}]}}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 7}
+            })
+            .to_string(),
+        )
+    })
+    .await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.policies = vec![
+            rule(
+                "finish",
+                "response.finish_reasons.exists(r, r == 'tool_calls')",
+                Action::Flag,
+            ),
+            rule(
+                "answer-email",
+                "response.entities.EMAIL_ADDRESS > 0",
+                Action::Flag,
+            ),
+            rule("shell", "'shell' in response.tool_calls", Action::Flag),
+            rule("text", "response.text.contains('ops@')", Action::Flag),
+            rule(
+                "whole",
+                "size(response.finish_reasons) == 1 && usage.output_tokens == 7",
+                Action::Flag,
+            ),
+            // Read, but not matching: a miss must not be taken for a hit.
+            rule(
+                "question-email",
+                "request.entities.EMAIL_ADDRESS > 0",
+                Action::Flag,
+            ),
+        ];
+    })
+    .await;
+    let done = forwarded_chat(custody, &mut up, chat("hello")).await;
+    let names: Vec<String> = decisions(done.one()).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        ["finish", "answer-email", "shell", "text", "whole"],
+        "{}",
+        done.one()["policy"]
+    );
 }

@@ -111,9 +111,13 @@ impl Needs {
             ("request", None) => bit(REQUEST_TEXT) | bit(REQUEST_ENTITIES),
             ("request", Some("text")) => bit(REQUEST_TEXT),
             ("request", Some("entities")) => bit(REQUEST_ENTITIES),
-            ("response", None) => bit(RESPONSE_TEXT) | bit(TOOL_CALLS),
+            ("response", None) => {
+                bit(RESPONSE_TEXT) | bit(TOOL_CALLS) | bit(RESPONSE_ENTITIES) | bit(FINISH_REASONS)
+            }
             ("response", Some("text")) => bit(RESPONSE_TEXT),
             ("response", Some("tool_calls")) => bit(TOOL_CALLS),
+            ("response", Some("entities")) => bit(RESPONSE_ENTITIES),
+            ("response", Some("finish_reasons")) => bit(FINISH_REASONS),
             _ => 0,
         };
         Self::of(var).union(Self(extra))
@@ -122,6 +126,16 @@ impl Needs {
     /// Whether a rule reads `request.entities` (the request path then scans for them).
     pub fn request_entities(self) -> bool {
         self.extra(REQUEST_ENTITIES)
+    }
+
+    /// Whether a rule reads `response.entities`.
+    pub fn response_entities(self) -> bool {
+        self.extra(RESPONSE_ENTITIES)
+    }
+
+    /// Whether a rule reads `response.finish_reasons`.
+    pub fn finish_reasons(self) -> bool {
+        self.extra(FINISH_REASONS)
     }
 
     /// Whether a rule reads `response.tool_calls`.
@@ -149,6 +163,9 @@ const REQUEST_TEXT: usize = 0;
 const RESPONSE_TEXT: usize = 1;
 const REQUEST_ENTITIES: usize = 2;
 const TOOL_CALLS: usize = 3;
+const RESPONSE_ENTITIES: usize = 4;
+const FINISH_REASONS: usize = 5;
+const _: () = assert!(EXTRA_BITS + FINISH_REASONS < 32, "Needs is a u32");
 
 impl Facts<'_> {
     /// The variables of a CEL evaluation of these facts, built as the rules ask for
@@ -443,20 +460,38 @@ fn not_text(key: &str) -> bool {
 /// arguments and results, instructions) except identifiers, settings, tool
 /// declarations and inline binaries; one per line.
 pub fn text_of(body: &Json) -> String {
-    let mut pieces = Vec::new();
-    pieces_of(body, &mut pieces);
-    joined(pieces).into_owned()
+    let mut text = String::new();
+    text_into(body, &mut text);
+    text
 }
 
-/// The strings [`text_of`] reads, in order.
-fn pieces_of<'a>(v: &'a Json, out: &mut Vec<Cow<'a, str>>) {
+/// [`text_of`] into `out`, cleared first: the writer reuses a buffer per body, so
+/// reading a text costs no allocation.
+pub fn text_into(body: &Json, out: &mut String) {
+    out.clear();
+    // As `joined`: leading empty pieces add no line.
+    let mut first = true;
+    each_piece(body, &mut |p: &str| {
+        if first && p.is_empty() {
+            return;
+        }
+        if !first {
+            out.push('\n');
+        }
+        out.push_str(p);
+        first = false;
+    });
+}
+
+/// Each string [`text_of`] reads, in order.
+fn each_piece<'a>(v: &'a Json, f: &mut impl FnMut(&'a str)) {
     match v {
-        Json::String(s) => out.push(Cow::Borrowed(s)),
-        Json::Array(items) => items.iter().for_each(|i| pieces_of(i, out)),
+        Json::String(s) => f(s),
+        Json::Array(items) => items.iter().for_each(|i| each_piece(i, f)),
         Json::Object(m) => {
             for (k, v) in m {
                 if !not_text(k) {
-                    pieces_of(v, out);
+                    each_piece(v, f);
                 }
             }
         }
@@ -539,10 +574,7 @@ impl<'de> serde::de::Visitor<'de> for Top<'_, 'de> {
             }
             let value: Json = map.next_value()?;
             if !not_text(&key) {
-                let mut pieces = Vec::new();
-                pieces_of(&value, &mut pieces);
-                view.pieces
-                    .extend(pieces.into_iter().map(|p| Cow::Owned(p.into_owned())));
+                each_piece(&value, &mut |p| view.pieces.push(Cow::Owned(p.to_owned())));
             }
             if let Json::Object(settings) = &mut view.settings {
                 settings.insert(key, value);
@@ -702,6 +734,12 @@ mod tests {
             {"role":"assistant","tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{\"q\":1}"}}]}],
             "tools":[{"type":"function","function":{"name":"f","description":"secret tool doc"}}]});
         assert_eq!(text_of(&chat), "be brief\nhello\n{\"q\":1}");
+        // The writer's reused buffer holds this text only, whatever it held before.
+        let mut buffer = "the previous record's text".to_owned();
+        text_into(&chat, &mut buffer);
+        assert_eq!(buffer, text_of(&chat));
+        text_into(&json!({"messages": []}), &mut buffer);
+        assert_eq!(buffer, "");
     }
 
     #[test]

@@ -156,7 +156,7 @@ impl Verdict {
 pub struct PolicySet {
     /// Unique per compiled set: what remembered results belong to.
     id: u64,
-    version: String,
+    version: Arc<str>,
     rules: Vec<Rule>,
     env: Arc<Env>,
     terms: Terms,
@@ -262,7 +262,7 @@ impl PolicySet {
             .into_iter()
             .filter(|e| named.contains(e))
             .collect();
-        let version = version(policies, terms);
+        let version = version(policies, terms).into();
         static SETS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let set = Self {
             id: SETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -280,6 +280,11 @@ impl PolicySet {
     /// First 16 hex digits of the SHA-256 of the rules and term lists as configured.
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// [`Self::version`], shared (each record carries it).
+    pub fn version_shared(&self) -> Arc<str> {
+        self.version.clone()
     }
 
     pub fn rules(&self) -> &[Rule] {

@@ -20,9 +20,9 @@ use std::{
 use bytes::Bytes;
 use custody_audit::{
     exchange::{Capture, Exchange, Outcome},
-    reader::{self, DirSource},
-    search::{search, Query},
-    verify::{verify_dir, verify_dir_with, Depth},
+    review::reader::{self, DirSource},
+    review::search::{search, Query},
+    review::verify::{verify_dir, verify_dir_with, Depth},
     AuditWriter,
 };
 use custody_config::{Config, Provider, Route};

@@ -62,27 +62,28 @@ impl Snapshot {
         if let Some(env) = &config.admin.token_env {
             secrets.insert("admin.token_env".into(), json!(env_fp(env)));
         }
-        // Object store options may carry credentials.
-        if let Some(opts) = canonical
-            .get_mut("ship")
-            .and_then(|s| s.get_mut("options"))
-            .and_then(Value::as_object_mut)
-        {
-            for (k, v) in opts.iter_mut() {
-                let k = k.to_ascii_lowercase();
-                if ["secret", "key", "token", "password", "credential", "sas"]
-                    .iter()
-                    .any(|s| k.contains(s))
-                {
-                    *v = json!(fp.key_id(v.as_str().unwrap_or("").as_bytes()));
-                } else if let Some(masked) = v
-                    .as_str()
-                    .filter(|u| custody_config::secret::url_password(u).is_some())
-                    .map(|u| custody_config::secret::mask_url(u).into_owned())
-                {
-                    // An endpoint written as `http://user:password@host`.
-                    *v = json!(masked);
+        // Reviewers' token hashes, like the virtual keys': a weak token must not be
+        // found offline from the trail.
+        if let Some(reviewers) = canonical.get_mut("reviewer").and_then(Value::as_array_mut) {
+            for r in reviewers {
+                let id = r.get("id").and_then(Value::as_str).unwrap_or("").to_owned();
+                if let Some(h) = r.get("token_sha256").and_then(Value::as_str) {
+                    let f = fp.key_id(h.as_bytes());
+                    r["token_sha256"] = Value::String(f);
                 }
+                if let Some(env) = r.get("token_env").and_then(Value::as_str) {
+                    secrets.insert(format!("reviewer[{id}].token_env"), json!(env_fp(env)));
+                }
+            }
+        }
+        // The console's object store options, like the shipper's.
+        for section in ["ship", "console"] {
+            if let Some(opts) = canonical
+                .get_mut(section)
+                .and_then(|s| s.get_mut("options"))
+                .and_then(Value::as_object_mut)
+            {
+                mask_options(opts, fp);
             }
         }
         if let Some(r) = canonical.get_mut("redaction") {
@@ -171,6 +172,27 @@ impl Snapshot {
 
 const LAST_FILE: &str = "config.last.json";
 
+/// Object store options may carry credentials: fingerprinted by name, and a URL's
+/// password masked.
+fn mask_options(opts: &mut Map<String, Value>, fp: &Fingerprinter) {
+    for (k, v) in opts.iter_mut() {
+        let k = k.to_ascii_lowercase();
+        if ["secret", "key", "token", "password", "credential", "sas"]
+            .iter()
+            .any(|s| k.contains(s))
+        {
+            *v = json!(fp.key_id(v.as_str().unwrap_or("").as_bytes()));
+        } else if let Some(masked) = v
+            .as_str()
+            .filter(|u| custody_config::secret::url_password(u).is_some())
+            .map(|u| custody_config::secret::mask_url(u).into_owned())
+        {
+            // An endpoint written as `http://user:password@host`.
+            *v = json!(masked);
+        }
+    }
+}
+
 /// Every leaf that differs, as `(key, from, to)`, keys written `a.b[2].c`.
 pub fn changes(old: &Value, new: &Value) -> Vec<(String, Value, Value)> {
     let mut out = Vec::new();
@@ -255,7 +277,29 @@ mod tests {
             "endpoint".into(),
             "http://minio:s3cr3t-pass@minio.local:9000".into(),
         );
+        let reviewer_hash = "cd".repeat(32);
+        c.console = Some(custody_config::Console {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: None,
+            dir: None,
+            from: Some("s3://trails/prod".into()),
+            options: [("aws_secret_access_key".into(), "console-s3cr3t".into())].into(),
+            access_dir: "/access".into(),
+            signing_key: None,
+            trusted_key: None,
+        });
+        c.reviewers.push(custody_config::Reviewer {
+            id: "alice".into(),
+            token_sha256: Some(reviewer_hash.clone()),
+            token_env: None,
+            role: custody_config::Role::Content,
+            routes: None,
+            teams: None,
+            audit: false,
+        });
         let s = Snapshot::of(&c, &fp);
+        assert!(!s.canonical.to_string().contains(&reviewer_hash));
+        assert!(!s.canonical.to_string().contains("console-s3cr3t"));
         let text = s.canonical.to_string();
         assert!(!text.contains("s3cr3t-pass"), "{text}");
         assert!(text.contains("http://minio:***@minio.local:9000"), "{text}");

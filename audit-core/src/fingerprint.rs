@@ -70,7 +70,7 @@ pub fn load_key(path: &Path) -> Result<Vec<u8>, AuditError> {
         source,
     };
     let mut text = String::new();
-    crate::reader::open_regular(path)?
+    crate::review::reader::open_regular(path)?
         .take(4096)
         .read_to_string(&mut text)
         .map_err(io)?;

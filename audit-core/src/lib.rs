@@ -10,7 +10,9 @@
 //! - [`store`]: appending blocks to segments, rotation, fsync, torn-tail recovery;
 //!   [`unwritten`]: what a stop could not write, told by the next start.
 //! - [`segment`]: the on-disk format (its module doc is the spec).
-//! - [`reader`], [`search`], [`verify`], [`export`]: reading, searching, checking and exporting a trail.
+//!
+//! The review side reads what the write side left, and never writes to it:
+//! - [`review`]: reading ([`review::reader`]), searching, verifying and exporting a trail.
 #![forbid(unsafe_code)]
 
 pub mod assemble;
@@ -18,23 +20,20 @@ pub mod config_event;
 pub mod decode;
 pub mod error;
 pub mod exchange;
-pub mod export;
 pub mod fingerprint;
 pub mod genai;
 pub mod index;
 pub mod lineage;
 pub mod metrics;
 pub mod policy;
-pub mod reader;
 pub mod record;
 pub mod redact;
-pub mod search;
+pub mod review;
 pub mod segment;
 pub mod signing;
 pub mod sse;
 pub mod store;
 pub mod unwritten;
-pub mod verify;
 pub mod writer;
 
 pub use error::AuditError;

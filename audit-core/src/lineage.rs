@@ -466,15 +466,15 @@ pub fn rebuild(dir: &std::path::Path, capacity: usize) -> ConversationIndex {
         hex::decode_to_slice(hex, &mut out).ok().map(|_| out)
     };
     let mut index = ConversationIndex::new(capacity);
-    let source = crate::reader::DirSource(dir);
-    let Ok(segments) = crate::reader::segments(dir) else {
+    let source = crate::review::reader::DirSource(dir);
+    let Ok(segments) = crate::review::reader::segments(dir) else {
         return index;
     };
     let mut newest_first: Vec<Vec<Turn>> = Vec::new();
     let mut taken = 0;
     for seg in segments.iter().rev() {
         let mut turns = Vec::new();
-        let read = crate::reader::for_each_line_in(&source, seg, true, |line| {
+        let read = crate::review::reader::for_each_line_in(&source, seg, true, |line| {
             if memchr::memmem::find(line, b"\"completion\":{\"hash\"").is_some() {
                 if let Ok(t) = serde_json::from_slice::<Turn>(line) {
                     turns.push(t);

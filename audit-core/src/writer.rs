@@ -195,6 +195,12 @@ enum Control {
         /// new configuration.
         applied: Sender<()>,
     },
+    /// An event from outside the proxy (the console's `access` events), chained like
+    /// any other; `durable` is told once it is fsynced.
+    Event {
+        event: serde_json::Value,
+        durable: tokio::sync::oneshot::Sender<()>,
+    },
 }
 
 /// Applies configuration reloads to the writer; cheap to clone.
@@ -383,6 +389,21 @@ impl AuditWriter {
     }
 
     /// Reloads and the version in force.
+    /// Chains `event` (a JSON object with its `type`) into the trail; the receiver is
+    /// told once it is fsynced, so that what it records is on disk before the caller
+    /// acts (the console serves a read only then).
+    pub fn event(
+        &self,
+        event: serde_json::Value,
+    ) -> Result<tokio::sync::oneshot::Receiver<()>, AuditError> {
+        let (durable, written) = tokio::sync::oneshot::channel();
+        self.config
+            .control
+            .send(Control::Event { event, durable })
+            .map_err(|_| AuditError::Writer("the writer has stopped".into()))?;
+        Ok(written)
+    }
+
     pub fn config(&self) -> ConfigHandle {
         self.config.clone()
     }
@@ -741,6 +762,10 @@ impl Worker {
                 self.conversations.set_capacity(conversation_index_size);
                 self.add_event(event);
                 let _ = applied.send(());
+            }
+            Control::Event { event, durable } => {
+                self.add_event(event);
+                self.batch.waiters.push(durable);
             }
         }
     }

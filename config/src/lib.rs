@@ -10,6 +10,7 @@
 //! - [`error`]: [`ConfigError`], which always names the file, and the key or line at fault.
 #![forbid(unsafe_code)]
 
+pub mod console;
 pub mod env;
 pub mod error;
 pub mod load;
@@ -18,6 +19,7 @@ pub mod redaction;
 pub mod schema;
 pub mod secret;
 
+pub use console::{Console, Reviewer, Role};
 pub use error::ConfigError;
 pub use policy::{Action, OnError, Policy, PolicyMode, Severity};
 pub use redaction::{Alphabet, CustomRule, Mode, Redaction, BUILTIN_ENTITIES};

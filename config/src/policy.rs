@@ -155,12 +155,7 @@ pub fn check(
     let mut names = HashSet::new();
     for (i, p) in policies.iter().enumerate() {
         let key = |field: &str| format!("policy[{i}].{field} (policy `{}`)", p.name);
-        let well_formed = !p.name.is_empty()
-            && p.name.len() <= 64
-            && p.name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-        if !well_formed {
+        if !is_name(&p.name, b"_-.") {
             return Err((
                 key("name"),
                 "must be 1 to 64 letters, digits or `_-.`".into(),
@@ -211,6 +206,15 @@ fn is_identifier(s: &str) -> bool {
     b.next()
         .is_some_and(|c| c.is_ascii_alphabetic() || c == b'_')
         && b.all(|c| c.is_ascii_alphanumeric() || c == b'_')
+}
+
+/// A name custody writes into records and metrics: 1 to 64 ASCII letters, digits or
+/// bytes of `extra`.
+pub(crate) fn is_name(s: &str, extra: &[u8]) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
 }
 
 /// The rules of a file for `custody policy check` and `policy test`: a whole

@@ -56,6 +56,12 @@ pub struct Config {
     /// Named term lists for rules: `request.text.containsAny(terms.NAME)`.
     #[serde(default)]
     pub policy_terms: std::collections::BTreeMap<String, Vec<String>>,
+    /// The review console, run as `custody console` (never by `serve`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<crate::Console>,
+    /// Who may read through the console, and what.
+    #[serde(default, rename = "reviewer", skip_serializing_if = "Vec::is_empty")]
+    pub reviewers: Vec<crate::Reviewer>,
 }
 
 /// `[ship]`: sealed segments, their indexes and the checkpoint log, uploaded to object
@@ -664,6 +670,20 @@ impl Config {
         if a.dir.as_os_str().is_empty() {
             return Err(invalid("audit.dir".into(), "must not be empty"));
         }
+        match &self.console {
+            Some(console) => {
+                if let Err((key, reason)) = crate::console::check(console, &self.reviewers) {
+                    return Err(invalid(key, &reason));
+                }
+            }
+            None if !self.reviewers.is_empty() => {
+                return Err(invalid(
+                    "reviewer".into(),
+                    "[[reviewer]] entries need a [console] section",
+                ));
+            }
+            None => {}
+        }
         if let Some(url) = &self.ship.url {
             if crate::secret::url_password(url).is_some() {
                 return Err(invalid(
@@ -703,6 +723,8 @@ impl Config {
             ship: Ship::default(),
             policies: Vec::new(),
             policy_terms: Default::default(),
+            console: None,
+            reviewers: Vec::new(),
         }
     }
 }

@@ -10,7 +10,7 @@ use std::{
 
 use custody_audit::{
     index::SegmentIndex,
-    reader::{SegmentRef, TrailSource},
+    review::reader::{SegmentRef, TrailSource},
     AuditError,
 };
 use futures_util::TryStreamExt;

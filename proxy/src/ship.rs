@@ -215,7 +215,7 @@ impl Shipper {
     async fn delete_shipped(&self) -> Result<(), ProxyError> {
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || {
-            let segs = custody_audit::reader::segments(&dir).map_err(ship_err)?;
+            let segs = custody_audit::review::reader::segments(&dir).map_err(ship_err)?;
             let n = segs.len();
             for s in segs.iter().take(n.saturating_sub(1)) {
                 let shipped = marker(&s.path);
@@ -271,7 +271,7 @@ impl Shipper {
     async fn pending(&self) -> Result<Vec<PathBuf>, ProxyError> {
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || {
-            let mut segs = custody_audit::reader::segments(&dir).map_err(ship_err)?;
+            let mut segs = custody_audit::review::reader::segments(&dir).map_err(ship_err)?;
             segs.sort_by(|a, b| a.path.cmp(&b.path));
             let n = segs.len();
             Ok(segs

@@ -408,7 +408,7 @@ pub fn records(dir: &Path) -> Vec<Value> {
 /// Every line of the trail (records and events), oldest first.
 pub fn trail(dir: &Path) -> Vec<Value> {
     let mut out = Vec::new();
-    custody_audit::reader::for_each_line(dir, |_, line| {
+    custody_audit::review::reader::for_each_line(dir, |_, line| {
         out.push(serde_json::from_slice(line).unwrap());
         ControlFlow::Continue(())
     })

@@ -468,8 +468,8 @@ async fn a_provider_error_inside_a_stream_is_an_upstream_error() {
 #[tokio::test]
 async fn an_edited_index_is_not_trusted_and_search_still_finds_every_record() {
     use custody_audit::{
-        reader::DirSource,
-        search::{search, Query},
+        review::reader::DirSource,
+        review::search::{search, Query},
     };
     let up = chat_upstream().await;
     let custody = Custody::start(vec![openai_route(&up)]).await;

@@ -9,9 +9,9 @@ use std::{
 };
 
 use custody_audit::{
+    review::verify::{verify_dir, VerifyError, VerifyReport},
     segment,
     signing::{self, keygen},
-    verify::{verify_dir, VerifyError, VerifyReport},
 };
 use custody_tests::*;
 use ed25519_dalek::VerifyingKey;
@@ -42,7 +42,7 @@ impl Trail {
         self.done.audit_dir()
     }
     fn segments(&self) -> Vec<PathBuf> {
-        custody_audit::reader::segments(&self.dir())
+        custody_audit::review::reader::segments(&self.dir())
             .unwrap()
             .into_iter()
             .map(|s| s.path)
@@ -319,7 +319,7 @@ async fn retention_deletes_old_segments_and_the_trail_still_verifies() {
         .await;
     send(&client(), post(&custody.url("/v1/embeddings"), &[], "{}")).await;
     let done = custody.stop().await;
-    let names: Vec<String> = custody_audit::reader::segments(&dir)
+    let names: Vec<String> = custody_audit::review::reader::segments(&dir)
         .unwrap()
         .iter()
         .map(|s| s.name())
@@ -356,7 +356,7 @@ async fn retention_deletes_old_segments_and_the_trail_still_verifies() {
 
 #[tokio::test]
 async fn fast_verify_checks_sealed_segments_through_their_signed_digest() {
-    use custody_audit::verify::{verify_dir_with, Depth};
+    use custody_audit::review::verify::{verify_dir_with, Depth};
     let fast = |t: &Trail| verify_dir_with(&t.dir(), Some(&t.public), Depth::Fast, |_, _, _| {});
     let t = signed_trail(3).await;
     let r = fast(&t).unwrap();

@@ -3,8 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use custody_audit::{
-    reader::DirSource,
-    search::{conversation, search, Query},
+    review::reader::DirSource,
+    review::search::{conversation, search, Query},
 };
 use custody_config::{Provider, VirtualKey};
 use custody_tests::*;
@@ -374,7 +374,7 @@ async fn a_reload_writes_a_config_event_and_new_records_carry_the_new_version() 
     // The reload event sits in the chain before the records it governs.
     let seq = |v: &Value| v["seq"].as_u64().unwrap();
     assert!(seq(&r[0]) < seq(configs[1]) && seq(configs[1]) < seq(&r[1]));
-    custody_audit::verify::verify_dir(&done.audit_dir(), None, |_, _, _| {}).unwrap();
+    custody_audit::review::verify::verify_dir(&done.audit_dir(), None, |_, _, _| {}).unwrap();
 }
 
 #[tokio::test]

@@ -116,7 +116,7 @@ async fn drop_lets_traffic_through_and_records_the_gap() {
     assert_eq!(gap["event"]["unaudited"], 1);
     assert!(gap["event"]["from"].as_str().unwrap().ends_with('Z'));
     // The gap is in the chain: verify passes and counts it as an event.
-    custody_audit::verify::verify_dir(&done.audit_dir(), None, |_, _, _| {}).unwrap();
+    custody_audit::review::verify::verify_dir(&done.audit_dir(), None, |_, _, _| {}).unwrap();
 }
 
 #[tokio::test]
@@ -329,7 +329,7 @@ async fn a_burst_cut_by_shutdown_leaves_every_completed_exchange_in_the_trail() 
         ok >= completed,
         "{ok} records for {completed} completed exchanges"
     );
-    custody_audit::verify::verify_dir(&done.audit_dir(), None, |_, _, _| {}).unwrap();
+    custody_audit::review::verify::verify_dir(&done.audit_dir(), None, |_, _, _| {}).unwrap();
 }
 
 #[tokio::test]

@@ -6,9 +6,9 @@
 use std::io::Write;
 
 use custody_audit::{
-    reader::{self, DirSource},
-    search::{search, Query},
-    verify::verify_dir,
+    review::reader::{self, DirSource},
+    review::search::{search, Query},
+    review::verify::verify_dir,
 };
 use custody_tests::*;
 use proptest::prelude::*;

@@ -122,7 +122,7 @@ async fn plain_json_is_forwarded_byte_for_byte_and_recorded() {
     assert_eq!(r["chain"]["hash"].as_str().unwrap().len(), 64);
     let bytes = all_audit_bytes(&done.audit_dir());
     assert!(!contains(&bytes, "sk-test-credential-0123456789abcdef"));
-    custody_audit::verify::verify_dir(&done.audit_dir(), None, |_, _, _| {}).unwrap();
+    custody_audit::review::verify::verify_dir(&done.audit_dir(), None, |_, _, _| {}).unwrap();
 }
 
 #[tokio::test]
@@ -990,5 +990,5 @@ async fn pretty_printed_json_keeps_its_bytes_upstream_and_one_line_in_the_trail(
     );
     assert_eq!(r["gen_ai"]["request"]["model"], "gpt-4o");
     assert_eq!(r["response"]["body"]["id"], "c");
-    custody_audit::verify::verify_dir(&done.audit_dir(), None, |_, _, _| {}).unwrap();
+    custody_audit::review::verify::verify_dir(&done.audit_dir(), None, |_, _, _| {}).unwrap();
 }

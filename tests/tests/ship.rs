@@ -142,7 +142,7 @@ async fn requests(custody: &Custody, n: usize) {
 }
 
 fn local_segments(dir: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
-    custody_audit::reader::segments(dir)
+    custody_audit::review::reader::segments(dir)
         .unwrap()
         .into_iter()
         .map(|s| (s.name(), std::fs::read(&s.path).unwrap()))
@@ -173,7 +173,7 @@ async fn sealed_segments_are_shipped_whole_with_index_and_checkpoints() {
     for (name, bytes) in &shipped {
         std::fs::write(copy.path().join(name), bytes).unwrap();
     }
-    custody_audit::verify::verify_dir(copy.path(), None, |_, _, _| {}).unwrap();
+    custody_audit::review::verify::verify_dir(copy.path(), None, |_, _, _| {}).unwrap();
 }
 
 #[tokio::test]
@@ -279,12 +279,12 @@ async fn delete_local_keeps_the_newest_segment() {
     for (name, bytes) in objects(port).await {
         std::fs::write(copy.path().join(name), bytes).unwrap();
     }
-    custody_audit::verify::verify_dir(copy.path(), None, |_, _, _| {}).unwrap();
+    custody_audit::review::verify::verify_dir(copy.path(), None, |_, _, _| {}).unwrap();
 }
 
 #[tokio::test]
 async fn verify_reads_shipped_trails_where_they_lie_and_catches_a_deleted_segment() {
-    use custody_audit::{reader::TrailSource, verify};
+    use custody_audit::{review::reader::TrailSource, review::verify};
     let port = free_port();
     let _moto = Moto::start(port).await;
     let custody = shipping(tempfile::tempdir().unwrap(), port, |_| {}).await;
@@ -346,9 +346,9 @@ async fn verify_reads_shipped_trails_where_they_lie_and_catches_a_deleted_segmen
 #[tokio::test]
 async fn search_show_and_export_read_shipped_trails_where_they_lie() {
     use custody_audit::{
-        reader,
-        reader::TrailSource,
-        search::{search, Query},
+        review::reader,
+        review::reader::TrailSource,
+        review::search::{search, Query},
     };
     let port = free_port();
     let _moto = Moto::start(port).await;

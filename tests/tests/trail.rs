@@ -5,8 +5,8 @@
 use std::{fs, path::Path};
 
 use custody_audit::{
+    review::verify::{verify_dir, VerifyError},
     segment::{self, BlockHeader},
-    verify::{verify_dir, VerifyError},
 };
 use custody_config::Provider;
 use custody_tests::*;
@@ -37,7 +37,7 @@ async fn trail_with(requests: usize, restart_each: bool) -> Stopped {
 }
 
 fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
-    custody_audit::reader::segments(dir)
+    custody_audit::review::reader::segments(dir)
         .unwrap()
         .into_iter()
         .map(|s| s.path)
@@ -213,8 +213,8 @@ async fn verify_catches_removed_and_reordered_records_and_missing_segments() {
 #[tokio::test]
 async fn sealed_segments_are_indexed_and_search_reads_newest_first() {
     use custody_audit::{
-        reader::DirSource,
-        search::{search, Query},
+        review::reader::DirSource,
+        review::search::{search, Query},
     };
     let done = trail_with(4, true).await;
     let dir = done.audit_dir();
@@ -260,8 +260,8 @@ async fn sealed_segments_are_indexed_and_search_reads_newest_first() {
     assert_eq!(q(&|q| q.text = Some("\"n\":1".into())), vec![4]);
     // `show` by id finds a record in an old segment.
     let first = &done.records[0];
-    let line = custody_audit::reader::find_by_id(
-        &custody_audit::reader::DirSource(&dir),
+    let line = custody_audit::review::reader::find_by_id(
+        &custody_audit::review::reader::DirSource(&dir),
         first["id"].as_str().unwrap(),
     )
     .unwrap();
@@ -269,4 +269,36 @@ async fn sealed_segments_are_indexed_and_search_reads_newest_first() {
         serde_json::from_slice::<serde_json::Value>(&line).unwrap()["seq"],
         2
     );
+}
+
+#[tokio::test]
+async fn events_from_outside_are_chained_and_told_once_on_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("access");
+    let config = custody_config::Config::for_test(&dir, vec![]);
+    let writer = custody_audit::AuditWriter::start(&config).unwrap();
+    for i in 0..3 {
+        let event = serde_json::json!({"type": "access", "reviewer": "alice", "asked": format!("/records/{i}")});
+        // Told only after the fsync: a read is on disk before it is served.
+        writer.event(event).unwrap().await.unwrap();
+        let mut on_disk = Vec::new();
+        custody_audit::review::reader::for_each_line(&dir, |_, line| {
+            on_disk.push(serde_json::from_slice::<serde_json::Value>(line).unwrap());
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+        let last = on_disk.last().unwrap();
+        assert_eq!(
+            last["event"]["asked"],
+            format!("/records/{i}"),
+            "{on_disk:?}"
+        );
+    }
+    writer.shutdown().unwrap();
+    let report = verify_dir(&dir, None, |_, _, _| {}).unwrap();
+    assert_eq!(
+        report.events, 4,
+        "the start's config event and three access events"
+    );
+    assert_eq!(report.records, 0);
 }

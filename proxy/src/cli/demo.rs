@@ -4,7 +4,7 @@ use std::{ops::ControlFlow, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use bytes::Bytes;
-use custody_audit::{reader, verify};
+use custody_audit::{review::reader, review::verify};
 use custody_config::{Config, Provider, Route};
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};

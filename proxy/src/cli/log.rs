@@ -11,10 +11,10 @@ use std::{
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use custody_audit::{
-    reader::{self, DirSource, TrailSource},
-    search::{self, Query, StatusFilter},
+    review::reader::{self, DirSource, TrailSource},
+    review::search::{self, Query, StatusFilter},
+    review::verify::{self, VerifyError},
     signing,
-    verify::{self, VerifyError},
 };
 
 /// Where the trail is: `--dir`, else `[audit] dir` of `--config`, else the default's;
@@ -285,7 +285,8 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
             let trails = trail.open()?;
             let file = std::fs::File::create(&path)
                 .with_context(|| format!("creating {}", path.display()))?;
-            let mut export = custody_audit::export::ParquetExport::new(BufWriter::new(file))?;
+            let mut export =
+                custody_audit::review::export::ParquetExport::new(BufWriter::new(file))?;
             for source in &trails.sources {
                 let name = source.describe();
                 let mut failed = None;

@@ -11,8 +11,9 @@ use std::{
 use ed25519_dalek::VerifyingKey;
 use serde::Deserialize;
 
+use super::reader;
 use crate::{
-    reader, segment,
+    segment,
     signing::{self, Checkpoint, SigCheck, ZERO_HEX},
     store::CHECKPOINTS,
     AuditError,

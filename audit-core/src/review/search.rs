@@ -4,9 +4,9 @@ use std::{ops::ControlFlow, time::SystemTime};
 
 use serde_json::Value;
 
+use super::reader::{self, TrailSource};
 use crate::{
     index::{BlockEntry, SegmentIndex},
-    reader::{self, TrailSource},
     segment, AuditError,
 };
 

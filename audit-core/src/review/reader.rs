@@ -172,7 +172,7 @@ pub fn for_each_line(
 
 /// Calls `f` with every record line (without `\n`), oldest first. Stops early when
 /// `f` breaks. A damaged frame is an error naming the segment and offset, except at the
-/// end of the newest, unsealed segment (a live trail). Use [`crate::verify`] for a full check.
+/// end of the newest, unsealed segment (a live trail). Use [`crate::review::verify`] for a full check.
 pub fn for_each_line_of(
     source: &dyn TrailSource,
     mut f: impl FnMut(&SegmentRef, &[u8]) -> ControlFlow<()>,

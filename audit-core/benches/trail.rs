@@ -4,6 +4,7 @@
 //! latency for a selective and a full-text query.
 //!
 //! `cargo bench -p custody-audit --bench trail` (1,000,000 records; `-- --quick` for 100,000;
+//! `-- --keep DIR` to write the trail into DIR and stop there, for the console bench;
 //! `-- --single-turn` for short one-question chats instead of conversations with history;
 //! `-- --writer-only` to stop after the writer, for profiling it; `-- --policies` to
 //! run the writer with 10 flag rules over 1,000 terms; `-- --policy-cost` to measure
@@ -286,7 +287,12 @@ fn main() {
     };
     let n: u64 = if quick { 100_000 } else { 1_000_000 };
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("audit");
+    // `--keep DIR`: write the trail there and stop (the console bench reads it).
+    let keep = std::env::args()
+        .skip_while(|a| a != "--keep")
+        .nth(1)
+        .map(std::path::PathBuf::from);
+    let dir = keep.clone().unwrap_or_else(|| tmp.path().join("audit"));
     let mut config = Config::for_test(
         &dir,
         vec![Route {
@@ -322,6 +328,13 @@ fn main() {
         return;
     }
     let (summary, write_secs) = write(&config, &pool, &keys, n);
+    if let Some(dir) = keep {
+        println!(
+            "{n} records written to {} in {write_secs:.1} s; signed by {public_hex}",
+            dir.display()
+        );
+        return;
+    }
     let json_bytes: u64 = pool
         .iter()
         .map(|(a, b)| (a.len() + b.len()) as u64)

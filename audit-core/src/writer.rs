@@ -212,6 +212,19 @@ pub struct ConfigHandle {
 }
 
 impl ConfigHandle {
+    /// [`AuditWriter::event`], from a handle that outlives no writer: once the writer
+    /// stops, the event is refused.
+    pub fn event(
+        &self,
+        event: serde_json::Value,
+    ) -> Result<tokio::sync::oneshot::Receiver<()>, AuditError> {
+        let (durable, written) = tokio::sync::oneshot::channel();
+        self.control
+            .send(Control::Event { event, durable })
+            .map_err(|_| AuditError::Writer("the writer has stopped".into()))?;
+        Ok(written)
+    }
+
     /// The version of the configuration in force.
     pub fn version(&self) -> String {
         self.current
@@ -396,12 +409,7 @@ impl AuditWriter {
         &self,
         event: serde_json::Value,
     ) -> Result<tokio::sync::oneshot::Receiver<()>, AuditError> {
-        let (durable, written) = tokio::sync::oneshot::channel();
-        self.config
-            .control
-            .send(Control::Event { event, durable })
-            .map_err(|_| AuditError::Writer("the writer has stopped".into()))?;
-        Ok(written)
+        self.config.event(event)
     }
 
     pub fn config(&self) -> ConfigHandle {
@@ -744,9 +752,14 @@ impl Worker {
     }
 
     /// Takes everything queued.
+    /// Takes everything queued (at a stop), cut into blocks of the usual size: a full
+    /// queue drained into one block would make a block readers must hold whole.
     fn drain(&mut self, rx: &Receiver<Exchange>) {
         while let Ok(ex) = rx.try_recv() {
             self.add(ex);
+            if self.batch.buf.len() >= BLOCK_TARGET {
+                self.flush();
+            }
         }
     }
 

@@ -89,6 +89,20 @@ pub struct Reviewer {
     pub audit: bool,
 }
 
+/// The configuration the console's access trail is written under (and recorded in
+/// its `config` events): the console, its reviewers, and an `[audit]` that writes to
+/// `access_dir`, signed with `signing_key`. No route, no admin listener.
+pub fn access_config(console: &Console, reviewers: &[Reviewer]) -> crate::Config {
+    let mut c = crate::Config::for_test(&console.access_dir, Vec::new());
+    c.listen.addr = console.listen;
+    c.listen.tls = console.tls.clone();
+    c.admin.addr = None;
+    c.audit.signing_key = console.signing_key.clone();
+    c.console = Some(console.clone());
+    c.reviewers = reviewers.to_vec();
+    c
+}
+
 /// Checks `[console]` and `[[reviewer]]` together; `(key, reason)` on the first fault.
 pub fn check(console: &Console, reviewers: &[Reviewer]) -> Result<(), (String, String)> {
     let fault = |key: &str, reason: &str| Err((key.to_owned(), reason.to_owned()));

@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod admission;
 pub mod connection;
+pub mod console;
 pub mod error;
 pub mod keys;
 pub mod metrics;

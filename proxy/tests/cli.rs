@@ -112,6 +112,19 @@ fn setup() -> Setup {
     }
 }
 
+/// A GET over a plain socket; returns the raw response.
+fn http_get_with(addr: &str, path: &str, headers: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\n{headers}connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 /// A minimal HTTP/1.1 exchange over a plain socket; returns the raw response.
 fn http_post(addr: &str, path: &str, headers: &str, body: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -127,6 +140,7 @@ fn help_names_every_command_a_user_can_run() {
     for command in [
         "serve",
         "demo",
+        "console",
         "mock-provider",
         "log",
         "policy",
@@ -507,10 +521,50 @@ fn a_fleet_is_reviewed_from_the_bucket_and_exported_as_parquet() {
 }
 
 #[test]
-fn demo_runs_without_a_key_and_verifies() {
-    let o = custody(&["demo"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let out = stdout(&o);
+fn demo_runs_without_a_key_verifies_and_opens_the_console() {
+    let mut child = Proc(
+        Command::new(BIN)
+            .args(["demo", "--console-listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // The tour, up to the console's line (the demo then serves until stopped).
+    let mut out = String::new();
+    let mut lines = BufReader::new(child.stdout.take().unwrap());
+    while !out.contains("Ctrl-C stops it.") {
+        let mut line = String::new();
+        assert!(
+            lines.read_line(&mut line).unwrap() > 0,
+            "demo ended early:\n{out}"
+        );
+        out.push_str(&line);
+    }
+    let console = out.rsplit("http://").next().unwrap();
+    let addr = console.split('/').next().unwrap().to_owned();
+    let token = console
+        .split("the token ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    // The newcomer's token reads the two records; no token, nothing.
+    let read = http_get_with(
+        &addr,
+        "/api/records",
+        &format!("authorization: Bearer {token}\r\n"),
+    );
+    assert!(read.starts_with("HTTP/1.1 200"), "{read}");
+    assert_eq!(
+        read.matches("\"schema\":\"custody.record/v1\"").count(),
+        2,
+        "{read}"
+    );
+    assert!(http_get(&addr, "/api/records").starts_with("HTTP/1.1 401"));
+    child.terminate();
     assert!(
         out.contains(
             ": ok, 2 records in 1 segment(s), 1 seal(s) and 1 checkpoint(s) signed by that key"
@@ -531,6 +585,80 @@ fn demo_runs_without_a_key_and_verifies() {
         "{out}"
     );
     assert!(!out.contains("ghp_0123456789"), "{out}");
+}
+
+#[test]
+fn console_serves_a_trail_and_log_search_says_who_read_a_record() {
+    let Setup {
+        mut mock,
+        mock_addr,
+        dir,
+        audit,
+        config,
+    } = setup();
+    write_serve_config(&config, &audit, &mock_addr, "", "");
+    let (mut serve, addr) = spawn_listening(&["serve", "--config", config.to_str().unwrap()]);
+    let chat = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello"}]}"#;
+    assert!(http_post(&addr, "/v1/chat/completions", "", chat).starts_with("HTTP/1.1 200"));
+    serve.terminate();
+    mock.kill().unwrap();
+    let d = audit.to_str().unwrap();
+    let o = custody(&["log", "search", "--dir", d, "--json"]);
+    let id = stdout(&o)
+        .lines()
+        .next()
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .and_then(|r| r["id"].as_str().map(str::to_owned))
+        .unwrap();
+
+    // A console-only file; the token comes from the environment.
+    let access = dir.path().join("access");
+    let console = dir.path().join("console.toml");
+    std::fs::write(
+        &console,
+        format!(
+            "[console]\nlisten = \"127.0.0.1:0\"\ndir = \"{d}\"\naccess_dir = \"{}\"\n\n[[reviewer]]\nid = \"alice\"\ntoken_env = \"ALICE_TOKEN\"\nrole = \"content\"\n",
+            access.display()
+        ),
+    )
+    .unwrap();
+    let c = console.to_str().unwrap();
+    // Without the variable: a clear error naming it, and no console.
+    let o = custody(&["console", "--config", c]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("`ALICE_TOKEN` is unset or empty"),
+        "{o:?}"
+    );
+    let (mut console_proc, console_addr) = spawn_with(
+        &["console", "--config", c],
+        Stdio::null(),
+        &[("ALICE_TOKEN", "s3cret-alice-token")],
+    );
+    let read = http_get_with(
+        &console_addr,
+        &format!("/api/records/{id}"),
+        "authorization: Bearer s3cret-alice-token\r\n",
+    );
+    assert!(read.starts_with("HTTP/1.1 200"), "{read}");
+    assert!(read.contains("hello"), "{read}");
+    console_proc.terminate();
+
+    let a = access.to_str().unwrap();
+    let o = custody(&["log", "search", "--dir", a, "--record", &id]);
+    let out = stdout(&o);
+    assert!(o.status.success());
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        out.contains("access  alice record 200 127.0.0.1:")
+            && out.contains(&format!("GET /api/records/{id}")),
+        "{out}"
+    );
+    assert!(custody(&["log", "verify", "--dir", a]).status.success());
+    // The console never wrote to the trail it read.
+    assert!(custody(&["log", "verify", "--dir", d]).status.success());
+    let o = custody(&["log", "search", "--dir", d, "--events", "--json"]);
+    assert!(!stdout(&o).contains("\"access\""));
 }
 
 #[test]
@@ -854,15 +982,7 @@ fn sighup_reloads_the_config_and_log_chain_tells_the_conversation() {
 }
 
 fn http_get(addr: &str, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    http_get_with(addr, path, "")
 }
 
 /// Polls `cond` until it holds (a condition, not a fixed delay); fails after 30 s.

@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod console;
+
 use std::{
     convert::Infallible,
     net::SocketAddr,

@@ -599,3 +599,48 @@ async fn audit_files_are_private_to_custody() {
         assert!(kinds.contains(k), "no .{k} file to check: {kinds:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_drained_at_shutdown_is_cut_into_blocks_of_the_usual_size() {
+    let up = chat_upstream().await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.audit.queue_capacity = 1000;
+    })
+    .await;
+    custody.gate.close();
+    let body = format!(
+        "{{\"model\":\"m\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}",
+        "words of a longer prompt ".repeat(80)
+    );
+    for _ in 0..600 {
+        let (parts, _) = send(
+            &client(),
+            post(&custody.url("/v1/chat/completions"), &[], body.clone()),
+        )
+        .await;
+        assert_eq!(parts.status, 200);
+    }
+    // Stop with the queue full: what is left when the stop is seen is drained at once.
+    let mut custody = custody;
+    custody.signal_stop();
+    custody.gate.open();
+    let done = custody.stop().await;
+    assert_eq!(done.records.len(), 600);
+    let mut blocks = 0;
+    for entry in std::fs::read_dir(done.audit_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "seg") {
+            let (parsed, _) = segment_lines(&path);
+            for b in &parsed.blocks {
+                blocks += 1;
+                assert!(
+                    (b.header.raw_len as usize) < custody_audit::writer::BLOCK_TARGET + 64 * 1024,
+                    "a block of {} bytes ({} records)",
+                    b.header.raw_len,
+                    b.header.count
+                );
+            }
+        }
+    }
+    assert!(blocks > 4, "{blocks} blocks");
+}

@@ -418,3 +418,75 @@ async fn search_show_and_export_read_shipped_trails_where_they_lie() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_serves_shipped_trails_where_they_lie() {
+    use sha2::Digest;
+    let port = free_port();
+    let _moto = Moto::start(port).await;
+    let custody = shipping(tempfile::tempdir().unwrap(), port, |_| {}).await;
+    requests(&custody, 3).await;
+    let local = custody.stop().await;
+    let access = tempfile::tempdir().unwrap();
+    let console = custody_config::Console {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tls: None,
+        dir: None,
+        from: Some("s3://trails/fleet".into()),
+        options: s3_options(port),
+        access_dir: access.path().join("access"),
+        signing_key: None,
+        trusted_key: None,
+    };
+    let reviewers = vec![custody_config::Reviewer {
+        id: "alice".into(),
+        token_sha256: Some(hex::encode(sha2::Sha256::digest(b"alice-token"))),
+        token_env: None,
+        role: custody_config::Role::Content,
+        routes: None,
+        teams: None,
+        audit: false,
+    }];
+    let mut running = custody_tests::console::Running::start(console, reviewers).await;
+    let addr = running.addr;
+    let get = |path: String| async move {
+        let req = http::Request::get(format!("http://{addr}{path}"))
+            .header("authorization", "Bearer alice-token")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let (parts, body) = send(&client(), req).await;
+        assert_eq!(
+            parts.status,
+            200,
+            "{path}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+    };
+    let found = get("/api/records".into()).await;
+    let ids: Vec<&serde_json::Value> = found["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["id"])
+        .collect();
+    let want: Vec<&serde_json::Value> = local.records.iter().rev().map(|r| &r["id"]).collect();
+    assert_eq!(ids, want, "newest first, from the bucket");
+    let id = local.records[0]["id"].as_str().unwrap();
+    assert_eq!(get(format!("/api/records/{id}")).await, local.records[0]);
+    let verified = get("/api/verify".into()).await;
+    let trails = verified["trails"].as_array().unwrap();
+    assert_eq!(trails.len(), 1);
+    assert_eq!(trails[0]["ok"], true, "{verified}");
+    assert_eq!(trails[0]["source"], "s3://trails/fleet/test-pod");
+    running.stop().await;
+    // The reads are in the console's own trail, not in the bucket.
+    let events = custody_tests::trail(&access.path().join("access"));
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["event"]["type"] == "access")
+            .count(),
+        3
+    );
+}

@@ -235,3 +235,67 @@ async fn a_private_ca_can_be_trusted_for_upstreams() {
     let done = custody.stop().await;
     assert_eq!(done.one()["gen_ai"]["response"]["model"], "private-model");
 }
+
+/// One GET over TLS; the raw response.
+async fn https_get(
+    addr: std::net::SocketAddr,
+    connector: &tokio_rustls::TlsConnector,
+    path: &str,
+    headers: &str,
+) -> std::io::Result<String> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await?;
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n{headers}connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut out = String::new();
+    tls.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_serves_tls_with_the_listeners_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("custody test CA");
+    let (tls, _) = write_leaf(dir.path(), &ca);
+    let r = custody_tests::console::reviewed_trail_with(|c| c.tls = Some(tls)).await;
+    let http1 = connector(&ca, None, b"http/1.1");
+    let login = https_get(r.console.addr, &http1, "/login", "")
+        .await
+        .unwrap();
+    assert!(login.starts_with("HTTP/1.1 200"), "{login}");
+    // Under TLS the cookies are Secure.
+    let cookie = login
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap();
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+    let auth = format!(
+        "authorization: Bearer {}\r\n",
+        custody_tests::console::ALICE
+    );
+    let read = https_get(r.console.addr, &http1, "/api/records", &auth)
+        .await
+        .unwrap();
+    assert!(read.starts_with("HTTP/1.1 200"), "{read}");
+    assert!(read.contains(&r.ids.growth));
+    // Cleartext on the TLS port gets nothing.
+    let mut plain = tokio::net::TcpStream::connect(r.console.addr)
+        .await
+        .unwrap();
+    plain
+        .write_all(b"GET /login HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = plain.read_to_end(&mut out).await;
+    assert!(!String::from_utf8_lossy(&out).contains("HTTP/1.1 200"));
+    r.stop().await;
+}

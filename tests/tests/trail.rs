@@ -302,3 +302,80 @@ async fn events_from_outside_are_chained_and_told_once_on_disk() {
     );
     assert_eq!(report.records, 0);
 }
+
+#[tokio::test]
+async fn search_reads_a_segments_blocks_newest_first_and_stops_once_full() {
+    use custody_audit::review::{
+        reader::DirSource,
+        search::{search, Query},
+    };
+    let up = chat_upstream().await;
+    let custody = Custody::start(vec![openai_route(&up)]).await;
+    // Each request written before the next: one block each, all in one segment.
+    for i in 0..8 {
+        let before = custody.metric("custody_audit_records_written_total").await;
+        let path = if i % 2 == 0 {
+            "/v1/chat/completions"
+        } else {
+            "/v1/embeddings"
+        };
+        send(
+            &client(),
+            post(&custody.url(path), &[], format!("{{\"n\":{i}}}")),
+        )
+        .await;
+        custody
+            .until_metric("custody_audit_records_written_total", |v| v > before)
+            .await;
+    }
+    let done = custody.stop().await;
+    let dir = done.audit_dir();
+    let segs = segments(&dir);
+    assert_eq!(segs.len(), 1);
+    let idx = custody_audit::index::load(&segs[0]).unwrap();
+    assert!(idx.blocks.len() >= 8, "{} blocks", idx.blocks.len());
+    let seqs = |q: Query| {
+        search(&DirSource(&dir), &q)
+            .unwrap()
+            .values()
+            .iter()
+            .map(|r| r["seq"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    // The config event is seq 1; records 2..=9, newest first.
+    assert_eq!(
+        seqs(Query {
+            limit: 3,
+            ..Query::default()
+        }),
+        vec![9, 8, 7]
+    );
+    assert_eq!(
+        seqs(Query {
+            limit: 50,
+            ..Query::default()
+        }),
+        vec![9, 8, 7, 6, 5, 4, 3, 2]
+    );
+    // A filter the raw line is tested for first: only the matching ones, in order.
+    let embeddings = |limit| Query {
+        model: None,
+        text: Some("embeddings".into()),
+        limit,
+        ..Query::default()
+    };
+    assert_eq!(seqs(embeddings(2)), vec![9, 7]);
+    assert_eq!(seqs(embeddings(10)), vec![9, 7, 5, 3]);
+    let ok = Query {
+        outcome: Some("ok".into()),
+        limit: 5,
+        ..Query::default()
+    };
+    assert_eq!(seqs(ok), vec![9, 8, 7, 6, 5]);
+    let none = Query {
+        key_id: Some("key_\"quoted".into()),
+        limit: 5,
+        ..Query::default()
+    };
+    assert!(seqs(none).is_empty());
+}

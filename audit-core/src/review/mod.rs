@@ -7,4 +7,6 @@ pub mod access;
 pub mod export;
 pub mod reader;
 pub mod search;
+pub mod tally;
+pub mod turns;
 pub mod verify;

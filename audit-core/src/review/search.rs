@@ -7,7 +7,7 @@ use serde_json::Value;
 use super::reader::{self, TrailSource};
 use crate::{
     index::{BlockEntry, SegmentIndex},
-    segment, AuditError,
+    AuditError,
 };
 
 /// A status filter: an exact code (`429`) or a class (`5xx`).
@@ -66,6 +66,13 @@ pub struct Query {
     pub severity: Option<custody_config::Severity>,
     /// Search the trail's events (config, recovery, retention) instead of its records.
     pub events: bool,
+    /// The record with this id, and the events that name it (an access trail's reads
+    /// of it): records and events alike.
+    pub record: Option<String>,
+    /// A reviewer's bounds: only records of these routes...
+    pub routes_in: Option<Vec<String>>,
+    /// ... and of these teams (a record without a team is outside).
+    pub teams_in: Option<Vec<String>>,
     /// Most records returned (the newest ones).
     pub limit: usize,
 }
@@ -75,7 +82,23 @@ impl Query {
     pub fn matches(&self, r: &Value) -> bool {
         let s = |v: &Value| v.as_str().map(str::to_owned);
         let is_event = r["schema"].as_str() == Some(crate::record::EVENT_SCHEMA);
-        if is_event != self.events {
+        if let Some(id) = &self.record {
+            let named = r["id"].as_str() == Some(id)
+                || r["event"]["records"]
+                    .as_array()
+                    .is_some_and(|ids| ids.iter().any(|i| i.as_str() == Some(id)));
+            if !named {
+                return false;
+            }
+        } else if is_event != self.events {
+            return false;
+        }
+        let within = |allowed: &Option<Vec<String>>, v: &Value| {
+            allowed
+                .as_ref()
+                .is_none_or(|list| v.as_str().is_some_and(|v| list.iter().any(|a| a == v)))
+        };
+        if !within(&self.routes_in, &r["route"]) || !within(&self.teams_in, &r["client"]["team"]) {
             return false;
         }
         let eq = |v: &Value, want: &Option<String>| {
@@ -171,6 +194,35 @@ impl Query {
 }
 
 impl Query {
+    /// Byte strings a matching line must hold: each exact filter's value as the
+    /// record's JSON writes it (the model, a prefix, without its closing quote).
+    fn literals(&self) -> Vec<Vec<u8>> {
+        let json = |v: &str| serde_json::to_vec(v).unwrap_or_default();
+        let mut out: Vec<Vec<u8>> = [
+            &self.route,
+            &self.key_id,
+            &self.outcome,
+            &self.entity,
+            &self.user,
+            &self.team,
+            &self.prompt_hash,
+            &self.session,
+            &self.trace,
+            &self.policy,
+            &self.record,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|v| json(v))
+        .collect();
+        if let Some(m) = &self.model {
+            let mut prefix = json(m);
+            prefix.pop();
+            out.push(prefix);
+        }
+        out
+    }
+
     /// Whether a segment with this index can hold a match (false skips it unread).
     pub fn may_match(&self, idx: &SegmentIndex) -> bool {
         let f = &idx.facts;
@@ -189,6 +241,11 @@ impl Query {
         let has = |set: &std::collections::BTreeSet<String>, want: &Option<String>| {
             want.as_ref().is_none_or(|w| set.contains(w))
         };
+        if let Some(routes) = &self.routes_in {
+            if !routes.iter().any(|r| f.routes.contains(r)) {
+                return false;
+            }
+        }
         if !has(&f.routes, &self.route)
             || !has(&f.key_ids, &self.key_id)
             || !has(&f.outcomes, &self.outcome)
@@ -245,43 +302,13 @@ impl Found {
     }
 }
 
-/// Whether a segment's index may be used: its seal (the signed statement `verify`
-/// checks) must hold the index's digest. `Err` says why not.
-pub fn check_index(
-    source: &dyn TrailSource,
-    seg: &reader::SegmentRef,
-    idx: &SegmentIndex,
-) -> Result<(), String> {
-    let at = idx
-        .seal_at
-        .ok_or("written before seals vouched for indexes")?;
-    let len = idx.segment_bytes.saturating_sub(at);
-    if len < 8 || len > u64::from(segment::MAX_META_FRAME) + 8 {
-        return Err("its seal position is out of range".into());
-    }
-    let bytes = source
-        .read_range(seg, at..idx.segment_bytes)
-        .map_err(|e| e.to_string())?;
-    let magic = bytes
-        .get(..4)
-        .map(|m| u32::from_le_bytes([m[0], m[1], m[2], m[3]]));
-    if magic != Some(segment::SEAL_MAGIC) {
-        return Err("no seal where it says the seal is".into());
-    }
-    let seal: crate::signing::Seal =
-        serde_json::from_slice(&bytes[8..]).map_err(|e| format!("its seal does not parse: {e}"))?;
-    if seal.index_sha256.as_deref() != Some(crate::index::digest(idx).as_str()) {
-        return Err("it does not match the digest its seal holds (edited?)".into());
-    }
-    Ok(())
-}
-
 /// The newest `query.limit` matching records, newest first. Segments are read newest
 /// first and skipped when their index rules them out; within an indexed segment, only
 /// the blocks whose time range overlaps the query are read. An index is used only when
 /// its seal vouches for it. Memory: the `limit` newest matches and one block.
 pub fn search(source: &dyn TrailSource, query: &Query) -> Result<Found, AuditError> {
     let needle = query.text.as_ref().map(|t| t.to_lowercase());
+    let literals = query.literals();
     let limit = query.limit.max(1);
     let mut found = Found::default();
     let segs = source.segments()?;
@@ -290,7 +317,7 @@ pub fn search(source: &dyn TrailSource, query: &Query) -> Result<Found, AuditErr
         let room = limit - found.records.len();
         let idx = source
             .index(seg)
-            .and_then(|i| match check_index(source, seg, &i) {
+            .and_then(|i| match reader::check_index(source, seg, &i) {
                 Ok(()) => Some(i),
                 // Written before seals vouched for indexes: read in full, silently.
                 Err(_) if i.seal_at.is_none() => None,
@@ -304,59 +331,110 @@ pub fn search(source: &dyn TrailSource, query: &Query) -> Result<Found, AuditErr
         if idx.as_ref().is_some_and(|i| !query.may_match(i)) {
             continue;
         }
-        // The newest `room` hits of this segment (read oldest first).
-        let mut hits = std::collections::VecDeque::with_capacity(room.min(1024));
         let mut unreadable = 0u64;
-        let mut consider = |line: &[u8]| {
+        let mut matching = |line: &[u8]| -> Option<Box<serde_json::value::RawValue>> {
+            // Cheap tests on the raw line before it is parsed.
+            if !literals
+                .iter()
+                .all(|l| memchr::memmem::find(line, l).is_some())
+            {
+                return None;
+            }
             if let Some(n) = &needle {
-                // Prefilter on the raw line; JSON escapes make this approximate for non-ASCII.
+                // JSON escapes make this approximate for non-ASCII.
                 if !String::from_utf8_lossy(line)
                     .to_lowercase()
                     .contains(n.as_str())
                 {
-                    return;
+                    return None;
                 }
             }
             match serde_json::from_slice::<Value>(line) {
                 Ok(v) if query.matches(&v) => {
                     drop(v);
-                    if hits.len() == room {
-                        hits.pop_front();
-                    }
                     let text = String::from_utf8_lossy(line).into_owned();
-                    if let Ok(raw) = serde_json::value::RawValue::from_string(text) {
-                        hits.push_back(raw);
-                    }
+                    serde_json::value::RawValue::from_string(text).ok()
                 }
-                Ok(_) => {}
-                Err(_) => unreadable += 1,
+                Ok(_) => None,
+                Err(_) => {
+                    unreadable += 1;
+                    None
+                }
             }
         };
         match &idx {
-            Some(i) if query.since.is_some() || query.until.is_some() => {
-                let blocks: Vec<&BlockEntry> = i
-                    .blocks
-                    .iter()
-                    .filter(|b| query.block_may_match(b))
-                    .collect();
-                for b in blocks {
+            // Later blocks hold later records: newest block first, and stop once full.
+            Some(i) => {
+                let mut newest_first = Vec::new();
+                for b in i.blocks.iter().filter(|b| query.block_may_match(b)).rev() {
+                    let mut in_block = Vec::new();
                     for block in reader::read_blocks(source, seg, &[b])? {
-                        block.lines().for_each(&mut consider);
+                        in_block.extend(block.lines().filter_map(&mut matching));
+                    }
+                    let take = room - newest_first.len();
+                    newest_first.extend(in_block.into_iter().rev().take(take));
+                    if newest_first.len() == room {
+                        break;
                     }
                 }
+                found.records.extend(newest_first);
             }
-            _ => reader::for_each_line_in(source, seg, Some(seg.number) == newest, |line| {
-                consider(line);
-                ControlFlow::Continue(())
-            })?,
+            // Unindexed (the live segment): read oldest first, keep the newest `room`.
+            None => {
+                let mut hits = std::collections::VecDeque::with_capacity(room.min(1024));
+                reader::for_each_line_in(source, seg, Some(seg.number) == newest, |line| {
+                    if let Some(hit) = matching(line) {
+                        if hits.len() == room {
+                            hits.pop_front();
+                        }
+                        hits.push_back(hit);
+                    }
+                    ControlFlow::Continue(())
+                })?;
+                found.records.extend(hits.into_iter().rev());
+            }
         }
         found.unreadable += unreadable;
-        found.records.extend(hits.into_iter().rev());
         if found.records.len() == limit {
             break;
         }
     }
     Ok(found)
+}
+
+/// [`search`] over many trails (one per pod under `from`), merged: the newest
+/// `query.limit` across them, newest first.
+pub fn search_all(sources: &[&dyn TrailSource], query: &Query) -> Result<Found, AuditError> {
+    let mut all = Found::default();
+    for source in sources {
+        let f = search(*source, query)?;
+        all.unreadable += f.unreadable;
+        all.untrusted_indexes.extend(
+            f.untrusted_indexes
+                .into_iter()
+                .map(|why| format!("{}: {why}", source.describe())),
+        );
+        all.records.extend(f.records);
+    }
+    if sources.len() > 1 {
+        #[derive(serde::Deserialize)]
+        struct Start {
+            time: StartTime,
+        }
+        #[derive(serde::Deserialize)]
+        struct StartTime {
+            start: String,
+        }
+        let start = |r: &serde_json::value::RawValue| {
+            serde_json::from_str::<Start>(r.get())
+                .map(|s| s.time.start)
+                .unwrap_or_default()
+        };
+        all.records
+            .sort_by_cached_key(|r| std::cmp::Reverse(start(r)));
+        all.records.truncate(query.limit.max(1));
+    }
+    Ok(all)
 }
 
 /// The conversation a record belongs to, oldest first: its ancestors (each record's

@@ -49,6 +49,9 @@ pub struct VerifyReport {
     /// Sealed segments were checked through their signed SHA-256 (`Depth::Fast`); their
     /// records (and events) are counted together in `records`.
     pub fast: bool,
+    /// The newest checkpoint: when it was written, the newest record it covers, and the
+    /// key that signed it (`None`: unsigned).
+    pub newest_checkpoint: Option<(String, u64, Option<String>)>,
 }
 
 /// Where and how the trail breaks.
@@ -803,5 +806,8 @@ fn read_checkpoints(
         out.push(cp);
     }
     report.checkpoints = out.len();
+    report.newest_checkpoint = out
+        .last()
+        .map(|c: &Checkpoint| (c.time.clone(), c.last_seq, c.key.clone()));
     Ok(out)
 }

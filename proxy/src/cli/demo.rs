@@ -14,7 +14,10 @@ const PROMPT: &str = "My email is jane.doe@example.com, card 4111 1111 1111 1111
 const LEAKY_PROMPT: &str =
     "ghp_0123456789abcdefghijABCDEFGHIJ012345 is my token: why does git push fail?";
 
-pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    dir: Option<PathBuf>,
+    console: Option<std::net::SocketAddr>,
+) -> anyhow::Result<ExitCode> {
     let (dir, _temp) = match dir {
         Some(d) => (d, None),
         None => {
@@ -148,5 +151,53 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
             dir.display()
         );
     }
+    match console {
+        Some(listen) => review(&dir, &public, listen).await,
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// Serves the review console over the demo's trail until Ctrl-C, with a token made for
+/// this run: a reviewer who reads content and the console's own access trail.
+async fn review(
+    dir: &std::path::Path,
+    public: &std::path::Path,
+    listen: std::net::SocketAddr,
+) -> anyhow::Result<ExitCode> {
+    use sha2::Digest;
+    let mut token = [0u8; 24];
+    getrandom::fill(&mut token).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let token = format!("demo-{}", hex::encode(token));
+    let trusted = custody_audit::signing::load_public(public)?;
+    let console = custody_config::Console {
+        listen,
+        tls: None,
+        dir: Some(dir.to_owned()),
+        from: None,
+        options: Default::default(),
+        access_dir: dir.with_extension("access"),
+        signing_key: None,
+        trusted_key: Some(hex::encode(trusted.as_bytes())),
+    };
+    let reviewers = vec![custody_config::Reviewer {
+        id: "demo".into(),
+        token_sha256: Some(hex::encode(sha2::Sha256::digest(token.as_bytes()))),
+        token_env: None,
+        role: custody_config::Role::Content,
+        routes: None,
+        teams: None,
+        audit: true,
+    }];
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| {
+            format!("binding the console on {listen} (another port: --console-listen)")
+        })?;
+    println!(
+        "\n6. The review console is on http://{}/ : log in with the token {token}\n   (a content reviewer who may also read the console's access trail, in {}). Ctrl-C stops it.",
+        listener.local_addr()?,
+        console.access_dir.display()
+    );
+    custody_proxy::console::run(&console, &reviewers, listener, super::shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -251,6 +251,10 @@ pub struct SearchArgs {
     /// The trail's events (config, recovery, retention) instead of its records.
     #[arg(long)]
     events: bool,
+    /// The record with this id and every event naming it: in a console's access trail
+    /// (`--dir ACCESS_DIR`), who read it, when, from where.
+    #[arg(long)]
+    record: Option<String>,
     #[arg(long, default_value_t = 50)]
     limit: usize,
     /// Whole records as JSON Lines instead of a table.
@@ -372,40 +376,19 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
                 session: a.session,
                 trace: a.trace_id,
                 events: a.events,
+                record: a.record,
+                routes_in: None,
+                teams_in: None,
                 limit: a.limit,
             };
             let trails = a.trail.open()?;
-            let mut found = Vec::new();
-            let mut unreadable = 0;
-            for source in &trails.sources {
-                let f = search::search(source.as_ref(), &query)?;
-                for why in &f.untrusted_indexes {
-                    eprintln!(
-                        "warning: {}: index not trusted, segment read in full: {why}",
-                        source.describe()
-                    );
-                }
-                unreadable += f.unreadable;
-                found.extend(f.records);
+            let sources: Vec<&dyn TrailSource> =
+                trails.sources.iter().map(|s| s.as_ref()).collect();
+            let f = search::search_all(&sources, &query)?;
+            for why in &f.untrusted_indexes {
+                eprintln!("warning: index not trusted, segment read in full: {why}");
             }
-            // Many pods' newest records, merged: newest first across them.
-            if trails.sources.len() > 1 {
-                #[derive(serde::Deserialize)]
-                struct Start {
-                    time: StartTime,
-                }
-                #[derive(serde::Deserialize)]
-                struct StartTime {
-                    start: String,
-                }
-                let start = |r: &serde_json::value::RawValue| {
-                    serde_json::from_str::<Start>(r.get())
-                        .map(|s| s.time.start)
-                        .unwrap_or_default()
-                };
-                found.sort_by_cached_key(|r| std::cmp::Reverse(start(r)));
-                found.truncate(query.limit.max(1));
-            }
+            let (found, unreadable) = (f.records, f.unreadable);
             let mut out = BufWriter::new(std::io::stdout().lock());
             for raw in &found {
                 if a.json {
@@ -414,14 +397,27 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
                 }
                 // One record parsed at a time.
                 let r: serde_json::Value = serde_json::from_str(raw.get())?;
-                if a.events {
+                if r["schema"].as_str() == Some(custody_audit::record::EVENT_SCHEMA) {
+                    let e = &r["event"];
+                    // An access event says who did what from where; others their type.
+                    let who = match e["type"].as_str() {
+                        Some("access") => format!(
+                            "  {} {} {} {} {}",
+                            e["reviewer"].as_str().unwrap_or("(none)"),
+                            e["action"].as_str().unwrap_or("-"),
+                            e["status"],
+                            e["client"].as_str().unwrap_or("-"),
+                            e["asked"].as_str().unwrap_or("-"),
+                        ),
+                        _ => String::new(),
+                    };
                     writeln!(
                         out,
-                        "{}  {}  seq {}  {}",
+                        "{}  {}  seq {}  {}{who}",
                         r["time"]["start"].as_str().unwrap_or("-"),
                         r["id"].as_str().unwrap_or("-"),
                         r["seq"],
-                        r["event"]["type"].as_str().unwrap_or("-"),
+                        e["type"].as_str().unwrap_or("-"),
                     )?;
                 } else {
                     let model = r["gen_ai"]["response"]["model"]

@@ -1,5 +1,6 @@
 //! Command-line parsing and dispatch; `anyhow` lives only here.
 
+mod console;
 mod demo;
 mod log;
 mod policy;
@@ -39,6 +40,13 @@ enum Command {
         #[command(subcommand)]
         command: Box<log::LogCommand>,
     },
+    /// The review console: a read-only web UI and API over a trail, for reviewers with
+    /// a token; every read is written to its own access trail (docs/console.md).
+    Console {
+        /// A console configuration ([console] and [[reviewer]]), or a whole one holding them.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Check policy rules, and try them on exported records.
     Policy {
         #[command(subcommand)]
@@ -65,11 +73,18 @@ enum Command {
         #[arg(long)]
         report: bool,
     },
-    /// A tour without an API key: a mock provider, two requests, their records, verify.
+    /// A tour without an API key: a mock provider, two requests, their records, verify;
+    /// then the review console over them until Ctrl-C.
     Demo {
         /// Keep the demo's audit trail in this directory (default: a temporary one).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Where the review console listens at the end of the tour.
+        #[arg(long, default_value = "127.0.0.1:9444")]
+        console_listen: std::net::SocketAddr,
+        /// End after verifying, without the console.
+        #[arg(long)]
+        no_console: bool,
     },
     /// A mock OpenAI/Anthropic provider on loopback: point a route at it to try custody
     /// without an API key (it answers chat, messages and streams with canned text)
@@ -174,6 +189,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Log { command } => log::run(*command),
         Command::Policy { command } => policy::run(command),
+        Command::Console { config } => console::run(&config),
         Command::Key {
             command: KeyCommand::New { id, user, team },
         } => {
@@ -209,7 +225,11 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Redact { config, report } => redact::run(config.as_ref(), report),
-        Command::Demo { dir } => runtime()?.block_on(demo::run(dir)),
+        Command::Demo {
+            dir,
+            console_listen,
+            no_console,
+        } => runtime()?.block_on(demo::run(dir, (!no_console).then_some(console_listen))),
         Command::MockProvider { listen } => runtime()?.block_on(async {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await

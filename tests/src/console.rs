@@ -24,6 +24,9 @@ pub const ANSWER_WORDS: &str = "Your balance is fine";
 /// Only in the `growth` team's prompt: `pat` must never receive it.
 pub const GROWTH_WORDS: &str = "growth plan for next quarter";
 
+/// The end user the growth request names.
+pub const END_USER: &str = "sam.lee@example.com";
+
 const PAYMENTS_KEY: &str = "vk-payments-0123456789abcdef";
 const GROWTH_KEY: &str = "vk-growth-0123456789abcdef";
 
@@ -106,7 +109,12 @@ pub async fn reviewed_trail_with(tweak: impl FnOnce(&mut Console)) -> Reviewed {
         (PAYMENTS_KEY, Value::Array(second_messages)),
         (GROWTH_KEY, growth_messages),
     ] {
-        let body = json!({"model": "gpt-4o", "messages": messages}).to_string();
+        let mut body = json!({"model": "gpt-4o", "messages": messages});
+        if key == GROWTH_KEY {
+            // An end user named by an e-mail address: stored pseudonymized.
+            body["user"] = json!(END_USER);
+        }
+        let body = body.to_string();
         let auth = format!("Bearer {key}");
         let (parts, _) = send(
             &client(),

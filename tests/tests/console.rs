@@ -221,6 +221,15 @@ async fn every_read_is_in_a_signed_access_trail_that_answers_who_read_a_record()
     // A search for someone's e-mail address is recorded, but not the address.
     r.json_as(ALICE, "/api/records?text=jane.doe%40example.com")
         .await;
+    // An end user stored pseudonymized is found by the clear value, as log search does.
+    let by_user = r
+        .json_as(ALICE, "/api/records?user=sam.lee%40example.com")
+        .await;
+    assert_eq!(ids_of(&by_user), vec![r.ids.growth.clone()]);
+    let stored = by_user["records"][0]["client"]["end_user"]
+        .as_str()
+        .unwrap();
+    assert!(stored.starts_with("[EMAIL_ADDRESS:"), "{stored}");
     let access = r
         .json_as(ALICE, &format!("/api/access?record={first}"))
         .await;
@@ -253,6 +262,7 @@ async fn every_read_is_in_a_signed_access_trail_that_answers_who_read_a_record()
             ("alice", "search", "GET /api/records?user=payments-app-user"),
             ("alice", "verify", "GET /api/verify"),
             ("alice", "search", "GET /api/records?text=[EMAIL_ADDRESS]"),
+            ("alice", "search", "GET /api/records?user=[EMAIL_ADDRESS]"),
             (
                 "alice",
                 "access",

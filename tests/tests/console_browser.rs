@@ -211,6 +211,7 @@ async fn each_role_reads_through_a_real_browser_and_every_read_is_on_the_record(
     type_into(c, "input[name=token]", "wrong-token").await;
     click(c, Locator::Css("form button[type=submit]")).await;
     assert_eq!(text_of(c, ".problem").await, "That token is not valid.");
+    shot(c, "login").await;
 
     // alice: content, may read the access trail.
     log_in(c, &r, ALICE, "alice").await;

@@ -59,7 +59,7 @@ pub async fn search_page(
     filters: &Filters,
 ) -> Result<Page, Refusal> {
     let page = filters.page()?;
-    let query = filters.query(reviewer, page * PAGE_SIZE)?;
+    let query = filters.query(state, reviewer, page * PAGE_SIZE)?;
     let mut p = search_query(state, reviewer, query, (page - 1) * PAGE_SIZE).await?;
     p.page = page;
     Ok(p)
@@ -379,7 +379,7 @@ pub async fn export(
     Extension(who): Extension<Who>,
     Query(filters): Query<Filters>,
 ) -> Response {
-    let found = match filters.query(&who.reviewer, super::MAX_RESULTS) {
+    let found = match filters.query(&state, &who.reviewer, super::MAX_RESULTS) {
         Ok(query) => search_query(&state, &who.reviewer, query, 0).await,
         Err(e) => Err(e),
     };

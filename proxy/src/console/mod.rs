@@ -72,6 +72,10 @@ pub struct ConsoleState {
     /// Redacts what a reviewer asked before it goes into the access trail (a search
     /// for an e-mail address must not put it there in clear).
     redactor: custody_audit::redact::Redactor,
+    /// The trail's fingerprint key, when the console can read it (`dir/fingerprint.key`):
+    /// a user searched by a clear value holding an entity is found by its stored form,
+    /// as `log search --user` does.
+    identities: Option<custody_audit::fingerprint::Fingerprinter>,
 }
 
 impl ConsoleState {
@@ -111,6 +115,19 @@ impl ConsoleState {
             reason: e.to_string(),
         })?;
         let (access_dir, secure) = (console.access_dir.clone(), console.tls.is_some());
+        // Read, never created: the console writes nothing into the trail it reads.
+        let identities = console
+            .dir
+            .as_ref()
+            .map(|d| d.join("fingerprint.key"))
+            .filter(|k| k.exists())
+            .and_then(|k| match custody_audit::fingerprint::load_key(&k) {
+                Ok(key) => Some(custody_audit::fingerprint::Fingerprinter::new(key)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the trail's fingerprint key does not load; users are searched by their stored form");
+                    None
+                }
+            });
         Ok(move |access| Self {
             trails,
             access_dir,
@@ -121,6 +138,7 @@ impl ConsoleState {
             secure,
             reads: tokio::sync::Semaphore::new(MAX_READS),
             redactor: custody_audit::redact::Redactor::builtin(),
+            identities,
         })
     }
 
@@ -291,7 +309,12 @@ impl Filters {
 
     /// The query these filters ask, within `reviewer`'s bounds, holding the newest
     /// `limit` matches.
-    fn query(&self, reviewer: &Reviewer, limit: usize) -> Result<Query, Refusal> {
+    fn query(
+        &self,
+        state: &ConsoleState,
+        reviewer: &Reviewer,
+        limit: usize,
+    ) -> Result<Query, Refusal> {
         let f = Self::field;
         let when = |name: &str, v: &Option<String>| -> Result<Option<SystemTime>, Refusal> {
             f(v).map(|s| {
@@ -342,7 +365,13 @@ impl Filters {
                 })
                 .transpose()?,
             entity: f(&self.entity),
-            user: f(&self.user),
+            user: f(&self.user).map(|u| match &state.identities {
+                // Stored pseudonymized when it holds an entity (an e-mail address).
+                Some(fp) if !state.redactor.find(&u).is_empty() => {
+                    custody_audit::assemble::identity_token(fp, &u)
+                }
+                _ => u,
+            }),
             team: f(&self.team),
             prompt_hash: f(&self.prompt_hash),
             session: f(&self.session),

@@ -24,6 +24,7 @@ pub mod fingerprint;
 pub mod genai;
 pub mod index;
 pub mod lineage;
+pub mod merkle;
 pub mod metrics;
 pub mod policy;
 pub mod record;

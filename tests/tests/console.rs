@@ -418,6 +418,11 @@ async fn the_login_form_needs_its_csrf_token_and_sessions_end_at_logout() {
         ]
     );
     assert_eq!(events[4]["event"]["reviewer"], "alice");
+    assert_eq!(events[4]["event"]["role"], "content");
+    assert!(
+        events[1]["event"]["role"].is_null(),
+        "a failed login names no one"
+    );
     assert_eq!(events[6]["event"]["status"], 403);
 }
 

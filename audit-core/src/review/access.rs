@@ -59,6 +59,11 @@ impl Reviewers {
         Ok(Self { known })
     }
 
+    /// The reviewer with this id.
+    pub fn by_id(&self, id: &str) -> Option<&Reviewer> {
+        self.known.iter().map(|(r, _)| r).find(|r| r.id == id)
+    }
+
     /// The reviewer whose token this is. Every reviewer's hash is compared, in
     /// constant time, whichever matches: how long a guess takes tells nothing.
     pub fn authenticate(&self, token: &str) -> Option<&Reviewer> {

@@ -469,7 +469,12 @@ async fn guard(State(state): State<Arc<ConsoleState>>, mut req: Request, next: N
     let event = json!({
         "type": "access",
         "reviewer": who,
-        "role": reviewer.as_ref().map(|r| r.role.as_str()),
+        // A login names its reviewer only once it succeeds.
+        "role": reviewer
+            .as_ref()
+            .map(|r| r.role)
+            .or_else(|| who.as_deref().and_then(|id| state.reviewers.by_id(id)).map(|r| r.role))
+            .map(|r| r.as_str()),
         "action": action,
         "asked": asked,
         "status": response.status().as_u16(),

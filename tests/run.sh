@@ -4,7 +4,7 @@
 # the load harness, and the Kubernetes manifests.
 # Needs cargo, python3 and kubectl; installs from PyPI the SDKs (.venv-conformance), moto
 # for the object-storage tests (.venv-moto) and the manifest validator (.venv-deploy), and
-# from Debian Chromium and chromedriver for the console's browser tests.
+# from Debian Chromium and chromedriver for the browser tests and zstd for tar --zstd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,12 +20,12 @@ fi
 "$moto/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/requirements-moto.txt
 export CUSTODY_MOTO_SERVER="$PWD/$moto/bin/moto_server"
 
-echo "== Chromium and chromedriver (Debian), for the review console's browser tests"
-if ! command -v chromedriver > /dev/null || ! command -v chromium > /dev/null; then
+echo "== Chromium and chromedriver (Debian), for the browser tests; zstd, for tar --zstd"
+if ! command -v chromedriver > /dev/null || ! command -v chromium > /dev/null || ! command -v zstd > /dev/null; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then sudo=sudo; fi
   $sudo apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends chromium chromium-driver
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends chromium chromium-driver zstd
 fi
 export CUSTODY_CHROMEDRIVER="$(command -v chromedriver)"
 export CUSTODY_CHROMIUM="$(command -v chromium)"

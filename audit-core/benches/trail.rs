@@ -5,6 +5,7 @@
 //!
 //! `cargo bench -p custody-audit --bench trail` (1,000,000 records; `-- --quick` for 100,000;
 //! `-- --keep DIR` to write the trail into DIR and stop there, for the console bench;
+//! `-- --evidence DIR` for only the proof measurements on such a trail;
 //! `-- --single-turn` for short one-question chats instead of conversations with history;
 //! `-- --writer-only` to stop after the writer, for profiling it; `-- --policies` to
 //! run the writer with 10 flag rules over 1,000 terms; `-- --policy-cost` to measure
@@ -278,6 +279,15 @@ fn policy_cost(config: &Config, pool: &[(Bytes, Bytes)], keys: &[HeaderValue], n
 }
 
 fn main() {
+    // `--evidence DIR`: only the proof measurements, on a trail kept with `--keep DIR`.
+    if let Some(dir) = std::env::args().skip_while(|a| a != "--evidence").nth(1) {
+        let dir = std::path::PathBuf::from(dir);
+        let report = verify_dir(&dir, None, |_, _, _| {}).unwrap();
+        let key = report.keys.iter().next().expect("a signed trail").clone();
+        let public = custody_audit::signing::parse_public(&key).unwrap();
+        evidence(&dir, report.records, &public);
+        return;
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     // `--single-turn`: short one-question chats instead of conversations with history.
     let max_turns = if std::env::args().any(|a| a == "--single-turn") {
@@ -471,4 +481,120 @@ fn main() {
     );
     println!("search, selective        {sel_ms:.1} ms ({sel_hits} records: one key id, one hour)");
     println!("search, full text        {txt_ms:.1} ms ({txt_hits} records)");
+    evidence(&dir, n, &public);
+}
+
+/// What tree heads cost and what proofs take on this trail.
+fn evidence(dir: &std::path::Path, n: u64, public: &custody_audit::signing::VerifyingKey) {
+    use custody_audit::{merkle, review::proof};
+    // The writer's added work per record: a leaf hash and the frontier's merges.
+    let t = Instant::now();
+    let mut range = merkle::Range::new(0);
+    for i in 0..n {
+        let h: [u8; 32] = sha2::Digest::finalize(sha2::Digest::chain_update(
+            <sha2::Sha256 as sha2::Digest>::new(),
+            i.to_le_bytes(),
+        ))
+        .into();
+        range.push(merkle::leaf_hash(&h));
+    }
+    let push_ns = t.elapsed().as_nanos() as f64 / n as f64;
+    let cps = std::fs::read(dir.join("checkpoints.log")).unwrap();
+    let lines = cps.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count();
+    let source = DirSource(dir);
+    let mut lines_at = Vec::new();
+    let picks: Vec<u64> = (1..=1000).map(|i| i * (n / 1000)).collect();
+    reader::for_each_line(dir, |_, l| {
+        let v: serde_json::Value = serde_json::from_slice(l).unwrap();
+        if v["seq"]
+            .as_u64()
+            .is_some_and(|s| picks.binary_search(&s).is_ok())
+        {
+            lines_at.push(l.to_vec());
+        }
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    let t = Instant::now();
+    let one = proof::prove_lines(&source, &lines_at[lines_at.len() / 2..][..1]).unwrap();
+    let one_secs = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let many = proof::prove_lines(&source, &lines_at).unwrap();
+    let many_secs = t.elapsed().as_secs_f64();
+    let one_json = serde_json::to_vec(&one[0]).unwrap();
+    let t = Instant::now();
+    proof::check_inclusion(&one[0], public).unwrap();
+    let check_us = t.elapsed().as_secs_f64() * 1e6;
+    let first = cps.split(|&b| b == b'\n').next().unwrap();
+    let t = Instant::now();
+    let grown = proof::prove_consistency(&source, first).unwrap();
+    let grown_secs = t.elapsed().as_secs_f64();
+    println!("tree head, writer's work {push_ns:.0} ns per record (leaf hash and frontier merges, {n} leaves)");
+    println!(
+        "checkpoints.log          {} bytes in {lines} checkpoints ({:.0} bytes each, frontier included)",
+        cps.len(),
+        cps.len() as f64 / lines as f64
+    );
+    println!(
+        "prove one record         {:.2} s; proof {} bytes ({} path entries, {} bytes of it the record, {} the signed head)",
+        one_secs,
+        one_json.len(),
+        one[0].path.len(),
+        one[0].record.len(),
+        one[0].head.len()
+    );
+    println!("prove 1,000 records      {many_secs:.2} s (spread over the trail, one pass)",);
+    println!("check one proof          {check_us:.0} µs");
+    println!(
+        "consistency, first to newest checkpoint {grown_secs:.2} s; {} path entries",
+        grown.path.len()
+    );
+    assert_eq!(many.len(), lines_at.len());
+
+    // One caller's month: every record of one client key (of 200) over the 30 days.
+    use custody_audit::review::bundle::{self, KeyInfo, Manifest, Selection};
+    let key_id = lines_at
+        .iter()
+        .find_map(|l| {
+            let v: serde_json::Value = serde_json::from_slice(l).ok()?;
+            v["client"]["key_id"].as_str().map(str::to_owned)
+        })
+        .unwrap();
+    let t = Instant::now();
+    let selection = Selection {
+        since: "2000-01-01T00:00:00Z".into(),
+        until: "2100-01-01T00:00:00Z".into(),
+        key_id: Some(key_id),
+        ..Selection::default()
+    };
+    let selected = bundle::collect(&source, &selection, 1_000_000).unwrap();
+    let collect_secs = t.elapsed().as_secs_f64();
+    let manifest = Manifest {
+        kind: bundle::KIND.into(),
+        created: "2026-12-03T00:00:00Z".into(),
+        requested_by: "bench".into(),
+        trail: "bench".into(),
+        selection,
+        records: 0,
+        config_events: 0,
+        key: KeyInfo::of(public),
+        trail_last_seq: n,
+        trail_newest_checkpoint: None,
+        complete: false,
+        completeness: String::new(),
+        files: Default::default(),
+    };
+    let contents = bundle::prove(&source, manifest, selected).unwrap();
+    let held = contents.records.len();
+    let mut out = Vec::new();
+    bundle::write(&mut out, contents, "<p>report</p>").unwrap();
+    let bundle_secs = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let checked = bundle::check(&bundle::open(&out).unwrap(), public).unwrap();
+    let check_secs = t.elapsed().as_secs_f64();
+    assert_eq!(checked.manifest.records as usize, held);
+    println!(
+        "bundle one key's month   {bundle_secs:.1} s ({held} records; selecting {collect_secs:.1} s, the rest proving and packing); {:.1} MB; checked offline in {check_secs:.2} s",
+        out.len() as f64 / 1e6
+    );
 }

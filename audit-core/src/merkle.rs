@@ -9,6 +9,9 @@ use sha2::{Digest, Sha256};
 
 pub type Hash = [u8; 32];
 
+/// Subtree heads by the leaves `[a, b)` they cover.
+pub type Heads = std::collections::HashMap<(u64, u64), Hash>;
+
 /// The hash of a leaf holding `data`.
 pub fn leaf_hash(data: &[u8]) -> Hash {
     let mut h = Sha256::new();
@@ -27,7 +30,7 @@ pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
 }
 
 /// The largest power of two smaller than `n` (n >= 2).
-fn split(n: usize) -> usize {
+fn split(n: u64) -> u64 {
     let mut k = 1;
     while k << 1 < n {
         k <<= 1;
@@ -42,34 +45,75 @@ pub fn root(leaves: &[Hash]) -> Hash {
         0 => Sha256::digest([]).into(),
         1 => leaves[0],
         n => {
-            let k = split(n);
+            let k = split(n as u64) as usize;
             node_hash(&root(&leaves[..k]), &root(&leaves[k..]))
         }
     }
 }
 
-/// The inclusion proof of leaf `index` in the tree over `leaves` (RFC 6962 `PATH`),
-/// or `None` past the last leaf.
-pub fn inclusion_proof(index: usize, leaves: &[Hash]) -> Option<Vec<Hash>> {
-    fn path(m: usize, d: &[Hash], out: &mut Vec<Hash>) {
-        if d.len() <= 1 {
+/// The subtrees (leaf ranges `[a, b)`) whose heads make up the inclusion proof of leaf
+/// `index` in a tree of `size` leaves (RFC 6962 `PATH`), nearest first; `None` past
+/// the last leaf.
+pub fn inclusion_ranges(index: u64, size: u64) -> Option<Vec<(u64, u64)>> {
+    fn path(m: u64, lo: u64, hi: u64, out: &mut Vec<(u64, u64)>) {
+        if hi - lo <= 1 {
             return;
         }
-        let k = split(d.len());
+        let k = split(hi - lo);
         if m < k {
-            path(m, &d[..k], out);
-            out.push(root(&d[k..]));
+            path(m, lo, lo + k, out);
+            out.push((lo + k, hi));
         } else {
-            path(m - k, &d[k..], out);
-            out.push(root(&d[..k]));
+            path(m - k, lo + k, hi, out);
+            out.push((lo, lo + k));
         }
     }
-    if index >= leaves.len() {
+    if index >= size {
         return None;
     }
     let mut out = Vec::new();
-    path(index, leaves, &mut out);
+    path(index, 0, size, &mut out);
     Some(out)
+}
+
+/// The subtrees whose heads make up the proof that the tree of `first` leaves is a
+/// prefix of the tree of `size` (RFC 6962 `PROOF`); `None` unless `0 < first <= size`.
+pub fn consistency_ranges(first: u64, size: u64) -> Option<Vec<(u64, u64)>> {
+    fn sub(m: u64, lo: u64, hi: u64, whole: bool, out: &mut Vec<(u64, u64)>) {
+        let n = hi - lo;
+        if m == n {
+            if !whole {
+                out.push((lo, hi));
+            }
+            return;
+        }
+        let k = split(n);
+        if m <= k {
+            sub(m, lo, lo + k, whole, out);
+            out.push((lo + k, hi));
+        } else {
+            sub(m - k, lo + k, hi, false, out);
+            out.push((lo, lo + k));
+        }
+    }
+    if first == 0 || first > size {
+        return None;
+    }
+    let mut out = Vec::new();
+    sub(first, 0, size, true, &mut out);
+    Some(out)
+}
+
+/// The inclusion proof of leaf `index` in the tree over `leaves`, or `None` past the
+/// last leaf.
+pub fn inclusion_proof(index: usize, leaves: &[Hash]) -> Option<Vec<Hash>> {
+    let ranges = inclusion_ranges(index as u64, leaves.len() as u64)?;
+    Some(
+        ranges
+            .into_iter()
+            .map(|(a, b)| root(&leaves[a as usize..b as usize]))
+            .collect(),
+    )
 }
 
 /// Whether `proof` shows `leaf` at `index` in the tree of `size` leaves whose head is
@@ -100,31 +144,15 @@ pub fn verify_inclusion(index: u64, size: u64, leaf: &Hash, proof: &[Hash], head
 }
 
 /// The proof that the tree over the first `first` of `leaves` is a prefix of the tree
-/// over all of them (RFC 6962 `PROOF`), or `None` unless `0 < first <= leaves.len()`.
+/// over all of them, or `None` unless `0 < first <= leaves.len()`.
 pub fn consistency_proof(first: usize, leaves: &[Hash]) -> Option<Vec<Hash>> {
-    fn sub(m: usize, d: &[Hash], whole: bool, out: &mut Vec<Hash>) {
-        let n = d.len();
-        if m == n {
-            if !whole {
-                out.push(root(d));
-            }
-            return;
-        }
-        let k = split(n);
-        if m <= k {
-            sub(m, &d[..k], whole, out);
-            out.push(root(&d[k..]));
-        } else {
-            sub(m - k, &d[k..], false, out);
-            out.push(root(&d[..k]));
-        }
-    }
-    if first == 0 || first > leaves.len() {
-        return None;
-    }
-    let mut out = Vec::new();
-    sub(first, leaves, true, &mut out);
-    Some(out)
+    let ranges = consistency_ranges(first as u64, leaves.len() as u64)?;
+    Some(
+        ranges
+            .into_iter()
+            .map(|(a, b)| root(&leaves[a as usize..b as usize]))
+            .collect(),
+    )
 }
 
 /// Whether `proof` shows that the tree of `first` leaves with head `first_head` is a
@@ -174,6 +202,193 @@ pub fn verify_consistency(
         s >>= 1;
     }
     fr == *first_head && sr == *second_head && s == 0
+}
+
+/// A compact range: the heads of the perfect subtrees that cover leaves `[begin, end)`,
+/// in order, each as large as its alignment allows. From `0`, it is what a tree needs to
+/// grow (the "frontier") and gives the tree head; ranges that meet can be joined.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Range {
+    begin: u64,
+    end: u64,
+    /// (level, head): a node at level `l` covers `2^l` leaves.
+    nodes: Vec<(u32, Hash)>,
+}
+
+impl Range {
+    /// The empty range at `begin`.
+    pub fn new(begin: u64) -> Self {
+        Self {
+            begin,
+            end: begin,
+            nodes: Vec::new(),
+        }
+    }
+
+    /// The range `[0, size)` from its node heads, largest first (as [`Range::frontier`]
+    /// gives them); `None` when their number does not fit `size`.
+    pub fn from_frontier(size: u64, heads: &[Hash]) -> Option<Self> {
+        let levels: Vec<u32> = (0..64).rev().filter(|l| size >> l & 1 == 1).collect();
+        (levels.len() == heads.len()).then(|| Self {
+            begin: 0,
+            end: size,
+            nodes: levels.into_iter().zip(heads.iter().copied()).collect(),
+        })
+    }
+
+    pub fn begin(&self) -> u64 {
+        self.begin
+    }
+
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// The node heads, largest first.
+    pub fn frontier(&self) -> Vec<Hash> {
+        self.nodes.iter().map(|(_, h)| *h).collect()
+    }
+
+    /// Each node with the leaves it covers.
+    fn spans(&self) -> impl Iterator<Item = (u64, u64, &Hash)> {
+        let mut at = self.begin;
+        self.nodes.iter().map(move |(l, h)| {
+            let start = at;
+            at += 1 << l;
+            (start, at, h)
+        })
+    }
+
+    /// Appends one leaf hash.
+    pub fn push(&mut self, leaf: Hash) {
+        self.push_node(0, leaf, &mut |_, _, _| {});
+    }
+
+    /// Appends a node of `level` at the end (which must be aligned to it), merging
+    /// siblings; `made` sees every node formed, the appended one included.
+    fn push_node(&mut self, level: u32, head: Hash, made: &mut impl FnMut(u64, u64, &Hash)) {
+        let start = self.end;
+        self.end += 1 << level;
+        made(start, self.end, &head);
+        self.nodes.push((level, head));
+        while let [.., (l1, left), (l2, right)] = self.nodes[..] {
+            let left_start = self.end - (1 << l2) - (1 << l1);
+            if l1 != l2 || left_start < self.begin || (left_start >> l1) & 1 == 1 {
+                break;
+            }
+            let up = node_hash(&left, &right);
+            self.nodes.truncate(self.nodes.len() - 2);
+            self.nodes.push((l1 + 1, up));
+            made(left_start, self.end, &up);
+        }
+    }
+
+    /// Appends the range that starts where this one ends; `false` (and unchanged) when
+    /// they do not meet.
+    pub fn extend(&mut self, other: &Range) -> bool {
+        if other.begin != self.end {
+            return false;
+        }
+        for (l, h) in &other.nodes {
+            self.push_node(*l, *h, &mut |_, _, _| {});
+        }
+        true
+    }
+
+    /// The tree head over `[0, end)`; `None` for a range that does not start at 0.
+    pub fn root(&self) -> Option<Hash> {
+        if self.begin != 0 {
+            return None;
+        }
+        Some(fold(self.nodes.iter().map(|(_, h)| h)))
+    }
+}
+
+/// The head of consecutive perfect subtrees, largest first: folded from the right, as
+/// RFC 6962 builds a tree whose size is not a power of two.
+fn fold<'a>(heads: impl DoubleEndedIterator<Item = &'a Hash>) -> Hash {
+    let mut it = heads.rev();
+    match it.next() {
+        None => Sha256::digest([]).into(),
+        Some(last) => it.fold(*last, |acc, h| node_hash(h, &acc)),
+    }
+}
+
+/// Proofs computed in one pass over the leaves, holding only the subtree heads they
+/// need: the leaves are pushed in order from where `start` ends (a frontier taken from
+/// a seal, or the empty range) up to `size`.
+pub struct Prover {
+    size: u64,
+    range: Range,
+    /// Wanted subtrees and their heads once seen.
+    wanted: std::collections::HashMap<(u64, u64), Option<Hash>>,
+}
+
+impl Prover {
+    /// A prover for the subtrees `wanted` (from [`inclusion_ranges`] and
+    /// [`consistency_ranges`]) of the tree of `size` leaves, starting from `start`
+    /// (which must begin at 0).
+    pub fn new(size: u64, wanted: impl IntoIterator<Item = (u64, u64)>, start: Range) -> Self {
+        let mut wanted: std::collections::HashMap<_, _> =
+            wanted.into_iter().map(|r| (r, None)).collect();
+        for (a, b, h) in start.spans() {
+            if let Some(slot) = wanted.get_mut(&(a, b)) {
+                *slot = Some(*h);
+            }
+        }
+        Self {
+            size,
+            range: start,
+            wanted,
+        }
+    }
+
+    /// Where the next leaf goes.
+    pub fn position(&self) -> u64 {
+        self.range.end
+    }
+
+    /// Whether every leaf up to the tree's size has been pushed.
+    pub fn is_full(&self) -> bool {
+        self.range.end >= self.size
+    }
+
+    /// Pushes the next leaf (ignored past the tree's size).
+    pub fn push(&mut self, leaf: Hash) {
+        if self.is_full() {
+            return;
+        }
+        let wanted = &mut self.wanted;
+        self.range.push_node(0, leaf, &mut |a, b, h| {
+            if let Some(slot) = wanted.get_mut(&(a, b)) {
+                *slot = Some(*h);
+            }
+        });
+    }
+
+    /// The heads of the wanted subtrees, and the tree's head; `Err` names a subtree that
+    /// could not be computed from what was pushed (it lies before the start, or leaves
+    /// are missing).
+    pub fn finish(self) -> Result<(Heads, Hash), (u64, u64)> {
+        if self.range.end != self.size {
+            return Err((self.range.end, self.size));
+        }
+        let root = self.range.root().ok_or((0, self.size))?;
+        // Subtrees on the right edge are not perfect: folded from the final nodes.
+        let spans: Vec<(u64, u64, Hash)> = self.range.spans().map(|(a, b, h)| (a, b, *h)).collect();
+        let mut out = Heads::with_capacity(self.wanted.len());
+        for ((a, b), head) in self.wanted {
+            let head = match head {
+                Some(h) => h,
+                None if b == self.size && spans.iter().any(|s| s.0 == a) => {
+                    fold(spans.iter().filter(|s| s.0 >= a).map(|s| &s.2))
+                }
+                None => return Err((a, b)),
+            };
+            out.insert((a, b), head);
+        }
+        Ok((out, root))
+    }
 }
 
 #[cfg(test)]
@@ -355,5 +570,75 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A range grown leaf by leaf, or joined from pieces, or rebuilt from its frontier,
+    /// has the head of the tree over those leaves; a prover started from any frontier
+    /// gives the proofs computed over all the leaves at once.
+    #[test]
+    fn ranges_and_the_prover_agree_with_the_whole_tree() {
+        let all: Vec<Hash> = (0u32..40).map(|i| leaf_hash(&i.to_le_bytes())).collect();
+        for n in 0..=all.len() {
+            let l = &all[..n];
+            let mut whole = Range::new(0);
+            l.iter().for_each(|h| whole.push(*h));
+            assert_eq!(whole.root(), Some(root(l)), "{n}");
+            let again = Range::from_frontier(n as u64, &whole.frontier()).unwrap();
+            assert_eq!(again, whole);
+            let mut extra = whole.frontier();
+            extra.push([0; 32]);
+            assert!(Range::from_frontier(n as u64, &extra).is_none());
+            for cut in 0..=n {
+                let mut left = Range::new(0);
+                l[..cut].iter().for_each(|h| left.push(*h));
+                let mut right = Range::new(cut as u64);
+                l[cut..].iter().for_each(|h| right.push(*h));
+                assert!(!left.clone().extend(&Range::new(cut as u64 + 1)));
+                assert!(left.extend(&right));
+                assert_eq!(left.root(), Some(root(l)), "{cut} + {n}");
+            }
+            for start in 0..n {
+                let mut front = Range::new(0);
+                l[..start].iter().for_each(|h| front.push(*h));
+                // Leaves from `start` on, a consistency proof from `start` (when it is one).
+                let mut wanted = Vec::new();
+                for i in start..n {
+                    wanted.extend(inclusion_ranges(i as u64, n as u64).unwrap());
+                }
+                if start > 0 {
+                    wanted.extend(consistency_ranges(start as u64, n as u64).unwrap());
+                }
+                let mut prover = Prover::new(n as u64, wanted, front);
+                for h in &l[start..] {
+                    assert!(!prover.is_full());
+                    prover.push(*h);
+                }
+                let (heads, head) = prover.finish().unwrap();
+                assert_eq!(head, root(l));
+                for i in start..n {
+                    let p: Vec<Hash> = inclusion_ranges(i as u64, n as u64)
+                        .unwrap()
+                        .iter()
+                        .map(|r| heads[r])
+                        .collect();
+                    assert_eq!(
+                        p,
+                        inclusion_proof(i, l).unwrap(),
+                        "leaf {i} of {n} from {start}"
+                    );
+                }
+                if start > 0 {
+                    let p: Vec<Hash> = consistency_ranges(start as u64, n as u64)
+                        .unwrap()
+                        .iter()
+                        .map(|r| heads[r])
+                        .collect();
+                    assert_eq!(p, consistency_proof(start, l).unwrap());
+                }
+            }
+        }
+        // A prover short of leaves says which subtree it could not compute.
+        let prover = Prover::new(4, inclusion_ranges(0, 4).unwrap(), Range::new(0));
+        assert!(prover.finish().is_err());
     }
 }

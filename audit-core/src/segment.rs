@@ -589,6 +589,15 @@ pub fn check_line_hash(line: &[u8]) -> Result<[u8; 32], &'static str> {
     Ok(stated)
 }
 
+/// The `chain.hash` a line states, unchecked (for lines this process just sealed, or
+/// whose hash is checked elsewhere).
+pub fn stated_hash(line: &[u8]) -> Option<[u8; 32]> {
+    let at = hash_position(line)?;
+    let mut stated = [0u8; 32];
+    hex::decode_to_slice(&line[at..at + 64], &mut stated).ok()?;
+    Some(stated)
+}
+
 /// Offset of the 64 hex digits of `chain.hash` in a record line.
 fn hash_position(line: &[u8]) -> Option<usize> {
     let n = line.len();

@@ -13,7 +13,10 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::AuditError;
+use crate::{
+    merkle::{Hash, Range},
+    AuditError,
+};
 
 const SIG_HEX: usize = 128;
 const SIG_TAIL: &[u8] = b"\"}";
@@ -44,6 +47,11 @@ pub struct Seal {
     /// before it was added.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index_sha256: Option<String>,
+    /// The Merkle tree over every record's chain hash up to this statement's last
+    /// record. Absent in statements written before it was added, and in trails whose
+    /// start was deleted before it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree: Option<TreeHead>,
     /// Public key (hex) that signed it, or null when unsigned.
     pub key: Option<String>,
     pub sig: String,
@@ -66,8 +74,59 @@ pub struct Checkpoint {
     pub seal: String,
     /// Hash of the previous checkpoint line (zeros for the first).
     pub prev: String,
+    /// The Merkle tree over every record's chain hash up to this statement's last
+    /// record. Absent in statements written before it was added, and in trails whose
+    /// start was deleted before it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree: Option<TreeHead>,
     pub key: Option<String>,
     pub sig: String,
+}
+
+/// A signed tree head (RFC 6962): leaf `seq - 1` of the tree is
+/// `SHA-256(0x00 || chain hash of record seq)`, for every record from seq 1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeHead {
+    /// Leaves: the records covered.
+    pub size: u64,
+    /// The tree head (hex).
+    pub root: String,
+    /// Heads of the perfect subtrees that make up the tree, largest first (hex): what a
+    /// writer needs to grow it after a restart, and a verifier to start after retention.
+    pub frontier: Vec<String>,
+}
+
+impl TreeHead {
+    pub fn of(range: &Range) -> Option<Self> {
+        Some(Self {
+            size: range.end(),
+            root: hex::encode(range.root()?),
+            frontier: range.frontier().iter().map(hex::encode).collect(),
+        })
+    }
+
+    /// The tree as a range that grows, when the frontier is well formed and gives the root.
+    pub fn range(&self) -> Option<Range> {
+        let heads = self
+            .frontier
+            .iter()
+            .map(|h| parse_hash(h))
+            .collect::<Option<Vec<_>>>()?;
+        let range = Range::from_frontier(self.size, &heads)?;
+        (range.root().map(hex::encode).as_deref() == Some(self.root.as_str())).then_some(range)
+    }
+
+    /// The root as bytes.
+    pub fn root_hash(&self) -> Option<Hash> {
+        parse_hash(&self.root)
+    }
+}
+
+/// 64 hex digits as a hash.
+pub fn parse_hash(s: &str) -> Option<Hash> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s, &mut out).ok()?;
+    Some(out)
 }
 
 pub const ZERO_HEX: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -247,6 +306,7 @@ mod tests {
             head: ZERO_HEX.into(),
             seal: ZERO_HEX.into(),
             prev: ZERO_HEX.into(),
+            tree: None,
             key: None,
             sig: "0".repeat(128),
         }

@@ -14,8 +14,9 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     index::{self, BlockEntry, Facts, SegmentIndex},
-    segment::{self, BlockHeader, ParsedSegment, SegmentHeader},
-    signing::{self, Checkpoint, Seal, SignerKey, ZERO_HEX},
+    merkle::{self, Range},
+    segment::{self, BlockHeader, ParsedSegment, SealFrame, SegmentHeader},
+    signing::{self, Checkpoint, Seal, SignerKey, TreeHead, ZERO_HEX},
     AuditError,
 };
 
@@ -75,6 +76,9 @@ pub struct SegmentStore {
     /// Hash of the newest checkpoint line, and what it covered (seq, newest length).
     last_checkpoint: String,
     covered: (u64, u64),
+    /// The Merkle tree over every record so far (`None`: the trail's start was deleted
+    /// before trees were written, so no head can be signed).
+    tree: Option<Range>,
     compressor: zstd::bulk::Compressor<'static>,
 }
 
@@ -179,6 +183,7 @@ impl SegmentStore {
         let next_segment = segments.last().map_or(1, |(n, _)| n + 1);
         let mut newest = None;
         let mut prev_seal = ZERO_HEX.to_owned();
+        let mut tree = Some(Range::new(0));
         for (i, (number, path)) in segments.iter().enumerate().rev() {
             let mut bytes = fs::read(path).map_err(io(path))?;
             let mut parsed = match segment::parse_segment(&bytes) {
@@ -221,12 +226,36 @@ impl SegmentStore {
             }
             head = head_of(path, &parsed)?;
             match &parsed.seal {
-                Some(seal) => prev_seal = signing::line_hash(&seal.line),
+                Some(seal) => {
+                    prev_seal = signing::line_hash(&seal.line);
+                    tree = seal
+                        .seal
+                        .tree
+                        .as_ref()
+                        .and_then(TreeHead::range)
+                        .filter(|t| t.end() + 1 == head.next_seq);
+                    if tree.is_none() {
+                        tree = rebuild_tree(&segments[..=i])?;
+                    }
+                }
                 None => {
                     let before = match i.checked_sub(1) {
-                        Some(p) => previous_seal_hash(&segments[p].1)?,
-                        None => ZERO_HEX.to_owned(),
+                        Some(p) => previous_seal(&segments[p].1)?,
+                        None => None,
                     };
+                    tree = before
+                        .as_ref()
+                        .and_then(|s| s.seal.tree.as_ref())
+                        .and_then(TreeHead::range)
+                        .filter(|t| t.end() + 1 == parsed.header.first_seq);
+                    if tree.is_none() {
+                        tree = rebuild_tree(&segments[..i])?;
+                    }
+                    if let Some(t) = tree.as_mut() {
+                        push_leaves(t, &parsed);
+                    }
+                    let before =
+                        before.map_or_else(|| ZERO_HEX.to_owned(), |s| signing::line_hash(&s.line));
                     let mut idx = index::from_parsed(*number, &parsed, 0);
                     idx.seal_at = Some(bytes.len() as u64);
                     let line = seal_line(
@@ -234,7 +263,7 @@ impl SegmentStore {
                         &parsed,
                         &bytes,
                         (head, &before, &index::digest(&idx)),
-                        true,
+                        tree.as_ref(),
                         opts.signer.as_ref(),
                     )
                     .map_err(|e| format_err(path, e.to_string()))?;
@@ -277,6 +306,7 @@ impl SegmentStore {
                 prev_seal,
                 last_checkpoint,
                 covered,
+                tree,
                 compressor,
             },
             recovery,
@@ -289,6 +319,20 @@ impl SegmentStore {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The tree head over every record written, when it can be signed.
+    fn tree_head(&self) -> Option<TreeHead> {
+        let tree = self.tree.as_ref()?;
+        if tree.end() + 1 != self.head.next_seq {
+            tracing::error!(
+                tree = tree.end(),
+                next_seq = self.head.next_seq,
+                "the tree does not cover the chain; no tree head signed"
+            );
+            return None;
+        }
+        TreeHead::of(tree)
     }
 
     /// Whether seals and checkpoints are signed.
@@ -331,6 +375,19 @@ impl SegmentStore {
             return Err(io(&seg.path)(e));
         }
         seg.hasher.update(&block);
+        if let Some(tree) = self.tree.as_mut() {
+            for line in records.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                match segment::stated_hash(line) {
+                    Some(h) => tree.push(merkle::leaf_hash(&h)),
+                    None => {
+                        // Cannot happen for sealed lines; a tree with a hole must not be signed.
+                        tracing::error!("a record without its chain hash; tree heads stop");
+                        self.tree = None;
+                        break;
+                    }
+                }
+            }
+        }
         seg.blocks.push(BlockEntry {
             offset: seg.len,
             len: block.len() as u64,
@@ -425,6 +482,7 @@ impl SegmentStore {
             recovered: false,
             time: now_rfc3339(),
             index_sha256: Some(index::digest(&idx)),
+            tree: self.tree_head(),
             key: self.opts.signer.as_ref().map(|k| k.public_hex().to_owned()),
             sig: "0".repeat(128),
         };
@@ -482,6 +540,7 @@ impl SegmentStore {
             head: hex::encode(self.head.prev_hash),
             seal: self.prev_seal.clone(),
             prev: self.last_checkpoint.clone(),
+            tree: self.tree_head(),
             key: self.opts.signer.as_ref().map(|k| k.public_hex().to_owned()),
             sig: "0".repeat(128),
         };
@@ -613,13 +672,13 @@ impl SegmentStore {
     }
 }
 
-/// The seal line for a parsed (crashed) segment whose bytes are `bytes`.
+/// The seal line for a parsed segment left open by a crash whose bytes are `bytes`.
 fn seal_line(
     number: u64,
     parsed: &ParsedSegment,
     bytes: &[u8],
     (head, prev_seal, index_sha256): (ChainHead, &str, &str),
-    recovered: bool,
+    tree: Option<&Range>,
     signer: Option<&SignerKey>,
 ) -> Result<Vec<u8>, serde_json::Error> {
     let records: u64 = parsed
@@ -649,24 +708,57 @@ fn seal_line(
         head: hex::encode(head.prev_hash),
         segment_sha256: hex::encode(Sha256::digest(bytes)),
         prev_seal: prev_seal.to_owned(),
-        recovered,
+        recovered: true,
         time: now_rfc3339(),
         index_sha256: Some(index_sha256.to_owned()),
+        tree: tree
+            .filter(|t| t.end() + 1 == head.next_seq)
+            .and_then(TreeHead::of),
         key: signer.map(|k| k.public_hex().to_owned()),
         sig: "0".repeat(128),
     };
     signing::sign_line(&seal, signer)
 }
 
-fn previous_seal_hash(path: &Path) -> Result<String, AuditError> {
+fn read_parsed(path: &Path) -> Result<ParsedSegment, AuditError> {
     let bytes = fs::read(path).map_err(io(path))?;
-    let parsed = segment::parse_segment(&bytes).map_err(|source| AuditError::Format {
+    segment::parse_segment(&bytes).map_err(|source| AuditError::Format {
         path: path.to_owned(),
         source,
-    })?;
-    Ok(parsed
-        .seal
-        .map_or_else(|| ZERO_HEX.to_owned(), |s| signing::line_hash(&s.line)))
+    })
+}
+
+fn previous_seal(path: &Path) -> Result<Option<SealFrame>, AuditError> {
+    Ok(read_parsed(path)?.seal)
+}
+
+fn push_leaves(tree: &mut Range, parsed: &ParsedSegment) {
+    for line in parsed.blocks.iter().flat_map(|b| b.lines()) {
+        if let Some(h) = segment::stated_hash(line) {
+            tree.push(merkle::leaf_hash(&h));
+        }
+    }
+}
+
+/// The tree over `segments` read from their records: once, when a trail written before
+/// tree heads is opened. `None` when its start was deleted (nothing to build from).
+fn rebuild_tree(segments: &[(u64, PathBuf)]) -> Result<Option<Range>, AuditError> {
+    let mut tree = Range::new(0);
+    for (_, path) in segments {
+        let parsed = read_parsed(path)?;
+        if parsed.header.first_seq != tree.end() + 1 {
+            tracing::warn!(segment = %path.display(), "the trail's start is gone: no tree heads can be signed");
+            return Ok(None);
+        }
+        push_leaves(&mut tree, &parsed);
+    }
+    if !segments.is_empty() {
+        tracing::info!(
+            records = tree.end(),
+            "built the Merkle tree of a trail written before tree heads"
+        );
+    }
+    Ok(Some(tree))
 }
 
 /// Reads the checkpoint log: a torn last line (a crash mid-append) is cut off.

@@ -837,6 +837,8 @@ impl Worker {
                     "last_seq": r.seal.last_seq,
                     "head": r.seal.head,
                     "last_ms": r.seal.last_ms,
+                    // Where the remaining trail's tree starts: proofs and verify need it.
+                    "tree": r.seal.tree,
                 })
             })
             .collect();

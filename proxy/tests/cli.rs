@@ -1729,3 +1729,230 @@ fn silent_connections_cannot_exhaust_file_descriptors() {
         "the cap follows the descriptor limit: {log}"
     );
 }
+
+/// A key pair in `dir/keys` and a `serve` config that signs with it; the keys' folder.
+fn signed_config(dir: &Path, config: &Path, audit: &Path, mock_addr: &str) -> std::path::PathBuf {
+    let keys = dir.join("keys");
+    assert!(custody(&["keygen", "--out", keys.to_str().unwrap()])
+        .status
+        .success());
+    let sign = format!("signing_key = \"{}\"", keys.join("custody.key").display());
+    write_serve_config(config, audit, mock_addr, &sign, "");
+    keys
+}
+
+/// `log prove` and `log verify --proof`: a record's proof and a consistency proof are
+/// checked in a directory holding nothing but them and the public key; one changed
+/// byte fails it.
+#[test]
+fn proofs_are_checked_with_the_public_key_alone() {
+    let Setup {
+        mock: _mock,
+        mock_addr,
+        dir,
+        audit,
+        config,
+    } = setup();
+    let keys = signed_config(dir.path(), &config, &audit, &mock_addr);
+    let cfg = config.to_str().unwrap();
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"prove me"}]}"#;
+    let (mut serve, addr) = spawn_listening(&["serve", "--config", cfg]);
+    for _ in 0..3 {
+        let r = http_post(&addr, "/v1/chat/completions", "", body);
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    }
+    serve.terminate();
+    let kept = std::fs::read_to_string(audit.join("checkpoints.log")).unwrap();
+    let kept = kept.lines().last().unwrap().to_owned();
+    let (mut serve, addr) = spawn_listening(&["serve", "--config", cfg]);
+    assert!(http_post(&addr, "/v1/chat/completions", "", body).starts_with("HTTP/1.1 200"));
+    serve.terminate();
+
+    let d = audit.to_str().unwrap();
+    let o = custody(&["log", "search", "--dir", d, "--json"]);
+    let ids: Vec<String> = stdout(&o)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 4);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let proofs = elsewhere.path().join("proofs.jsonl");
+    let mut args = vec!["log", "prove", "--dir", d, "-o", proofs.to_str().unwrap()];
+    args.extend(ids.iter().map(String::as_str));
+    let o = custody(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let earlier = elsewhere.path().join("kept-checkpoint.json");
+    std::fs::write(&earlier, &kept).unwrap();
+    let grown = elsewhere.path().join("consistency.jsonl");
+    let o = custody(&[
+        "log",
+        "prove",
+        "--dir",
+        d,
+        "--since-checkpoint",
+        earlier.to_str().unwrap(),
+        "-o",
+        grown.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pubkey = elsewhere.path().join("custody.pub");
+    std::fs::copy(keys.join("custody.pub"), &pubkey).unwrap();
+    drop(dir);
+
+    let check = |file: &Path| {
+        Command::new(BIN)
+            .args([
+                "log",
+                "verify",
+                "--proof",
+                file.to_str().unwrap(),
+                "--pubkey",
+                pubkey.to_str().unwrap(),
+            ])
+            .current_dir(elsewhere.path())
+            .output()
+            .unwrap()
+    };
+    let o = check(&proofs);
+    assert!(
+        o.status.success(),
+        "{}{}",
+        stdout(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        stdout(&o).matches("ok: record").count(),
+        4,
+        "{}",
+        stdout(&o)
+    );
+    assert!(stdout(&o).contains("does not prove"));
+    let o = check(&grown);
+    assert!(o.status.success(), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("extends the trail of 4 records"),
+        "{}",
+        stdout(&o)
+    );
+
+    // One changed character in the record content of the second proof.
+    let text = std::fs::read_to_string(&proofs).unwrap();
+    let tampered = text.replacen("prove me", "prove mE", 2);
+    std::fs::write(&proofs, tampered).unwrap();
+    let o = check(&proofs);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert_eq!(stdout(&o).matches("FAILED").count(), 1, "{}", stdout(&o));
+}
+
+/// `log bundle` for one end user (an e-mail address, found by its pseudonym) over a
+/// window, with another user's traffic interleaved across a restart; `log verify
+/// --bundle` in a directory holding only the bundle and the public key; the archive
+/// opens with the system's tar.
+#[test]
+fn a_bundle_for_one_user_is_checked_offline_and_a_changed_byte_fails_it() {
+    let Setup {
+        mock: _mock,
+        mock_addr,
+        dir,
+        audit,
+        config,
+    } = setup();
+    let keys = signed_config(dir.path(), &config, &audit, &mock_addr);
+    let cfg = config.to_str().unwrap();
+    let ask = |addr: &str, user: &str| {
+        let body = format!(
+            r#"{{"model":"gpt-4o-mini","user":"{user}","messages":[{{"role":"user","content":"hello from {user}"}}]}}"#
+        );
+        let r = http_post(addr, "/v1/chat/completions", "", &body);
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    };
+    for _ in 0..2 {
+        let (mut serve, addr) = spawn_listening(&["serve", "--config", cfg]);
+        for _ in 0..2 {
+            ask(&addr, "sam.lee@example.com");
+            ask(&addr, "kim");
+        }
+        serve.terminate();
+    }
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = elsewhere.path().join("sam.tar.zst");
+    let o = custody(&[
+        "log",
+        "bundle",
+        "--dir",
+        audit.to_str().unwrap(),
+        "--pubkey",
+        keys.join("custody.pub").to_str().unwrap(),
+        "--since",
+        "1h",
+        "--until",
+        "2100-01-01T00:00:00Z",
+        "--user",
+        "sam.lee@example.com",
+        "--requested-by",
+        "ticket SEC-1",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout(&o).contains("bundle SHA-256: "));
+    std::fs::copy(
+        keys.join("custody.pub"),
+        elsewhere.path().join("custody.pub"),
+    )
+    .unwrap();
+    drop(dir);
+
+    let check = || {
+        Command::new(BIN)
+            .args([
+                "log",
+                "verify",
+                "--bundle",
+                "sam.tar.zst",
+                "--pubkey",
+                "custody.pub",
+            ])
+            .current_dir(elsewhere.path())
+            .output()
+            .unwrap()
+    };
+    let o = check();
+    let said = stdout(&o);
+    assert!(
+        o.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        said.contains("ok: 4 record(s) and 2 config event(s)"),
+        "{said}"
+    );
+    assert!(said.contains("does not prove"), "{said}");
+    // The clear address is nowhere in what the bundle says of its selection.
+    assert!(!said.contains("sam.lee@example.com"), "{said}");
+
+    // Any tar opens it; the report is there.
+    let x = Command::new("tar")
+        .args(["--zstd", "-xf", "sam.tar.zst"])
+        .current_dir(elsewhere.path())
+        .status()
+        .unwrap();
+    assert!(x.success());
+    let report = std::fs::read_to_string(elsewhere.path().join("report.html")).unwrap();
+    assert!(report.contains("ticket SEC-1"));
+
+    let mut bytes = std::fs::read(&out).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x20;
+    std::fs::write(&out, &bytes).unwrap();
+    let o = check();
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stdout(&o).contains("FAILED"), "{}", stdout(&o));
+}

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod console;
+pub mod evidence;
 
 use std::{
     convert::Infallible,

@@ -338,3 +338,32 @@ async fn each_role_reads_through_a_real_browser_and_every_read_is_on_the_record(
     custody_audit::review::verify::verify_dir(&r.access_dir, Some(&key), |_, _, _| {})
         .expect("the access trail verifies");
 }
+
+/// The report inside an evidence bundle opens from the unpacked bundle, as a file,
+/// with nothing else: one row per record, the summary, the signed heads.
+#[tokio::test]
+async fn a_bundles_report_opens_in_a_real_browser() {
+    use custody_audit::review::bundle;
+    let t = custody_tests::evidence::signed_trail(2, 4).await;
+    let bytes = custody_tests::evidence::bundle_of(&t, "alice");
+    let files = bundle::open(&bytes).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join(bundle::REPORT);
+    std::fs::write(&report, &files[bundle::REPORT]).unwrap();
+
+    let driver = start_driver().await;
+    let client = browser(&driver).await;
+    let c = &client;
+    c.goto(&format!("file://{}", report.display()))
+        .await
+        .unwrap();
+    heading_is(c, "Evidence bundle").await;
+    assert_eq!(count(c, "table.records tbody tr").await, 4);
+    let summary = text_of(c, "table.summary").await;
+    assert!(summary.contains("complete"), "{summary}");
+    assert!(summary.contains("records 4"), "{summary}");
+    let page = c.source().await.unwrap();
+    assert!(page.contains("What it does not prove"));
+    shot(c, "bundle-report").await;
+    client.close().await.unwrap();
+}

@@ -4,7 +4,9 @@
 //! what of them through the console ([`access`]).
 
 pub mod access;
+pub mod bundle;
 pub mod export;
+pub mod proof;
 pub mod reader;
 pub mod search;
 pub mod tally;

@@ -220,6 +220,10 @@ impl Query {
             prefix.pop();
             out.push(prefix);
         }
+        // Events are few among records: only lines naming their schema are parsed.
+        if self.events && self.record.is_none() {
+            out.push(json(crate::record::EVENT_SCHEMA));
+        }
         out
     }
 

@@ -13,8 +13,9 @@ use serde::Deserialize;
 
 use super::reader;
 use crate::{
+    merkle::{self, Hash, Range},
     segment,
-    signing::{self, Checkpoint, SigCheck, ZERO_HEX},
+    signing::{self, Checkpoint, SigCheck, TreeHead, ZERO_HEX},
     store::CHECKPOINTS,
     AuditError,
 };
@@ -52,6 +53,9 @@ pub struct VerifyReport {
     /// The newest checkpoint: when it was written, the newest record it covers, and the
     /// key that signed it (`None`: unsigned).
     pub newest_checkpoint: Option<(String, u64, Option<String>)>,
+    /// Seals and checkpoints whose signed Merkle tree head was recomputed from the
+    /// records and matched.
+    pub tree_heads: usize,
 }
 
 /// Where and how the trail breaks.
@@ -98,6 +102,9 @@ struct Removed {
     seal: String,
     last_seq: u64,
     head: String,
+    /// The tree head of its seal: where the remaining trail's tree starts.
+    #[serde(default)]
+    tree: Option<TreeHead>,
 }
 
 #[derive(Deserialize)]
@@ -188,6 +195,12 @@ struct SegmentCheck {
     seal: Option<(String, String)>,
     /// Hashes of the records whose seq a checkpoint names.
     heads: BTreeMap<u64, [u8; 32]>,
+    /// The segment's leaves as a tree range (`None` when not re-hashed), and that range
+    /// as it stood at each record a checkpoint names.
+    tree: Option<Range>,
+    cp_trees: BTreeMap<u64, Range>,
+    /// The tree head its seal signs.
+    seal_tree: Option<TreeHead>,
     keys: BTreeSet<String>,
     unsigned: usize,
 }
@@ -245,6 +258,9 @@ fn check_segment(
         removed: Vec::new(),
         seal: None,
         heads: BTreeMap::new(),
+        tree: Some(Range::new(h.first_seq.saturating_sub(1))),
+        cp_trees: BTreeMap::new(),
+        seal_tree: None,
         keys: BTreeSet::new(),
         unsigned: 0,
     };
@@ -297,6 +313,7 @@ fn check_segment(
                 &mut sink,
             )?;
             c.seal = Some((seal.prev_seal.clone(), signing::line_hash(&s.line)));
+            c.seal_tree = seal.tree.clone();
         }
         None if !newest => {
             return Err(broken(&name, None, "segment has no seal but is not the newest (it was truncated, or a newer segment was added)"));
@@ -371,8 +388,14 @@ fn check_block(
                 "chain.prev does not match the previous record's hash",
             ));
         }
+        if let Some(t) = c.tree.as_mut() {
+            t.push(merkle::leaf_hash(&hash));
+        }
         if cp_seqs.contains(&seq) {
             c.heads.insert(seq, hash);
+            if let Some(t) = &c.tree {
+                c.cp_trees.insert(seq, t.clone());
+            }
         }
         if is_event {
             c.events += 1;
@@ -536,6 +559,9 @@ fn check_sealed_fast(
         removed: Vec::new(),
         seal: Some((seal.prev_seal.clone(), signing::line_hash(&s.line))),
         heads,
+        tree: None,
+        cp_trees: BTreeMap::new(),
+        seal_tree: seal.tree.clone(),
         keys: sink.keys,
         unsigned: sink.unsigned,
     }))
@@ -645,6 +671,20 @@ pub fn verify_source(
     let mut heads: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
     let mut removed: BTreeMap<u64, Removed> = BTreeMap::new();
     let mut gap: Option<(u64, [u8; 32], String)> = None;
+    // The Merkle tree over every record so far; after retention it starts from the
+    // tree head the retention event carries over from the last deleted seal.
+    let mut tree: Option<Range> = if first_number == 1 {
+        Some(Range::new(0))
+    } else {
+        results
+            .iter()
+            .flatten()
+            .filter_map(|r| r.as_ref().ok())
+            .flat_map(|c| &c.removed)
+            .filter(|r| segment::parse_segment_file_name(&r.segment) == Some(first_number - 1))
+            .find_map(|r| r.tree.as_ref().and_then(TreeHead::range))
+    };
+    let mut cp_roots: BTreeMap<u64, Hash> = BTreeMap::new();
     for (i, (seg, result)) in segs.iter().zip(results).enumerate() {
         let expected_segment = first_number + i as u64;
         if seg.number != expected_segment {
@@ -681,6 +721,14 @@ pub fn verify_source(
                 format!("header says the segment starts at seq {}", c.first_seq),
             ));
         }
+        if i == 0 && tree.as_ref().is_some_and(|t| t.end() + 1 != c.first_seq) {
+            return Err(broken(
+                &c.name,
+                None,
+                "the retention event's tree head does not end where the remaining trail begins",
+            ));
+        }
+        link_tree(&mut tree, &c, &mut cp_roots, &mut report)?;
         if let Some((seal_prev, seal_hash)) = &c.seal {
             if *seal_prev != prev_seal {
                 return Err(broken(
@@ -732,6 +780,28 @@ pub fn verify_source(
         if cp.last_seq == 0 || cp.last_seq < trail_start || cp.last_seq >= expected_seq {
             continue;
         }
+        if let Some(t) = &cp.tree {
+            if t.size != cp.last_seq {
+                return Err(broken(
+                    CHECKPOINTS,
+                    Some(cp.last_seq),
+                    format!(
+                        "a checkpoint's tree head covers {} records, not {}",
+                        t.size, cp.last_seq
+                    ),
+                ));
+            }
+            if let Some(root) = cp_roots.get(&cp.last_seq) {
+                if t.root_hash().as_ref() != Some(root) {
+                    return Err(broken(
+                        CHECKPOINTS,
+                        Some(cp.last_seq),
+                        "a checkpoint's tree head does not match the records",
+                    ));
+                }
+                report.tree_heads += 1;
+            }
+        }
         let found = heads.get(&cp.last_seq);
         if fast && found.is_none() {
             // Inside a segment vouched for by its seal: not re-hashed in fast mode.
@@ -774,6 +844,44 @@ pub fn verify_source(
     report.head = (last_seq > 0).then(|| hex::encode(prev));
     report.last_seq = (last_seq > 0).then_some(last_seq);
     Ok(report)
+}
+
+/// Grows the trail's tree by a segment's leaves: the roots at the checkpoints inside it
+/// are noted, and its seal's tree head must match. A segment not re-hashed (fast mode)
+/// takes its signed seal's word for the tree.
+fn link_tree(
+    tree: &mut Option<Range>,
+    c: &SegmentCheck,
+    cp_roots: &mut BTreeMap<u64, Hash>,
+    report: &mut VerifyReport,
+) -> Result<(), VerifyError> {
+    let (Some(t), Some(leaves)) = (tree.as_mut(), c.tree.as_ref()) else {
+        *tree = c.seal_tree.as_ref().and_then(TreeHead::range);
+        return Ok(());
+    };
+    for (seq, at) in &c.cp_trees {
+        let mut whole = t.clone();
+        if whole.extend(at) {
+            if let Some(root) = whole.root() {
+                cp_roots.insert(*seq, root);
+            }
+        }
+    }
+    if !t.extend(leaves) {
+        *tree = None;
+        return Ok(());
+    }
+    if let Some(sealed) = &c.seal_tree {
+        if TreeHead::of(t).as_ref() != Some(sealed) {
+            return Err(broken(
+                &c.name,
+                None,
+                "seal's tree head does not match the records",
+            ));
+        }
+        report.tree_heads += 1;
+    }
+    Ok(())
 }
 
 fn read_checkpoints(

@@ -5,130 +5,18 @@ use std::{
     ops::ControlFlow,
     path::PathBuf,
     process::ExitCode,
-    time::SystemTime,
 };
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use custody_audit::{
-    review::reader::{self, DirSource, TrailSource},
+    review::reader::{self, TrailSource},
     review::search::{self, Query, StatusFilter},
     review::verify::{self, VerifyError},
     signing,
 };
 
-/// Where the trail is: `--dir`, else `[audit] dir` of `--config`, else the default's;
-/// or every trail shipped under `--from`, read where it lies.
-#[derive(Args, Clone)]
-pub struct TrailArgs {
-    /// The audit directory.
-    #[arg(long, conflicts_with = "from")]
-    dir: Option<PathBuf>,
-    /// Take the audit directory from this config file.
-    #[arg(long, conflicts_with = "from")]
-    config: Option<PathBuf>,
-    /// Read the trails shipped under this URL (`s3://bucket/prefix`, `gs://`, `az://`,
-    /// `file://`) instead of a local directory; credentials from the cloud's environment.
-    #[arg(long)]
-    from: Option<String>,
-    /// Only this source (pod) under `--from`; default: every one.
-    #[arg(long, requires = "from")]
-    source: Option<String>,
-    /// An object-store option, `key=value` (`endpoint=...`, `region=...`); repeatable.
-    #[arg(long = "option", value_parser = key_value, requires = "from")]
-    options: Vec<(String, String)>,
-}
-
-fn key_value(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("`{s}` is not key=value"))
-}
-
-/// The trails a command reads: the local one, or one per source under `--from`.
-struct Trails {
-    sources: Vec<Box<dyn TrailSource>>,
-    // The object-store sources block on it; dropped after them.
-    _runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl TrailArgs {
-    fn open(&self) -> anyhow::Result<Trails> {
-        let Some(url) = &self.from else {
-            let dir = match &self.dir {
-                Some(d) => d.clone(),
-                None => super::load_config(self.config.as_ref())?.audit.dir,
-            };
-            return Ok(Trails {
-                sources: vec![Box::new(DirSource(dir))],
-                _runtime: None,
-            });
-        };
-        let runtime = super::runtime()?;
-        let options = self.options.iter().cloned().collect();
-        let sources = custody_proxy::remote::sources(
-            url,
-            &options,
-            self.source.as_deref(),
-            runtime.handle(),
-        )?;
-        anyhow::ensure!(!sources.is_empty(), "no trails under {url}");
-        Ok(Trails {
-            sources: sources
-                .into_iter()
-                .map(|s| Box::new(s) as Box<dyn TrailSource>)
-                .collect(),
-            _runtime: Some(runtime),
-        })
-    }
-}
-
-impl TrailArgs {
-    /// How `user` is stored: itself, or (holding an entity) its pseudonym under the
-    /// deployment's fingerprint key.
-    fn user_token(&self, user: &str, key_file: Option<&std::path::Path>) -> anyhow::Result<String> {
-        let plain = custody_audit::redact::Redactor::builtin()
-            .find(user)
-            .is_empty();
-        if plain {
-            return Ok(user.to_owned());
-        }
-        let path = match (key_file, &self.dir, &self.from) {
-            (Some(k), _, _) => k.to_owned(),
-            (None, Some(d), _) => d.join("fingerprint.key"),
-            (None, None, None) => {
-                let audit = super::load_config(self.config.as_ref())?.audit;
-                audit
-                    .fingerprint_key_file
-                    .unwrap_or_else(|| audit.dir.join("fingerprint.key"))
-            }
-            (None, None, Some(_)) => anyhow::bail!(
-                "--user `…` holds an entity (an e-mail address...), stored pseudonymized: pass --key-file with the deployment's fingerprint key to search for it"
-            ),
-        };
-        let key = custody_audit::fingerprint::load_key(&path).with_context(|| {
-            "--user holds an entity, stored pseudonymized: its form needs the deployment's fingerprint key (--key-file)"
-        })?;
-        Ok(custody_audit::assemble::identity_token(
-            &custody_audit::fingerprint::Fingerprinter::new(key),
-            user,
-        ))
-    }
-}
-
-impl Trails {
-    /// The trail holding record `id`, and its line.
-    fn find(&self, id: &str) -> anyhow::Result<(&dyn TrailSource, Vec<u8>)> {
-        for source in &self.sources {
-            match reader::find_by_id(source.as_ref(), id) {
-                Ok(line) => return Ok((source.as_ref(), line)),
-                Err(custody_audit::AuditError::NotFound(_)) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(custody_audit::AuditError::NotFound(id.to_owned()).into())
-    }
-}
+use super::trail::{when, TrailArgs};
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum ExportFormat {
@@ -168,7 +56,16 @@ pub enum LogCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Check every checksum, record hash, chain link, sequence number, seal and checkpoint.
+    /// Print inclusion proofs for records (to the newest checkpoint's signed tree head),
+    /// or a consistency proof since an earlier checkpoint: checked by `verify --proof`
+    /// with the public key alone.
+    Prove(Box<super::evidence::ProveArgs>),
+    /// Write an evidence bundle: the records one filter selects over one window, their
+    /// proofs, the signed heads, the configuration in force, the public key, a manifest
+    /// and an HTML report, in one zstd-compressed tar; checked by `verify --bundle`.
+    Bundle(Box<super::evidence::BundleArgs>),
+    /// Check every checksum, record hash, chain link, sequence number, seal, checkpoint
+    /// and tree head; or, with --proof, proofs from `log prove`.
     Verify {
         #[command(flatten)]
         trail: TrailArgs,
@@ -182,6 +79,14 @@ pub enum LogCommand {
         /// record: disk speed. Needs --pubkey.
         #[arg(long, requires = "pubkey")]
         fast: bool,
+        /// Check the proofs in this file (from `log prove`) instead of a trail: needs
+        /// only --pubkey.
+        #[arg(long, value_name = "FILE", conflicts_with = "bundle")]
+        proof: Option<PathBuf>,
+        /// Check this evidence bundle (from `log bundle`) instead of a trail: needs only
+        /// --pubkey.
+        #[arg(long, value_name = "FILE")]
+        bundle: Option<PathBuf>,
     },
     /// List a trail's segments; with `--from`, every trail shipped there, one per source (pod).
     Ls {
@@ -265,17 +170,6 @@ pub struct SearchArgs {
 fn severity(s: &str) -> Result<custody_config::Severity, String> {
     serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase()))
         .map_err(|_| format!("`{s}` is not low, medium, high or critical"))
-}
-
-fn when(s: &str) -> anyhow::Result<SystemTime> {
-    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
-        return Ok(t);
-    }
-    let age = humantime::parse_duration(s)
-        .with_context(|| format!("`{s}` is neither an RFC 3339 time nor an age like 1h"))?;
-    SystemTime::now()
-        .checked_sub(age)
-        .context("age reaches before 1970")
 }
 
 pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
@@ -483,6 +377,8 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
             out.flush()?;
             Ok(ExitCode::SUCCESS)
         }
+        LogCommand::Prove(args) => super::evidence::prove(*args),
+        LogCommand::Bundle(args) => super::evidence::bundle(*args),
         LogCommand::Ls { trail } => {
             for source in &trail.open()?.sources {
                 let segs = source.segments()?;
@@ -501,7 +397,15 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
             pubkey,
             allow_uncovered_tail,
             fast,
+            proof,
+            bundle,
         } => {
+            if let Some(file) = bundle {
+                return super::evidence::verify_bundle(&file, pubkey.as_deref());
+            }
+            if let Some(file) = proof {
+                return super::evidence::verify_proofs(&file, pubkey.as_deref());
+            }
             let trusted = pubkey.as_deref().map(signing::load_public).transpose()?;
             let depth = if fast {
                 verify::Depth::Fast

@@ -2,9 +2,11 @@
 
 mod console;
 mod demo;
+mod evidence;
 mod log;
 mod policy;
 mod redact;
+mod trail;
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
 

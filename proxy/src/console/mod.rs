@@ -11,6 +11,7 @@ mod api;
 mod auth;
 mod html;
 mod pages;
+pub mod report;
 
 use std::{
     net::SocketAddr,

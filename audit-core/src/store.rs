@@ -235,7 +235,7 @@ impl SegmentStore {
                         .and_then(TreeHead::range)
                         .filter(|t| t.end() + 1 == head.next_seq);
                     if tree.is_none() {
-                        tree = rebuild_tree(&segments[..=i])?;
+                        tree = tree_before(dir, &segments[..=i], head.next_seq)?;
                     }
                 }
                 None => {
@@ -249,7 +249,7 @@ impl SegmentStore {
                         .and_then(TreeHead::range)
                         .filter(|t| t.end() + 1 == parsed.header.first_seq);
                     if tree.is_none() {
-                        tree = rebuild_tree(&segments[..i])?;
+                        tree = tree_before(dir, &segments[..i], parsed.header.first_seq)?;
                     }
                     if let Some(t) = tree.as_mut() {
                         push_leaves(t, &parsed);
@@ -740,8 +740,29 @@ fn push_leaves(tree: &mut Range, parsed: &ParsedSegment) {
     }
 }
 
-/// The tree over `segments` read from their records: once, when a trail written before
-/// tree heads is opened. `None` when its start was deleted (nothing to build from).
+/// The tree over the records before `next_seq`, when no seal gave it: from a checkpoint
+/// that covers exactly them, else built from the records of `segments` (once, when a
+/// trail written before tree heads is opened). `None` when neither can give it.
+fn tree_before(
+    dir: &Path,
+    segments: &[(u64, PathBuf)],
+    next_seq: u64,
+) -> Result<Option<Range>, AuditError> {
+    let from_log = fs::read(dir.join(CHECKPOINTS)).ok().and_then(|log| {
+        log.split(|&b| b == b'\n')
+            .filter_map(|l| serde_json::from_slice::<Checkpoint>(l).ok())
+            .filter_map(|c| c.tree)
+            .filter(|t| t.size + 1 == next_seq)
+            .find_map(|t| t.range())
+    });
+    if from_log.is_some() {
+        return Ok(from_log);
+    }
+    Ok(rebuild_tree(segments)?.filter(|t| t.end() + 1 == next_seq))
+}
+
+/// The tree over `segments` read from their records. `None` when their start was
+/// deleted (nothing to build from).
 fn rebuild_tree(segments: &[(u64, PathBuf)]) -> Result<Option<Range>, AuditError> {
     let mut tree = Range::new(0);
     for (_, path) in segments {

@@ -225,12 +225,8 @@ fn strip_tree_heads(dir: &Path, key: &SignerKey) {
         );
         fs::write(&seg.path, out).unwrap();
     }
-    let mut prev = signing::ZERO_HEX.to_owned();
-    let mut log = Vec::new();
-    for line in checkpoint_lines(dir) {
-        let mut cp: Checkpoint = serde_json::from_str(&line).unwrap();
+    rewrite_checkpoints(dir, key, |cp, _| {
         cp.tree = None;
-        cp.prev = prev;
         if let Some(new) = seals.get(&cp.seal) {
             cp.seal = new.clone();
         }
@@ -240,6 +236,18 @@ fn strip_tree_heads(dir: &Path, key: &SignerKey) {
                 cp.segment_sha256 = sha.clone();
             }
         }
+    });
+}
+
+/// Rewrites every checkpoint through `edit` (with its index), signed again with `key`
+/// and relinked: what someone holding the key can do to the log.
+fn rewrite_checkpoints(dir: &Path, key: &SignerKey, mut edit: impl FnMut(&mut Checkpoint, usize)) {
+    let mut prev = signing::ZERO_HEX.to_owned();
+    let mut log = Vec::new();
+    for (i, line) in checkpoint_lines(dir).iter().enumerate() {
+        let mut cp: Checkpoint = serde_json::from_str(line).unwrap();
+        cp.prev = prev;
+        edit(&mut cp, i);
         let line = signing::sign_line(&cp, Some(key)).unwrap();
         prev = signing::line_hash(&line);
         log.extend(line);
@@ -442,4 +450,24 @@ async fn a_bundle_holds_one_users_records_checks_offline_and_no_byte_of_it_can_c
         c.records.pop();
     });
     assert!(why.contains("counts do not agree"), "{why}");
+}
+
+#[tokio::test]
+async fn a_checkpoint_whose_tree_head_does_not_match_the_records_is_a_break() {
+    let t = signed_trail(2, 3).await;
+    let dir = t.dir();
+    let n = checkpoint_lines(&dir).len();
+    // Re-signed with the real key, so only the tree head itself can give it away.
+    rewrite_checkpoints(&dir, &t.signer(), |cp, i| {
+        if i == n / 2 {
+            let tree = cp.tree.as_mut().unwrap();
+            tree.root = flip(&tree.root, 5);
+        }
+    });
+    let err = verify_dir(&dir, Some(&t.public), |_, _, _| {}).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("checkpoint's tree head does not match the records"),
+        "{err}"
+    );
 }

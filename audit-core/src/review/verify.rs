@@ -195,14 +195,46 @@ struct SegmentCheck {
     seal: Option<(String, String)>,
     /// Hashes of the records whose seq a checkpoint names.
     heads: BTreeMap<u64, [u8; 32]>,
-    /// The segment's leaves as a tree range (`None` when not re-hashed), and that range
-    /// as it stood at each record a checkpoint names.
+    /// The tree over the segment's leaves (`None` when not re-hashed): from 0 when it
+    /// started from the previous seal's tree head (`tree_from`: that seal's hash), with
+    /// the roots at each record a checkpoint names; else the segment's own range, and
+    /// that range as it stood at those records (the first segment after retention).
     tree: Option<Range>,
+    tree_from: Option<String>,
+    cp_roots: BTreeMap<u64, Hash>,
     cp_trees: BTreeMap<u64, Range>,
     /// The tree head its seal signs.
     seal_tree: Option<TreeHead>,
     keys: BTreeSet<String>,
     unsigned: usize,
+}
+
+/// What every segment's check shares.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    trusted: Option<&'a VerifyingKey>,
+    cp_seqs: &'a BTreeSet<u64>,
+    newest_cp: Option<&'a Checkpoint>,
+    fast: bool,
+}
+
+/// The tree head the seal of `prev` (the segment before) signs, as a range to grow
+/// from, with the seal's hash: phase 2 checks that it is the previous segment's seal.
+fn tree_start(
+    source: &dyn reader::TrailSource,
+    prev: &reader::SegmentRef,
+) -> Option<(String, Range)> {
+    let mut frames = segment::FrameReader::new(source.open(prev).ok()?, false).ok()?;
+    loop {
+        match frames.next_frame() {
+            Ok(Some((_, segment::Frame::Seal(s, _)))) => {
+                let range = s.seal.tree.as_ref()?.range()?;
+                return Some((signing::line_hash(&s.line), range));
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return None,
+        }
+    }
 }
 
 /// Checks a segment against itself: frames, record hashes, chain links and `seq` within
@@ -212,11 +244,15 @@ fn check_segment(
     source: &dyn reader::TrailSource,
     seg: &reader::SegmentRef,
     newest: bool,
-    trusted: Option<&VerifyingKey>,
-    cp_seqs: &BTreeSet<u64>,
-    newest_cp: Option<&Checkpoint>,
-    fast: bool,
+    start: Option<(String, Range)>,
+    ctx: &Ctx<'_>,
 ) -> Result<SegmentCheck, VerifyError> {
+    let Ctx {
+        trusted,
+        cp_seqs,
+        newest_cp,
+        fast,
+    } = *ctx;
     let name = seg.name();
     // Streamed frame by frame: memory is one block, whatever the file holds.
     let open = |decode| -> Result<Frames<'_>, VerifyError> {
@@ -258,12 +294,21 @@ fn check_segment(
         removed: Vec::new(),
         seal: None,
         heads: BTreeMap::new(),
-        tree: Some(Range::new(h.first_seq.saturating_sub(1))),
+        tree: None,
+        tree_from: None,
+        cp_roots: BTreeMap::new(),
         cp_trees: BTreeMap::new(),
         seal_tree: None,
         keys: BTreeSet::new(),
         unsigned: 0,
     };
+    match start.filter(|(_, r)| r.end() + 1 == h.first_seq) {
+        Some((from, range)) => {
+            c.tree = Some(range);
+            c.tree_from = Some(from);
+        }
+        None => c.tree = Some(Range::new(h.first_seq.saturating_sub(1))),
+    }
     let mut sealed = None;
     loop {
         let block = match frames.next_frame() {
@@ -393,8 +438,16 @@ fn check_block(
         }
         if cp_seqs.contains(&seq) {
             c.heads.insert(seq, hash);
-            if let Some(t) = &c.tree {
-                c.cp_trees.insert(seq, t.clone());
+            match (&c.tree, &c.tree_from) {
+                (Some(t), Some(_)) => {
+                    if let Some(root) = t.root() {
+                        c.cp_roots.insert(seq, root);
+                    }
+                }
+                (Some(t), None) => {
+                    c.cp_trees.insert(seq, t.clone());
+                }
+                (None, _) => {}
             }
         }
         if is_event {
@@ -560,6 +613,8 @@ fn check_sealed_fast(
         seal: Some((seal.prev_seal.clone(), signing::line_hash(&s.line))),
         heads,
         tree: None,
+        tree_from: None,
+        cp_roots: BTreeMap::new(),
         cp_trees: BTreeMap::new(),
         seal_tree: seal.tree.clone(),
         keys: sink.keys,
@@ -624,6 +679,12 @@ pub fn verify_source(
         .collect();
 
     // Phase 1: every segment on its own, in parallel.
+    let ctx = Ctx {
+        trusted,
+        cp_seqs: &cp_seqs,
+        newest_cp: newest_cp.as_ref(),
+        fast,
+    };
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(segs.len().max(1));
@@ -632,22 +693,25 @@ pub fn verify_source(
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let (segs, cp_seqs, newest_cp) = (&segs, &cp_seqs, newest_cp.as_ref());
+                let (segs, ctx) = (&segs, &ctx);
                 scope.spawn(move || {
                     (t..segs.len())
                         .step_by(threads)
                         .map(|i| {
+                            // Each segment's tree grows from the tree head the seal before
+                            // it signs (checked when the segments are linked); the first
+                            // of a whole trail from nothing.
+                            let start = match i.checked_sub(1) {
+                                Some(p) if !fast => tree_start(source, &segs[p]),
+                                Some(_) => None,
+                                None if segs[0].number == 1 => {
+                                    Some((ZERO_HEX.to_owned(), Range::new(0)))
+                                }
+                                None => None,
+                            };
                             (
                                 i,
-                                check_segment(
-                                    source,
-                                    &segs[i],
-                                    i + 1 == segs.len(),
-                                    trusted,
-                                    cp_seqs,
-                                    newest_cp,
-                                    fast,
-                                ),
+                                check_segment(source, &segs[i], i + 1 == segs.len(), start, ctx),
                             )
                         })
                         .collect::<Vec<_>>()
@@ -728,7 +792,7 @@ pub fn verify_source(
                 "the retention event's tree head does not end where the remaining trail begins",
             ));
         }
-        link_tree(&mut tree, &c, &mut cp_roots, &mut report)?;
+        link_tree(&mut tree, &c, &prev_seal, &mut cp_roots, &mut report)?;
         if let Some((seal_prev, seal_hash)) = &c.seal {
             if *seal_prev != prev_seal {
                 return Err(broken(
@@ -846,33 +910,52 @@ pub fn verify_source(
     Ok(report)
 }
 
-/// Grows the trail's tree by a segment's leaves: the roots at the checkpoints inside it
-/// are noted, and its seal's tree head must match. A segment not re-hashed (fast mode)
-/// takes its signed seal's word for the tree.
+/// Grows the trail's tree by a segment: its checkpoints' roots are noted, and its seal's
+/// tree head must match. A segment whose tree grew from the previous seal's head must
+/// follow that very seal (`prev_seal`). A segment not re-hashed (fast mode) takes its
+/// signed seal's word for the tree.
 fn link_tree(
     tree: &mut Option<Range>,
     c: &SegmentCheck,
+    prev_seal: &str,
     cp_roots: &mut BTreeMap<u64, Hash>,
     report: &mut VerifyReport,
 ) -> Result<(), VerifyError> {
-    let (Some(t), Some(leaves)) = (tree.as_mut(), c.tree.as_ref()) else {
-        *tree = c.seal_tree.as_ref().and_then(TreeHead::range);
-        return Ok(());
-    };
-    for (seq, at) in &c.cp_trees {
-        let mut whole = t.clone();
-        if whole.extend(at) {
-            if let Some(root) = whole.root() {
-                cp_roots.insert(*seq, root);
+    let grown = match (&c.tree_from, c.tree.as_ref(), tree.as_mut()) {
+        (Some(from), Some(whole), _) => {
+            if from != prev_seal {
+                return Err(broken(
+                    &c.name,
+                    None,
+                    "the tree does not grow from the previous segment's seal",
+                ));
             }
+            cp_roots.extend(c.cp_roots.iter().map(|(s, r)| (*s, *r)));
+            whole.clone()
         }
-    }
-    if !t.extend(leaves) {
-        *tree = None;
-        return Ok(());
-    }
+        (None, Some(leaves), Some(t)) => {
+            for (seq, at) in &c.cp_trees {
+                let mut whole = t.clone();
+                if whole.extend(at) {
+                    if let Some(root) = whole.root() {
+                        cp_roots.insert(*seq, root);
+                    }
+                }
+            }
+            let mut whole = t.clone();
+            if !whole.extend(leaves) {
+                *tree = None;
+                return Ok(());
+            }
+            whole
+        }
+        _ => {
+            *tree = c.seal_tree.as_ref().and_then(TreeHead::range);
+            return Ok(());
+        }
+    };
     if let Some(sealed) = &c.seal_tree {
-        if TreeHead::of(t).as_ref() != Some(sealed) {
+        if TreeHead::of(&grown).as_ref() != Some(sealed) {
             return Err(broken(
                 &c.name,
                 None,
@@ -881,6 +964,7 @@ fn link_tree(
         }
         report.tree_heads += 1;
     }
+    *tree = Some(grown);
     Ok(())
 }
 

@@ -523,3 +523,67 @@ pub fn check(
         manifest,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tar.zst with the digest frame, holding `entries` (name, stated size, bytes).
+    fn pack(entries: &[(&str, u64, &[u8])]) -> Vec<u8> {
+        let mut tar = Vec::new();
+        for (name, size, bytes) in entries {
+            let mut h = tar::Header::new_ustar();
+            // Written raw: `set_path` refuses `..`, which a hostile archive would not.
+            h.as_mut_bytes()[..name.len()].copy_from_slice(name.as_bytes());
+            h.set_size(*size);
+            h.set_cksum();
+            tar.extend_from_slice(h.as_bytes());
+            tar.extend_from_slice(bytes);
+            tar.resize(tar.len().div_ceil(512) * 512, 0);
+        }
+        tar.extend_from_slice(&[0; 1024]);
+        let mut out = zstd::bulk::compress(&tar, 3).unwrap();
+        let digest = Sha256::digest(&out);
+        out.extend_from_slice(&SEAL_MAGIC.to_le_bytes());
+        out.extend_from_slice(&32u32.to_le_bytes());
+        out.extend_from_slice(&digest);
+        out
+    }
+
+    fn refused(bytes: &[u8]) -> String {
+        open(bytes).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn hostile_archives_are_refused_before_anything_is_held() {
+        assert!(open(&pack(&[(MANIFEST, 2, b"{}")])).is_ok());
+        // A path out of the bundle, a name it does not hold, the same file twice.
+        assert!(refused(&pack(&[("../../etc/cron.d/x", 1, b"x")])).contains("unexpected file"));
+        assert!(refused(&pack(&[("notes.txt", 1, b"x")])).contains("unexpected file"));
+        assert!(
+            refused(&pack(&[(RECORDS, 1, b"x"), (RECORDS, 1, b"y")])).contains("unexpected file")
+        );
+        // A file claiming more than a checker holds: refused from its header.
+        assert!(refused(&pack(&[(RECORDS, MAX_FILE_BYTES + 1, b"")])).contains("larger than"));
+        // A compression bomb, 64 MiB in a few KiB: its first block is no tar header,
+        // and nothing past it is inflated.
+        let bomb = {
+            let mut z = zstd::stream::Encoder::new(Vec::new(), 19).unwrap();
+            let chunk = vec![1u8; 1 << 20];
+            for _ in 0..64 {
+                std::io::Write::write_all(&mut z, &chunk).unwrap();
+            }
+            let mut out = z.finish().unwrap();
+            let digest = Sha256::digest(&out);
+            out.extend_from_slice(&SEAL_MAGIC.to_le_bytes());
+            out.extend_from_slice(&32u32.to_le_bytes());
+            out.extend_from_slice(&digest);
+            out
+        };
+        assert!(bomb.len() < 64 * 1024);
+        assert!(open(&bomb).is_err());
+        // Not a bundle at all, or cut short.
+        assert!(refused(b"").contains("too short"));
+        assert!(refused(&[0u8; 100]).contains("no digest frame"));
+    }
+}

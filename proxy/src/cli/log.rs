@@ -461,6 +461,12 @@ fn report(
         "seals: {}, checkpoints: {}, unsigned: {}",
         r.seals, r.checkpoints, r.unsigned
     );
+    if r.tree_heads > 0 {
+        println!(
+            "tree heads: {} signed Merkle tree heads recomputed from the records and matched (records can be proven one by one: custody log prove)",
+            r.tree_heads
+        );
+    }
     if r.fast {
         println!("mode: fast (sealed segments checked through their signed SHA-256; records not re-hashed one by one)");
     }

@@ -162,13 +162,10 @@ async fn count(c: &Client, css: &str) -> usize {
     c.find_all(Locator::Css(css)).await.unwrap().len()
 }
 
+/// The text of the element, once the page shows it: after a click, the next page may
+/// still be loading (seen on a loaded CI machine, with two browsers at once).
 async fn text_of(c: &Client, css: &str) -> String {
-    c.find(Locator::Css(css))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    element(c, Locator::Css(css)).await.text().await.unwrap()
 }
 
 /// Logs in with the form; lands on the overview.

@@ -404,6 +404,7 @@ impl Assembler {
             redactions: counts.into_map(),
             chain: Chain {
                 conversation_parent: None,
+                bodies: None,
                 prev: String::new(),
                 hash: String::new(),
             },

@@ -120,14 +120,32 @@ pub struct SegmentIndex {
     /// indexes written before seals vouched for them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seal_at: Option<u64>,
+    /// The `purge` event that rewrote the segment: its seal no longer holds this index's
+    /// digest, the event does (see [`crate::purge`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purged_by: Option<EventRef>,
+    /// A hint for content retention: no body is left in the segment to purge.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub content_purged: bool,
+}
+
+/// Where an event lies: its segment and `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRef {
+    pub segment: u64,
+    pub seq: u64,
 }
 
 /// The hex SHA-256 a seal holds for its index: of the index's JSON with
-/// `segment_bytes` as 0 (the file's length includes the seal, written after it).
+/// `segment_bytes` as 0 (the file's length includes the seal, written after it) and
+/// without what a purge adds.
 pub fn digest(index: &SegmentIndex) -> String {
     use sha2::{Digest, Sha256};
     let mut canonical = index.clone();
     canonical.segment_bytes = 0;
+    // Written after the digest was stated, by the purge that stated it.
+    canonical.purged_by = None;
+    canonical.content_purged = false;
     hex::encode(Sha256::digest(
         serde_json::to_vec(&canonical).unwrap_or_default(),
     ))
@@ -207,5 +225,7 @@ pub fn from_parsed(number: u64, parsed: &ParsedSegment, segment_bytes: u64) -> S
         blocks,
         facts,
         seal_at: None,
+        purged_by: None,
+        content_purged: false,
     }
 }

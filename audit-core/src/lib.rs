@@ -17,6 +17,7 @@
 
 pub mod assemble;
 pub mod config_event;
+pub mod content;
 pub mod decode;
 pub mod error;
 pub mod exchange;
@@ -27,6 +28,7 @@ pub mod lineage;
 pub mod merkle;
 pub mod metrics;
 pub mod policy;
+pub mod purge;
 pub mod record;
 pub mod redact;
 pub mod review;

@@ -252,6 +252,10 @@ pub struct Body {
     /// when there was no body or it could not be recorded (see `omitted`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<Box<RawValue>>,
+    /// SHA-256 (hex) of `body` as it was written, in its place once the body was purged
+    /// (content retention, a data subject's request): see `chain.bodies`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_type: Option<String>,
     /// The response was a stream (SSE) and `body` is its reassembled object.
@@ -330,6 +334,10 @@ pub struct Chain {
     /// history starts with them, or it names that record's response id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conversation_parent: Option<String>,
+    /// Where the line's `body` members lie (offset, length of the value; see
+    /// `custody_audit::content`), so that they can be purged without breaking the hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bodies: Option<Vec<u64>>,
     /// Hex SHA-256 of the previous record (64 zeros before the first record of a trail).
     pub prev: String,
     /// Hex SHA-256 of this record's line with this field set to 64 zeros.

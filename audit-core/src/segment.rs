@@ -54,7 +54,6 @@ pub const SEAL_MAGIC: u32 = 0x184D_2A52;
 pub const SEGMENT_HEADER_LEN: usize = 72;
 pub const BLOCK_HEADER_LEN: usize = 48;
 pub const FORMAT_VERSION: u16 = 1;
-const ZERO_HASH_HEX: &[u8; 64] = &[b'0'; 64];
 const HASH_SUFFIX_TAIL: &[u8] = b"\"}}";
 const HASH_KEY: &[u8] = b"\"hash\":\"";
 
@@ -568,25 +567,40 @@ pub fn read_block(bytes: &[u8], at: usize) -> Result<(Block, usize), FormatError
 /// and writes it in place. `None` if the line does not end in the chain member.
 pub fn seal_line(line: &mut [u8]) -> Option<[u8; 32]> {
     let at = hash_position(line)?;
-    let digest: [u8; 32] = Sha256::digest(&*line).into();
+    let digest = crate::content::line_digest(line, at).ok()?.digest;
     hex::encode_to_slice(digest, &mut line[at..at + 64]).ok()?;
     Some(digest)
 }
 
+/// Declares a record line's bodies (see [`crate::content`]) before it is sealed:
+/// `spans` are the offsets of its `"body":` members and their values' lengths. `false`
+/// when they do not match the line (it is then hashed whole, its bodies not purgeable).
+pub fn declare_bodies(line: &mut Vec<u8>, spans: &[(usize, usize)]) -> bool {
+    hash_position(line).is_some_and(|at| crate::content::declare(line, at, spans))
+}
+
 /// Checks a line's own hash; returns its `chain.hash` as bytes when it is right.
 pub fn check_line_hash(line: &[u8]) -> Result<[u8; 32], &'static str> {
+    check_line(line).map(|(h, _)| h)
+}
+
+/// [`check_line_hash`], with what it found of the line's declared bodies.
+pub fn check_line(line: &[u8]) -> Result<([u8; 32], crate::content::Hashed), &'static str> {
     let at = hash_position(line).ok_or("the record does not end with its chain member")?;
     let mut stated = [0u8; 32];
     hex::decode_to_slice(&line[at..at + 64], &mut stated).map_err(|_| "chain.hash is not hex")?;
-    let mut h = Sha256::new();
-    h.update(&line[..at]);
-    h.update(ZERO_HASH_HEX);
-    h.update(&line[at + 64..]);
-    let actual: [u8; 32] = h.finalize().into();
-    if actual != stated {
+    let hashed = crate::content::line_digest(line, at)?;
+    if hashed.digest != stated {
         return Err("chain.hash does not match the record's content");
     }
-    Ok(stated)
+    Ok((stated, hashed))
+}
+
+/// The line with its declared bodies in their purged form (same chain hash); `None`
+/// when it has none left to purge.
+pub fn purge_line(line: &[u8]) -> Result<Option<Vec<u8>>, &'static str> {
+    let at = hash_position(line).ok_or("the record does not end with its chain member")?;
+    crate::content::purge(line, at)
 }
 
 /// The `chain.hash` a line states, unchecked (for lines this process just sealed, or

@@ -80,6 +80,8 @@ pub struct SegmentStore {
     /// before trees were written, so no head can be signed).
     tree: Option<Range>,
     compressor: zstd::bulk::Compressor<'static>,
+    /// Held while the store is open: a trail has one writer.
+    _lock: File,
 }
 
 struct OpenSegment {
@@ -174,6 +176,7 @@ impl SegmentStore {
     /// and a segment left unsealed by a crash is sealed (`recovered: true`).
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<(Self, Recovery), AuditError> {
         create_private_dir(dir)?;
+        let lock = lock_writer(dir)?;
         let mut recovery = Recovery::default();
         let mut head = ChainHead {
             next_seq: 1,
@@ -292,9 +295,7 @@ impl SegmentStore {
             break;
         }
         let (last_checkpoint, covered) = recover_checkpoints(dir)?;
-        let mut compressor = zstd::bulk::Compressor::new(1).map_err(io(dir))?;
-        compressor.include_checksum(true).map_err(io(dir))?;
-        compressor.include_contentsize(true).map_err(io(dir))?;
+        let compressor = compressor().map_err(io(dir))?;
         Ok((
             Self {
                 dir: dir.to_owned(),
@@ -308,6 +309,7 @@ impl SegmentStore {
                 covered,
                 tree,
                 compressor,
+                _lock: lock,
             },
             recovery,
         ))
@@ -315,6 +317,16 @@ impl SegmentStore {
 
     pub fn head(&self) -> ChainHead {
         self.head
+    }
+
+    /// The segment being appended to, if one is open.
+    pub fn open_number(&self) -> Option<u64> {
+        self.open.as_ref().map(|s| s.number)
+    }
+
+    /// The newest segment, open or sealed.
+    pub fn newest_number(&self) -> Option<u64> {
+        self.open_number().or(self.newest.as_ref().map(|n| n.0))
     }
 
     pub fn dir(&self) -> &Path {
@@ -466,6 +478,8 @@ impl SegmentStore {
             blocks: std::mem::take(&mut seg.blocks),
             facts: std::mem::take(&mut seg.facts),
             seal_at: Some(seg.len),
+            purged_by: None,
+            content_purged: false,
         };
         let seal = Seal {
             kind: "seal".into(),
@@ -720,6 +734,14 @@ fn seal_line(
     signing::sign_line(&seal, signer)
 }
 
+/// The block compressor: level 1, frames with their checksum and content size.
+pub fn compressor() -> std::io::Result<zstd::bulk::Compressor<'static>> {
+    let mut c = zstd::bulk::Compressor::new(1)?;
+    c.include_checksum(true)?;
+    c.include_contentsize(true)?;
+    Ok(c)
+}
+
 fn read_parsed(path: &Path) -> Result<ParsedSegment, AuditError> {
     let bytes = fs::read(path).map_err(io(path))?;
     segment::parse_segment(&bytes).map_err(|source| AuditError::Format {
@@ -815,6 +837,28 @@ fn recover_checkpoints(dir: &Path) -> Result<(String, (u64, u64)), AuditError> {
     }
 }
 
+/// The lock that keeps a second writer (another `custody serve`, a `log purge`) off a
+/// trail: two writers would fork its chain. Released when the process ends, however.
+fn lock_writer(dir: &Path) -> Result<File, AuditError> {
+    let path = dir.join(WRITER_LOCK);
+    let mut opts = OpenOptions::new();
+    opts.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let file = opts.open(&path).map_err(io(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(AuditError::Writer(format!(
+            "the trail in {} is being written by another custody process (stop it first, or ask it: POST /admin/purge)",
+            dir.display()
+        ))),
+        Err(fs::TryLockError::Error(e)) => Err(io(&path)(e)),
+    }
+}
+
+/// The writer's lock file, in the audit directory.
+pub const WRITER_LOCK: &str = "writer.lock";
+
 fn create_private_dir(dir: &Path) -> Result<(), AuditError> {
     let mut b = fs::DirBuilder::new();
     b.recursive(true);
@@ -870,6 +914,12 @@ mod tests {
             append_one(&mut store, seq);
         }
         assert_eq!(list_segments(dir.path()).unwrap().len(), 3);
+        // One writer at a time: a second store on the trail is refused.
+        match SegmentStore::open(dir.path(), opts(1, Duration::ZERO)) {
+            Err(AuditError::Writer(w)) => assert!(w.contains("another custody process"), "{w}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        drop(store);
 
         let (mut store, _) = SegmentStore::open(dir.path(), opts(1 << 20, Duration::ZERO)).unwrap();
         assert_eq!(store.head().next_seq, 4);

@@ -30,6 +30,7 @@ use crate::{
     lineage::ConversationIndex,
     metrics::AuditStats,
     policy::PolicySet,
+    purge::{self, Selector},
     record::{self, Chain, EventRecord, EventTime},
     segment,
     signing::SignerKey,
@@ -156,6 +157,7 @@ pub struct WriterConfig {
     pub fsync_interval: Duration,
     pub checkpoint_interval: Duration,
     pub retention_days: Option<u32>,
+    pub content_retention_days: Option<u32>,
     /// How long a stop keeps retrying records the disk refuses before it gives up and
     /// leaves a note for the next start.
     pub shutdown_hold: Duration,
@@ -172,6 +174,7 @@ impl From<&custody_config::Audit> for WriterConfig {
             fsync_interval: Duration::from_millis(a.fsync_interval_ms.max(1)),
             checkpoint_interval: Duration::from_secs(a.checkpoint_interval_secs.max(1)),
             retention_days: a.retention_days,
+            content_retention_days: a.content_retention_days,
         }
     }
 }
@@ -201,6 +204,22 @@ enum Control {
         event: serde_json::Value,
         durable: tokio::sync::oneshot::Sender<()>,
     },
+    /// A data subject's request: their records' bodies purged, the purge recorded.
+    Purge {
+        selector: Selector,
+        done: Sender<Result<PurgeSummary, String>>,
+    },
+}
+
+/// What a purge did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PurgeSummary {
+    /// Segments rewritten, records that lost their bodies, bodies purged.
+    pub segments: u64,
+    pub records: u64,
+    pub bodies: u64,
+    /// The `seq` of the `purge` event, when one was written.
+    pub event_seq: Option<u64>,
 }
 
 /// Applies configuration reloads to the writer; cheap to clone.
@@ -223,6 +242,27 @@ impl ConfigHandle {
             .send(Control::Event { event, durable })
             .map_err(|_| AuditError::Writer("the writer has stopped".into()))?;
         Ok(written)
+    }
+
+    /// Purges the bodies of one person's records (`client.user` / `client.end_user`,
+    /// given in the clear or as stored; or a pseudonym), every segment so far, and
+    /// records the purge in the chain. Blocks until done.
+    pub fn purge(&self, selector: Selector) -> Result<PurgeSummary, AuditError> {
+        let selector = match selector {
+            Selector::User(u) => {
+                Selector::User(crate::assemble::identity_token(&self.fingerprinter, &u))
+            }
+            other => other,
+        };
+        let (done, result) = bounded(1);
+        let stopped = || AuditError::Writer("the writer has stopped".into());
+        self.control
+            .send(Control::Purge { selector, done })
+            .map_err(|_| stopped())?;
+        result
+            .recv()
+            .map_err(|_| stopped())?
+            .map_err(AuditError::Writer)
     }
 
     /// The version of the configuration in force.
@@ -371,6 +411,8 @@ impl AuditWriter {
             checkpoint_interval: wc.checkpoint_interval,
             last_checkpoint: Instant::now(),
             retention: wc.retention_days,
+            content_retention: wc.content_retention_days,
+            content_clean_through: 0,
             last_retention: Instant::now(),
             retry_at: None,
             reserve,
@@ -499,6 +541,9 @@ struct Worker {
     checkpoint_interval: Duration,
     last_checkpoint: Instant,
     retention: Option<u32>,
+    content_retention: Option<u32>,
+    /// Segments up to this one hold no body left to purge.
+    content_clean_through: u64,
     last_retention: Instant,
     retry_at: Option<Instant>,
     /// Where a stop that cannot write tells the next start.
@@ -507,17 +552,55 @@ struct Worker {
     policy_nanos: u64,
 }
 
+/// Declares where the record's bodies lie in its line, so that content retention can
+/// purge them later without breaking the chain (see [`crate::content`]). Everything
+/// before `request` is custody's own structure (strings escape their quotes), so the
+/// first `"request":{"body":` is the request's; the response's follows the request body.
+fn declare_bodies(line: &mut Vec<u8>, record: &record::Record) {
+    let mut spans = Vec::with_capacity(2);
+    let mut from = 0;
+    for (key, body) in [
+        (&b"\"request\":{\"body\":"[..], &record.request),
+        (&b"\"response\":{\"body\":"[..], &record.response),
+    ] {
+        let Some(value) = body.body.as_ref().map(|b| b.get().as_bytes()) else {
+            continue;
+        };
+        let at = memchr::memmem::find(&line[from..], key).map(|i| from + i + key.len() - 7);
+        let v = at.map_or(0, |a| a + 7);
+        match at {
+            Some(at) if line.get(v..v + value.len()) == Some(value) => {
+                spans.push((at, value.len()));
+                from = v + value.len();
+            }
+            _ => {
+                spans.clear();
+                break;
+            }
+        }
+    }
+    let wanted = record.request.body.is_some() || record.response.body.is_some();
+    if wanted && (spans.is_empty() || !segment::declare_bodies(line, &spans)) {
+        tracing::warn!(
+            seq = record.seq,
+            "record bodies could not be declared; they cannot be purged"
+        );
+    }
+}
+
 /// How often retention looks for expired segments.
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
+
+/// Unix ms as RFC 3339.
+fn rfc3339_ms(ms: i64) -> Option<String> {
+    let ms = u64::try_from(ms).ok()?;
+    Some(humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string())
+}
 
 /// The event that tells traffic the trail does not hold: unaudited (`on_full = "drop"`)
 /// or refused at admission, while the queue was full.
 fn loss_event(l: &crate::metrics::Losses) -> serde_json::Value {
-    let time = |ms: Option<i64>| {
-        ms.and_then(|m| u64::try_from(m).ok()).map(|m| {
-            humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(m)).to_string()
-        })
-    };
+    let time = |ms: Option<i64>| ms.and_then(rfc3339_ms);
     serde_json::json!({
         "type": "gap",
         "reason": "audit_queue_full",
@@ -528,31 +611,53 @@ fn loss_event(l: &crate::metrics::Losses) -> serde_json::Value {
     })
 }
 
-/// Holds the writer still (tests make a deliberately slow writer with it).
+/// Holds the writer still (tests make a deliberately slow writer with it), and moves
+/// its clock (tests run retention without waiting days).
 #[derive(Clone, Default)]
-pub struct WriterGate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+pub struct WriterGate(Arc<GateState>);
+
+#[derive(Default)]
+struct GateState {
+    closed: Mutex<bool>,
+    opened: std::sync::Condvar,
+    clock_offset_ms: std::sync::atomic::AtomicI64,
+}
 
 impl WriterGate {
     /// The writer stops before its next exchange.
     pub fn close(&self) {
-        if let Ok(mut closed) = self.0 .0.lock() {
+        if let Ok(mut closed) = self.0.closed.lock() {
             *closed = true;
         }
     }
 
     pub fn open(&self) {
-        if let Ok(mut closed) = self.0 .0.lock() {
+        if let Ok(mut closed) = self.0.closed.lock() {
             *closed = false;
         }
-        self.0 .1.notify_all();
+        self.0.opened.notify_all();
+    }
+
+    /// The writer's clock runs this far ahead of the system's.
+    pub fn advance_clock(&self, by: Duration) {
+        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        self.0
+            .clock_offset_ms
+            .fetch_add(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn clock_offset_ms(&self) -> i64 {
+        self.0
+            .clock_offset_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn wait_open(&self) {
-        let Ok(mut closed) = self.0 .0.lock() else {
+        let Ok(mut closed) = self.0.closed.lock() else {
             return;
         };
         while *closed {
-            match self.0 .1.wait(closed) {
+            match self.0.opened.wait(closed) {
                 Ok(c) => closed = c,
                 Err(_) => return,
             }
@@ -663,7 +768,9 @@ impl Worker {
             if let Err(e) = self.store.rotate_if_old() {
                 tracing::error!(error = %e, "segment rotation failed");
             }
-            if self.retention.is_some() && self.last_retention.elapsed() >= RETENTION_EVERY {
+            if (self.retention.is_some() || self.content_retention.is_some())
+                && self.last_retention.elapsed() >= RETENTION_EVERY
+            {
                 self.apply_retention();
             }
         }
@@ -780,7 +887,152 @@ impl Worker {
                 self.add_event(event);
                 self.batch.waiters.push(durable);
             }
+            Control::Purge { selector, done } => {
+                let _ = done.send(self.purge_subject(&selector).map_err(|e| e.to_string()));
+            }
         }
+    }
+
+    /// A data subject's request, over every segment: the open one is sealed first so
+    /// that it can be rewritten too.
+    fn purge_subject(&mut self, selector: &Selector) -> Result<PurgeSummary, AuditError> {
+        self.retry_at = None;
+        self.flush();
+        if self.batch.count > 0 {
+            return Err(AuditError::Writer(
+                "the trail cannot be written now (see the log); nothing was purged".into(),
+            ));
+        }
+        self.store.close_segment()?;
+        let (who, value) = match selector {
+            Selector::User(u) => ("user", u.as_str()),
+            Selector::Pseudonym(p) => ("pseudonym", p.as_str()),
+            Selector::Before(_) => ("before", ""),
+        };
+        let mut event = serde_json::json!({"type": "purge", "reason": "data_subject"});
+        event[who] = value.into();
+        self.purge(selector, event, true)
+    }
+
+    /// Content retention: bodies of sealed segments whose newest record is older than
+    /// `content_retention_days`.
+    fn apply_content_retention(&mut self) {
+        let Some(days) = self.content_retention else {
+            return;
+        };
+        let cutoff = self.now_ms() - i64::from(days) * 86_400_000;
+        let event = serde_json::json!({
+            "type": "purge",
+            "reason": "content_retention",
+            "content_retention_days": days,
+            "before": rfc3339_ms(cutoff),
+        });
+        match self.purge(&Selector::Before(cutoff), event, false) {
+            Ok(s) if s.segments > 0 => tracing::info!(
+                segments = s.segments,
+                records = s.records,
+                content_retention_days = days,
+                "content retention purged bodies"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "content retention failed"),
+        }
+    }
+
+    /// Rewrites the sealed segments `selector` touches, states the rewrites in a
+    /// `purge` event covered by a checkpoint, then puts them in place (see
+    /// [`crate::purge`]). `always`: write the event even when nothing was purged (a
+    /// data subject's request is answered either way).
+    fn purge(
+        &mut self,
+        selector: &Selector,
+        mut event: serde_json::Value,
+        always: bool,
+    ) -> Result<PurgeSummary, AuditError> {
+        let open = self.store.open_number();
+        let retention = matches!(selector, Selector::Before(_));
+        let mut compressor = crate::store::compressor().map_err(|e| AuditError::Io {
+            path: self.store.dir().to_owned(),
+            source: e,
+        })?;
+        let mut rewritten = Vec::new();
+        for (number, path) in crate::store::list_segments(self.store.dir())? {
+            if Some(number) == open {
+                break;
+            }
+            if retention && (number <= self.content_clean_through || purge::known_clean(&path)) {
+                continue;
+            }
+            match purge::rewrite(&path, number, selector, &mut compressor) {
+                Ok(Some(r)) => rewritten.push(r),
+                Ok(None) => {}
+                Err(e) => {
+                    // A segment that does not verify is not rewritten (that would
+                    // launder it); the others still are.
+                    tracing::error!(error = %e, "purge skipped a segment it could not read");
+                }
+            }
+        }
+        let summary = PurgeSummary {
+            segments: rewritten.len() as u64,
+            records: rewritten.iter().map(|r| r.records).sum(),
+            bodies: rewritten.iter().map(|r| r.bodies).sum(),
+            event_seq: None,
+        };
+        if rewritten.is_empty() && !always {
+            return Ok(summary);
+        }
+        event["records"] = summary.records.into();
+        event["bodies"] = summary.bodies.into();
+        event["segments"] = rewritten.iter().map(purge::Rewritten::statement).collect();
+        let seq = self.batch.head.next_seq;
+        self.add_event(event);
+        self.retry_at = None;
+        self.flush();
+        let written = self.batch.count == 0;
+        let covered = written && self.store.checkpoint().is_ok();
+        let at = self.store.open_number().or(self.store.newest_number());
+        let (true, Some(segment)) = (covered, at) else {
+            rewritten.into_iter().for_each(purge::Rewritten::discard);
+            return Err(AuditError::Writer(
+                "the purge event could not be written; nothing was purged".into(),
+            ));
+        };
+        for r in rewritten {
+            let number = r.number;
+            if let Err(e) = r.install(crate::index::EventRef { segment, seq }) {
+                tracing::error!(segment = number, error = %e, "a purged segment could not replace the original; the purge will be retried");
+            }
+        }
+        if retention {
+            self.note_clean();
+        }
+        Ok(PurgeSummary {
+            event_seq: Some(seq),
+            ..summary
+        })
+    }
+
+    /// Remembers how far content retention found nothing left, so that its next pass
+    /// does not read those segments again.
+    fn note_clean(&mut self) {
+        let Ok(segments) = crate::store::list_segments(self.store.dir()) else {
+            return;
+        };
+        for (number, path) in segments {
+            if number <= self.content_clean_through {
+                continue;
+            }
+            if !purge::known_clean(&path) {
+                break;
+            }
+            self.content_clean_through = number;
+        }
+    }
+
+    /// Now, on the writer's clock (which tests can move).
+    fn now_ms(&self) -> i64 {
+        crate::store::now_ms() + self.gate.as_ref().map_or(0, WriterGate::clock_offset_ms)
     }
 
     fn add(&mut self, mut ex: Exchange) {
@@ -809,17 +1061,21 @@ impl Worker {
         }
     }
 
+    /// Retention: segments past `retention_days` deleted, then bodies past
+    /// `content_retention_days` purged.
+    fn apply_retention(&mut self) {
+        self.last_retention = Instant::now();
+        self.apply_segment_retention();
+        self.apply_content_retention();
+    }
+
     /// Deletes sealed segments past retention. The event naming them (with their seal
     /// hashes) is written, and covered by a checkpoint, before any file is removed, so a
     /// crash in between leaves extra segments, never an unexplained gap.
-    fn apply_retention(&mut self) {
-        self.last_retention = Instant::now();
+    fn apply_segment_retention(&mut self) {
         let Some(days) = self.retention else { return };
         let max_age = i64::from(days) * 86_400_000;
-        let retired = match self
-            .store
-            .retention_candidates(crate::store::now_ms(), max_age)
-        {
+        let retired = match self.store.retention_candidates(self.now_ms(), max_age) {
             Ok(r) if r.is_empty() => return,
             Ok(r) => r,
             Err(e) => {
@@ -879,6 +1135,7 @@ impl Worker {
             event,
             chain: Chain {
                 conversation_parent: None,
+                bodies: None,
                 prev: hex::encode(self.batch.head.prev_hash),
                 hash: "0".repeat(64),
             },
@@ -946,7 +1203,10 @@ impl Worker {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         match serde_json::to_vec(&record) {
-            Ok(v) => Some((v, ms, facts)),
+            Ok(mut v) => {
+                declare_bodies(&mut v, &record);
+                Some((v, ms, facts))
+            }
             Err(e) => {
                 tracing::error!(seq, error = %e, "record did not serialize");
                 None
@@ -1008,6 +1268,7 @@ impl Worker {
             error: "record assembly failed; bodies not recorded",
             chain: Chain {
                 conversation_parent: None,
+                bodies: None,
                 prev: hex::encode(self.batch.head.prev_hash),
                 hash: "0".repeat(64),
             },

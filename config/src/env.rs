@@ -17,6 +17,10 @@ pub const OVERRIDES: &[(&str, &str)] = &[
     ("CUSTODY_DURABILITY", "audit.durability"),
     ("CUSTODY_FSYNC", "audit.fsync"),
     ("CUSTODY_RETENTION_DAYS", "audit.retention_days"),
+    (
+        "CUSTODY_CONTENT_RETENTION_DAYS",
+        "audit.content_retention_days",
+    ),
     ("CUSTODY_QUEUE_CAPACITY", "audit.queue_capacity"),
     ("CUSTODY_QUEUE_MAX_BYTES", "audit.queue_max_bytes"),
     ("CUSTODY_LOG_FORMAT", "log.format"),
@@ -60,6 +64,9 @@ impl Config {
                 "audit.fsync" => self.audit.fsync = from_word(word(&value)).map_err(bad)?,
                 "audit.retention_days" => {
                     self.audit.retention_days = Some(parse(&value).map_err(bad)?)
+                }
+                "audit.content_retention_days" => {
+                    self.audit.content_retention_days = Some(parse(&value).map_err(bad)?)
                 }
                 "audit.queue_capacity" => self.audit.queue_capacity = parse(&value).map_err(bad)?,
                 "audit.queue_max_bytes" => {

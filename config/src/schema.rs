@@ -315,6 +315,11 @@ pub struct Audit {
     /// custody, oldest first, each deletion recorded as an event in the chain. Unset:
     /// keep everything. `0` deletes every segment as soon as it is sealed.
     pub retention_days: Option<u32>,
+    /// Request and response bodies of sealed segments whose newest record is older than
+    /// this many days are purged: every other field, the chain, the seals and the
+    /// tree heads stay verifiable, and each purge is an event in the chain. Unset: bodies
+    /// are kept as long as their segment. Must be shorter than `retention_days`.
+    pub content_retention_days: Option<u32>,
     /// When the queue is full (`queue_capacity` exchanges or `queue_max_bytes` of
     /// captured bodies): `backpressure`, `reject` or `drop`. Decided at admission, before
     /// the request goes upstream; a response already streaming is never stalled.
@@ -362,6 +367,7 @@ impl Default for Audit {
             signing_key: None,
             checkpoint_interval_secs: 10,
             retention_days: None,
+            content_retention_days: None,
             on_full: OnFull::Backpressure,
             queue_max_bytes: 64 * 1024 * 1024,
             admission_timeout_ms: 5000,
@@ -666,6 +672,14 @@ impl Config {
             crate::policy::check(&self.policies, &self.policy_terms, &names, &entities)
         {
             return Err(invalid(key, &reason));
+        }
+        if let (Some(content), Some(all)) = (a.content_retention_days, a.retention_days) {
+            if content >= all {
+                return Err(invalid(
+                    "audit.content_retention_days".into(),
+                    "must be shorter than audit.retention_days (segments are deleted whole at retention_days)",
+                ));
+            }
         }
         if a.dir.as_os_str().is_empty() {
             return Err(invalid("audit.dir".into(), "must not be empty"));

@@ -1,5 +1,5 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz`, `/readyz`, and
-//! `POST /admin/reload` behind a bearer token. Separate from the proxy listener so
+//! `POST /admin/reload` and `POST /admin/purge` behind a bearer token. Separate from the proxy listener so
 //! that it can stay on loopback or a pod-internal port.
 
 use std::{
@@ -46,6 +46,8 @@ pub struct AdminState {
     pub queue_capacity: usize,
     pub reloads: mpsc::UnboundedSender<ReloadRequest>,
     pub reload_source: Option<ReloadSource>,
+    /// The writer, for data subjects' purges.
+    pub writer: custody_audit::writer::ConfigHandle,
     /// Set when shutdown begins: not ready any more.
     pub stopping: AtomicBool,
 }
@@ -189,9 +191,68 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
                 ),
             }
         }
+        (&Method::POST, "/admin/purge") => {
+            if let Some(refusal) = unauthorized(state, &req) {
+                return refusal;
+            }
+            purge(state, req).await
+        }
         _ => json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": "no such admin endpoint"}),
+        ),
+    }
+}
+
+/// The longest `POST /admin/purge` body read: one user or pseudonym.
+const PURGE_BODY_MAX: usize = 4096;
+
+/// `POST /admin/purge` with `{"user": "..."}` or `{"pseudonym": "[NAME:8 hex]"}`: what
+/// `custody log purge` does, on a running custody (the trail has one writer).
+async fn purge(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use custody_audit::purge::Selector;
+    use http_body_util::BodyExt;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Ask {
+        user: Option<String>,
+        pseudonym: Option<String>,
+    }
+    let bad = |e: &str| json(StatusCode::BAD_REQUEST, serde_json::json!({"error": e}));
+    let body = match http_body_util::Limited::new(req.into_body(), PURGE_BODY_MAX)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return bad("the body is unreadable or longer than 4096 bytes"),
+    };
+    let selector = match serde_json::from_slice::<Ask>(&body) {
+        Ok(Ask {
+            user: Some(u),
+            pseudonym: None,
+        }) if !u.trim().is_empty() => Selector::User(u),
+        Ok(Ask {
+            user: None,
+            pseudonym: Some(p),
+        }) => match Selector::pseudonym(&p) {
+            Some(s) => s,
+            None => return bad("`pseudonym` must be one as redaction writes it: [NAME:8 hex]"),
+        },
+        _ => return bad("send {\"user\": \"...\"} or {\"pseudonym\": \"[NAME:8 hex]\"}"),
+    };
+    let writer = state.writer.clone();
+    match tokio::task::spawn_blocking(move || writer.purge(selector)).await {
+        Ok(Ok(done)) => json(StatusCode::OK, serde_json::json!(done)),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "purge failed");
+            json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"error": e.to_string()}),
+            )
+        }
+        Err(_) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({"error": "the purge task failed"}),
         ),
     }
 }

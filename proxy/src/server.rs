@@ -129,6 +129,7 @@ pub async fn run_with(
         queue_capacity: config.audit.queue_capacity,
         reloads: reload_tx,
         reload_source: opts.reload_source,
+        writer: config_handle.clone(),
         stopping: AtomicBool::new(false),
     });
     let admin_task = admin_listener.map(|l| {

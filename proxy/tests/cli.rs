@@ -1580,10 +1580,28 @@ fn users_named_by_email_stay_distinct_and_are_found_by_their_clear_value() {
         );
         assert!(http_post(&addr, "/v1/chat/completions", "", &body).starts_with("HTTP/1.1 200"));
     }
+    // A second writer on a live trail is refused: it would fork the chain.
+    let cfg = config.to_str().unwrap();
+    let purge = [
+        "log",
+        "purge",
+        "--config",
+        cfg,
+        "--user",
+        "alice@example.com",
+    ];
+    let o = custody(&purge);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("another custody process"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     serve.terminate();
     mock.kill().unwrap();
     let _ = mock.wait();
     let d = audit.to_str().unwrap();
+    data_subject_purge(&purge, d);
     let all = stdout(&custody(&["log", "search", "--dir", d, "--json"]));
     assert!(!all.contains("alice@example.com") && !all.contains("bob@example.com"));
     let users: std::collections::BTreeSet<String> = all
@@ -1647,6 +1665,45 @@ fn users_named_by_email_stay_distinct_and_are_found_by_their_clear_value() {
     ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("fingerprint key"));
+}
+
+/// `log purge --user`: the person's bodies leave the disk, their records and everyone
+/// else's stay, the trail verifies and says so, and the clear value is written nowhere.
+fn data_subject_purge(purge: &[&str], d: &str) {
+    let o = custody(purge);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout(&o).contains("of 2 record(s)"), "{}", stdout(&o));
+    let o = custody(&["log", "verify", "--dir", d]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout(&o).contains("purged by policy"), "{}", stdout(&o));
+    let all = stdout(&custody(&["log", "search", "--dir", d, "--json"]));
+    let bodies: Vec<bool> = all
+        .lines()
+        .map(|l| {
+            !serde_json::from_str::<serde_json::Value>(l).unwrap()["request"]["body"].is_null()
+        })
+        .collect();
+    assert_eq!(bodies.iter().filter(|b| **b).count(), 1, "{all}");
+    for entry in std::fs::read_dir(d).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        let text = zstd::stream::decode_all(&bytes[..]).unwrap_or(bytes);
+        assert!(!contains(&text, "alice@example.com"));
+    }
+    let events = stdout(&custody(&[
+        "log", "search", "--dir", d, "--json", "--events",
+    ]));
+    let event = events
+        .lines()
+        .find(|l| l.contains("\"type\":\"purge\""))
+        .unwrap();
+    assert!(event.contains("\"reason\":\"data_subject\""), "{event}");
+    assert!(event.contains("\"user\":\"[EMAIL_ADDRESS:"), "{event}");
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
 }
 
 #[test]

@@ -32,12 +32,28 @@ impl Trail {
     /// Starts custody again on this trail (signing with its key, `tweak`ed), sends one
     /// exchange, and stops it.
     pub async fn grow(self, tweak: impl FnOnce(&mut custody_config::Config)) -> Trail {
+        self.grow_at(Duration::ZERO, tweak).await
+    }
+
+    /// [`Trail::grow`] with the writer's clock `ahead` of the system's (retention).
+    pub async fn grow_at(
+        self,
+        ahead: Duration,
+        tweak: impl FnOnce(&mut custody_config::Config),
+    ) -> Trail {
         let up = chat_upstream().await;
         let key = self.private();
-        let custody = Custody::start_in(self.done.dir, vec![openai_route(&up)], |c| {
-            c.audit.signing_key = Some(key);
-            tweak(c);
-        })
+        let gate = custody_audit::writer::WriterGate::default();
+        gate.advance_clock(ahead);
+        let custody = Custody::start_gated(
+            self.done.dir,
+            vec![openai_route(&up)],
+            |c| {
+                c.audit.signing_key = Some(key);
+                tweak(c);
+            },
+            gate,
+        )
         .await;
         send(
             &client(),

@@ -240,6 +240,17 @@ impl Custody {
         routes: Vec<Route>,
         tweak: impl FnOnce(&mut Config),
     ) -> Self {
+        Self::start_gated(dir, routes, tweak, Default::default()).await
+    }
+
+    /// [`Custody::start_in`] with a writer gate made beforehand (one whose clock runs
+    /// ahead, for retention).
+    pub async fn start_gated(
+        dir: tempfile::TempDir,
+        routes: Vec<Route>,
+        tweak: impl FnOnce(&mut Config),
+        gate: custody_audit::writer::WriterGate,
+    ) -> Self {
         let mut config = Config::for_test(dir.path().join("audit"), routes);
         tweak(&mut config);
         let config = config.validate("test").unwrap();
@@ -249,7 +260,6 @@ impl Custody {
         let (reloads, reload_rx) = mpsc::unbounded_channel();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_addr = admin.local_addr().unwrap();
-        let gate = custody_audit::writer::WriterGate::default();
         let reload_file: Arc<Mutex<Option<Config>>> = Arc::default();
         let file = reload_file.clone();
         let opts = custody_proxy::RunOptions {

@@ -471,3 +471,176 @@ async fn a_checkpoint_whose_tree_head_does_not_match_the_records_is_a_break() {
         "{err}"
     );
 }
+
+/// Every record line of the segments, decompressed as `zstd -dc` would print them.
+fn decompressed(dir: &Path) -> String {
+    custody_audit::review::reader::segments(dir)
+        .unwrap()
+        .iter()
+        .map(|s| {
+            String::from_utf8(zstd::stream::decode_all(&fs::read(&s.path).unwrap()[..]).unwrap())
+                .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn content_retention_purges_old_bodies_and_the_trail_still_verifies() {
+    use custody_audit::review::{
+        search::{search, Query},
+        verify::{verify_dir_with, Depth},
+    };
+    let t = signed_trail(3, 4).await;
+    let dir = t.dir();
+    let before = ids(&t);
+    assert!(decompressed(&dir).contains("turn 1-2"));
+    // Custody starts 31 days later (by its clock) with bodies kept 30 days: the three
+    // sealed segments lose their bodies; the new exchange keeps its own.
+    let day = std::time::Duration::from_secs(86_400);
+    let t = t
+        .grow_at(31 * day, |c| {
+            c.audit.content_retention_days = Some(30);
+            c.audit.retention_days = Some(365);
+        })
+        .await;
+    let text = decompressed(&dir);
+    assert!(!text.contains("turn "), "a purged body is still on disk");
+    assert!(
+        text.contains("\"body\":{\"model\":\"m\"}"),
+        "the new body is kept"
+    );
+    let leftovers: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".purge"))
+        .collect();
+    assert!(leftovers.is_empty());
+
+    // The chain, the seals, the checkpoints and the tree heads all still hold, and
+    // verify tells the purge apart: 12 records, a request and a response body each.
+    let r = verify_dir(&dir, Some(&t.public), |_, _, _| {}).unwrap();
+    assert_eq!(
+        (r.purges, r.purged_segments, r.purged_bodies),
+        (1, 3, 24),
+        "{r:?}"
+    );
+    assert!(r.purges_pending.is_empty());
+    let fast = verify_dir_with(&dir, Some(&t.public), Depth::Fast, |_, _, _| {}).unwrap();
+    assert_eq!(fast.purged_segments, 3);
+    let event = trail(&dir)
+        .into_iter()
+        .find(|r| r["event"]["type"] == "purge")
+        .unwrap();
+    assert_eq!(event["event"]["reason"], "content_retention");
+    assert_eq!(event["event"]["records"], 12);
+    assert_eq!(event["event"]["segments"].as_array().unwrap().len(), 3);
+
+    // Metadata search still finds every record, through indexes the purge vouches for.
+    let found = search(
+        &DirSource(&dir),
+        &Query {
+            user: Some("alice".into()),
+            limit: 100,
+            ..Query::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        found.untrusted_indexes.is_empty(),
+        "{:?}",
+        found.untrusted_indexes
+    );
+    assert_eq!(found.records.len(), 6);
+    for r in &found.records {
+        let v: serde_json::Value = serde_json::from_str(r.get()).unwrap();
+        assert!(v["request"]["body"].is_null() && v["request"]["body_sha256"].is_string());
+        assert_eq!(v["gen_ai"]["request"]["model"], "m");
+    }
+    // A purged record still proves on its own.
+    for p in proof::prove(&DirSource(&dir), &before[..2]).unwrap() {
+        proof::check_inclusion(&p, &t.public).unwrap();
+    }
+
+    // Bodies removed without a purge event: content missing, not purged by policy.
+    let t = t.grow(|_| {}).await;
+    let dir = t.dir();
+    let newest = custody_audit::review::reader::segments(&dir).unwrap()[3].clone();
+    let mut c = custody_audit::store::compressor().unwrap();
+    custody_audit::purge::rewrite(
+        &newest.path,
+        newest.number,
+        &custody_audit::purge::Selector::Before(i64::MAX),
+        &mut c,
+    )
+    .unwrap()
+    .unwrap()
+    .install(custody_audit::index::EventRef { segment: 1, seq: 1 })
+    .unwrap();
+    let err = verify_dir(&dir, Some(&t.public), |_, _, _| {}).unwrap_err();
+    assert!(err.to_string().contains("content missing"), "{err}");
+}
+
+#[tokio::test]
+async fn a_running_custody_purges_one_person_on_request_and_keeps_serving() {
+    let up = chat_upstream().await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.admin.token = Some("admin-token".into());
+    })
+    .await;
+    let c = client();
+    let chat = |user: &str, text: &str| {
+        post(
+            &custody.url("/v1/chat/completions"),
+            &[],
+            format!(
+                r#"{{"model":"m","user":"{user}","messages":[{{"role":"user","content":"{text}"}}]}}"#
+            ),
+        )
+    };
+    for i in 0..3 {
+        send(&c, chat("carol", &format!("carol secret {i}"))).await;
+        send(&c, chat("dave", &format!("dave note {i}"))).await;
+    }
+    let ask = |token: &str, body: &str| {
+        let req = http::Request::post(custody.admin_url("/admin/purge"))
+            .header("authorization", format!("Bearer {token}"))
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_owned(),
+            )))
+            .unwrap();
+        send(&c, req)
+    };
+    assert_eq!(ask("wrong", r#"{"user":"carol"}"#).await.0.status, 401);
+    assert_eq!(ask("admin-token", r#"{"user":""}"#).await.0.status, 400);
+    assert_eq!(
+        ask("admin-token", r#"{"pseudonym":"carol"}"#)
+            .await
+            .0
+            .status,
+        400
+    );
+    assert_eq!(ask("admin-token", &"x".repeat(10_000)).await.0.status, 400);
+    let (parts, body) = ask("admin-token", r#"{"user":"carol"}"#).await;
+    assert_eq!(parts.status, 200, "{body:?}");
+    let done: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(done["records"], 3, "{done}");
+    // Traffic goes on, into a new segment.
+    send(&c, chat("carol", "carol later")).await;
+    let stopped = custody.stop().await;
+    let dir = stopped.audit_dir();
+    let text = decompressed(&dir);
+    assert!(
+        !text.contains("carol secret"),
+        "carol's purged bodies are on disk"
+    );
+    assert!(text.contains("dave note 2") && text.contains("carol later"));
+    let r = verify_dir(&dir, None, |_, _, _| {}).unwrap();
+    assert_eq!((r.purges, r.purged_segments), (1, 1), "{r:?}");
+    assert_eq!(
+        records(&dir)
+            .iter()
+            .filter(|r| r["client"]["user"] == "carol")
+            .count(),
+        4
+    );
+}

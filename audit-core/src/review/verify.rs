@@ -47,6 +47,15 @@ pub struct VerifyReport {
     pub recoveries: u64,
     /// Segments deleted by retention, as accounted for by retention events.
     pub retired: u64,
+    /// `purge` events in the chain (content retention, data subjects' requests).
+    pub purges: u64,
+    /// Segments whose bytes a purge event accounts for (rewritten with bodies purged),
+    /// and the bodies found purged in them: content purged by policy.
+    pub purged_segments: u64,
+    pub purged_bodies: u64,
+    /// Segments a purge event names that still hold their original bytes: the purge
+    /// was recorded but not applied (a crash in between; the next pass applies it).
+    pub purges_pending: Vec<String>,
     /// Sealed segments were checked through their signed SHA-256 (`Depth::Fast`); their
     /// records (and events) are counted together in `records`.
     pub fast: bool,
@@ -93,6 +102,16 @@ struct EventKind {
     kind: String,
     #[serde(default)]
     removed: Vec<Removed>,
+    /// A purge's rewritten segments (other events' `segments` mean something else).
+    #[serde(default)]
+    segments: serde_json::Value,
+}
+
+/// A segment rewritten by a purge, as its event states it.
+#[derive(Deserialize)]
+struct PurgeStatement {
+    segment: String,
+    after: String,
 }
 
 /// A segment deleted by retention, as its event names it.
@@ -191,6 +210,13 @@ struct SegmentCheck {
     events: u64,
     recoveries: u64,
     removed: Vec<Removed>,
+    purges: u64,
+    purged: Vec<PurgeStatement>,
+    /// Bodies found in their purged form.
+    purged_bodies: u64,
+    /// The SHA-256 of the bytes before the seal, when it is not the one the seal holds:
+    /// only a purge event can account for it.
+    rewritten: Option<String>,
     /// The seal: its `prev_seal` and its own hash.
     seal: Option<(String, String)>,
     /// Hashes of the records whose seq a checkpoint names.
@@ -292,6 +318,10 @@ fn check_segment(
         events: 0,
         recoveries: 0,
         removed: Vec::new(),
+        purges: 0,
+        purged: Vec::new(),
+        purged_bodies: 0,
+        rewritten: None,
         seal: None,
         heads: BTreeMap::new(),
         tree: None,
@@ -341,11 +371,13 @@ fn check_segment(
                 Some("does not match the segment's records")
             } else if seal.head != hex::encode(c.head) {
                 Some("names a different chain head")
-            } else if seal.segment_sha256 != hex::encode(covered) {
-                Some("does not match the segment's bytes")
             } else {
                 None
             };
+            if seal.segment_sha256 != hex::encode(covered) {
+                // Rewritten by a purge, or edited: the purge events decide (phase 2).
+                c.rewritten = Some(hex::encode(covered));
+            }
             if let Some(m) = mismatch {
                 return Err(broken(&name, None, format!("seal {m}")));
             }
@@ -362,6 +394,9 @@ fn check_segment(
         }
         None if !newest => {
             return Err(broken(&name, None, "segment has no seal but is not the newest (it was truncated, or a newer segment was added)"));
+        }
+        None if c.purged_bodies > 0 => {
+            return Err(broken(&name, None, format!("content missing: {} bod{} removed from the live segment, which no purge may touch", c.purged_bodies, if c.purged_bodies == 1 { "y" } else { "ies" })));
         }
         None => {}
     }
@@ -397,7 +432,9 @@ fn check_block(
     for line in block.lines() {
         n += 1;
         let expected = c.next_seq;
-        let hash = segment::check_line_hash(line).map_err(|w| broken(name, Some(expected), w))?;
+        let (hash, found) =
+            segment::check_line(line).map_err(|w| broken(name, Some(expected), w))?;
+        c.purged_bodies += u64::from(found.purged);
         // Intact but unreadable is still a trail a reviewer cannot use: a record nested
         // past what JSON readers parse would be skipped by every review command.
         if crate::record::nesting_exceeds(line, READABLE_DEPTH) {
@@ -463,6 +500,13 @@ fn check_block(
                 match e.kind.as_str() {
                     "recovery" => c.recoveries += 1,
                     "retention" => c.removed.extend(e.removed),
+                    "purge" => {
+                        c.purges += 1;
+                        c.purged.extend(
+                            serde_json::from_value::<Vec<PurgeStatement>>(e.segments)
+                                .unwrap_or_default(),
+                        );
+                    }
                     _ => {}
                 }
             }
@@ -553,11 +597,8 @@ fn check_sealed_fast(
     }
     let seal = &s.seal;
     if hex::encode(covered) != seal.segment_sha256 {
-        return Err(broken(
-            name,
-            None,
-            "seal does not match the segment's bytes",
-        ));
+        // Rewritten by a purge (or edited): read in full, so purge events can decide.
+        return Ok(None);
     }
     let mut sink = VerifyReport::default();
     check_sig(
@@ -610,6 +651,10 @@ fn check_sealed_fast(
         events: 0,
         recoveries: 0,
         removed: Vec::new(),
+        purges: 0,
+        purged: Vec::new(),
+        purged_bodies: 0,
+        rewritten: None,
         seal: Some((seal.prev_seal.clone(), signing::line_hash(&s.line))),
         heads,
         tree: None,
@@ -662,6 +707,21 @@ pub fn verify_source(
     depth: Depth,
     mut progress: impl FnMut(usize, usize, u64),
 ) -> Result<VerifyReport, VerifyError> {
+    match verify_pass(source, trusted, depth, &mut progress)? {
+        Some(report) => Ok(report),
+        // A purged segment's bytes are vouched for by an event inside the records.
+        None => verify_pass(source, trusted, Depth::Full, &mut progress)?
+            .ok_or_else(|| AuditError::Writer("verify could not finish".into()).into()),
+    }
+}
+
+/// One pass; `None` when a fast pass met a rewritten segment and must be redone in full.
+fn verify_pass(
+    source: &dyn reader::TrailSource,
+    trusted: Option<&VerifyingKey>,
+    depth: Depth,
+    progress: &mut dyn FnMut(usize, usize, u64),
+) -> Result<Option<VerifyReport>, VerifyError> {
     let segs = source.segments()?;
     // Retention events are inside the records: a shortened trail is read in full.
     let fast =
@@ -749,6 +809,7 @@ pub fn verify_source(
             .find_map(|r| r.tree.as_ref().and_then(TreeHead::range))
     };
     let mut cp_roots: BTreeMap<u64, Hash> = BTreeMap::new();
+    let mut content = ContentCheck::default();
     for (i, (seg, result)) in segs.iter().zip(results).enumerate() {
         let expected_segment = first_number + i as u64;
         if seg.number != expected_segment {
@@ -810,6 +871,8 @@ pub fn verify_source(
         report.records += c.records;
         report.events += c.events;
         report.recoveries += c.recoveries;
+        report.purges += c.purges;
+        content.add(&c);
         report.unsigned += c.unsigned;
         report.keys.extend(c.keys);
         heads.extend(c.heads);
@@ -820,6 +883,10 @@ pub fn verify_source(
         }
         progress(i + 1, segs.len(), report.bytes);
     }
+    if fast && content.found.iter().any(|f| f.1.is_some()) {
+        return Ok(None);
+    }
+    content.resolve(&mut report)?;
     let trail_start = gap.as_ref().map_or(1, |g| g.0);
     if let Some((first_seq, head, seal)) = gap {
         let name = segment::segment_file_name(first_number);
@@ -907,7 +974,63 @@ pub fn verify_source(
     report.fast = fast;
     report.head = (last_seq > 0).then(|| hex::encode(prev));
     report.last_seq = (last_seq > 0).then_some(last_seq);
-    Ok(report)
+    Ok(Some(report))
+}
+
+/// Content purged by policy, told from content missing: every segment whose bytes are
+/// not those its seal holds, and every purged body, must be accounted for by a purge
+/// event that states exactly those bytes.
+#[derive(Default)]
+struct ContentCheck {
+    /// Per segment: the bytes each purge event naming it says it has after it, in order.
+    stated: BTreeMap<String, Vec<String>>,
+    /// Per segment: its bytes' digest (when not the seal's), and its purged bodies.
+    found: Vec<(String, Option<String>, u64)>,
+}
+
+impl ContentCheck {
+    fn add(&mut self, c: &SegmentCheck) {
+        for p in &c.purged {
+            self.stated
+                .entry(p.segment.clone())
+                .or_default()
+                .push(p.after.clone());
+        }
+        // Resolved once every event is read: a purge is written after what it rewrites.
+        self.found
+            .push((c.name.clone(), c.rewritten.clone(), c.purged_bodies));
+    }
+
+    fn resolve(self, report: &mut VerifyReport) -> Result<(), VerifyError> {
+        for (name, rewritten, bodies) in self.found {
+            let stated = self.stated.get(&name);
+            match (rewritten, stated) {
+                (Some(now), Some(afters)) if afters.contains(&now) => {
+                    report.purged_segments += 1;
+                    report.purged_bodies += bodies;
+                    if afters.last() != Some(&now) {
+                        report.purges_pending.push(name);
+                    }
+                }
+                (Some(_), _) if bodies > 0 => {
+                    return Err(broken(&name, None, format!("content missing: {bodies} bod{} removed, and no purge event accounts for the segment's bytes", if bodies == 1 { "y" } else { "ies" })));
+                }
+                (Some(_), _) => {
+                    return Err(broken(
+                        &name,
+                        None,
+                        "seal does not match the segment's bytes",
+                    ));
+                }
+                (None, _) if bodies > 0 => {
+                    return Err(broken(&name, None, format!("content missing: {bodies} bod{} removed, and no purge event accounts for it", if bodies == 1 { "y" } else { "ies" })));
+                }
+                (None, Some(_)) => report.purges_pending.push(name),
+                (None, None) => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Grows the trail's tree by a segment: its checkpoints' roots are noted, and its seal's

@@ -88,6 +88,27 @@ pub enum LogCommand {
         #[arg(long, value_name = "FILE")]
         bundle: Option<PathBuf>,
     },
+    /// Purge one person's request and response bodies from every segment (a data
+    /// subject's request): every other field, the chain, the seals and the tree heads
+    /// stay verifiable, and the purge is recorded as an event. Run it where custody
+    /// writes the trail, with custody stopped (the trail has one writer).
+    Purge {
+        /// The configuration custody runs with (its `[audit]`: directory, keys).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The person, as applications send it (`user`, `metadata.user_id`, a virtual
+        /// key's user); an e-mail address is matched in its stored, pseudonymized form.
+        #[arg(
+            long,
+            required_unless_present = "pseudonym",
+            conflicts_with = "pseudonym"
+        )]
+        user: Option<String>,
+        /// A pseudonym as redaction wrote it (`[EMAIL:1a2b3c4d]`): every record that
+        /// carries it, anywhere.
+        #[arg(long)]
+        pseudonym: Option<String>,
+    },
     /// List a trail's segments; with `--from`, every trail shipped there, one per source (pod).
     Ls {
         #[command(flatten)]
@@ -377,6 +398,11 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
             out.flush()?;
             Ok(ExitCode::SUCCESS)
         }
+        LogCommand::Purge {
+            config,
+            user,
+            pseudonym,
+        } => purge(config.as_ref(), user, pseudonym),
         LogCommand::Prove(args) => super::evidence::prove(*args),
         LogCommand::Bundle(args) => super::evidence::bundle(*args),
         LogCommand::Ls { trail } => {
@@ -433,6 +459,37 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `log purge`: a writer on the trail for the time of the purge.
+fn purge(
+    config: Option<&PathBuf>,
+    user: Option<String>,
+    pseudonym: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    use custody_audit::purge::Selector;
+    let selector = match (user, pseudonym) {
+        (Some(u), _) if !u.trim().is_empty() => Selector::User(u),
+        (_, Some(p)) => Selector::pseudonym(&p).with_context(|| {
+            "--pseudonym takes a pseudonym as redaction writes it: `[NAME:` 8 hex digits `]`"
+        })?,
+        _ => anyhow::bail!("--user must not be empty"),
+    };
+    let config = super::load_config(config)?.validate("purge")?;
+    let writer = custody_audit::AuditWriter::start(&config)
+        .with_context(|| format!("opening the trail in {}", config.audit.dir.display()))?;
+    let result = writer.config().purge(selector);
+    let stopped = writer.shutdown();
+    let done = result.context("purge failed")?;
+    stopped.context("closing the trail after the purge")?;
+    println!(
+        "purged {} bodies of {} record(s) in {} segment(s); recorded as event seq {}",
+        done.bodies,
+        done.records,
+        done.segments,
+        done.event_seq.map_or_else(|| "-".into(), |s| s.to_string())
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Prints what verify found in `what`; exit 1 on a break.
 fn report(
     what: &str,
@@ -480,6 +537,15 @@ fn report(
             }
     if r.retired > 0 {
         println!("retention: segments 1 to {} were deleted under the retention policy, as the chain records", r.retired);
+    }
+    if r.purges > 0 {
+        println!(
+            "content: {} purge event(s); {} bodies in {} segment(s) purged by policy (content retention, data subjects' requests), as the chain records; every other field verified",
+            r.purges, r.purged_bodies, r.purged_segments
+        );
+    }
+    for s in &r.purges_pending {
+        println!("content: a purge of {s} is recorded but not applied yet (interrupted); the next retention pass or purge applies it");
     }
     if r.recoveries > 0 {
         println!(

@@ -6,6 +6,7 @@
 //! `cargo bench -p custody-audit --bench trail` (1,000,000 records; `-- --quick` for 100,000;
 //! `-- --keep DIR` to write the trail into DIR and stop there, for the console bench;
 //! `-- --evidence DIR` for only the proof measurements on such a trail;
+//! `-- --purge DIR` to run content retention over such a trail, half and then all of it;
 //! `-- --single-turn` for short one-question chats instead of conversations with history;
 //! `-- --writer-only` to stop after the writer, for profiling it; `-- --policies` to
 //! run the writer with 10 flag rules over 1,000 terms; `-- --policy-cost` to measure
@@ -279,6 +280,10 @@ fn policy_cost(config: &Config, pool: &[(Bytes, Bytes)], keys: &[HeaderValue], n
 }
 
 fn main() {
+    if let Some(dir) = std::env::args().skip_while(|a| a != "--purge").nth(1) {
+        purge(std::path::Path::new(&dir));
+        return;
+    }
     // `--evidence DIR`: only the proof measurements, on a trail kept with `--keep DIR`.
     if let Some(dir) = std::env::args().skip_while(|a| a != "--evidence").nth(1) {
         let dir = std::path::PathBuf::from(dir);
@@ -609,4 +614,109 @@ fn evidence(dir: &std::path::Path, n: u64, public: &custody_audit::signing::Veri
         "bundle one key's month   {bundle_secs:.1} s ({held} records; selecting {collect_secs:.1} s, the rest proving and packing); {:.1} MB; checked offline in {check_secs:.2} s",
         out.len() as f64 / 1e6
     );
+}
+
+/// Content retention on a kept trail (its records span the 30 days before it was
+/// written): bodies older than 15 days, then all of them (the writer's clock moved 31
+/// days on). Each round: how long the writer's start takes (the purge runs beside it),
+/// how long until the purge is in place, bytes on disk, and verify before and after.
+fn purge(dir: &std::path::Path) {
+    let disk = || -> u64 {
+        reader::segments(dir)
+            .unwrap()
+            .iter()
+            .map(|s| std::fs::metadata(&s.path).unwrap().len())
+            .sum()
+    };
+    let verify = |label: &str| {
+        let t = Instant::now();
+        let r = verify_dir(dir, None, |_, _, _| {}).unwrap();
+        println!(
+            "verify, {label:<22} {:.1} s ({} records; {} bodies purged in {} segments by {} purge events)",
+            t.elapsed().as_secs_f64(),
+            r.records,
+            r.purged_bodies,
+            r.purged_segments,
+            r.purges
+        );
+    };
+    // Hashing a line with its bodies committed, against hashing it whole (as before
+    // commitments), over the same 20,000 lines, timed alone.
+    let mut lines = Vec::new();
+    reader::for_each_line(dir, |_, l| {
+        lines.push(l.to_vec());
+        if lines.len() == 20_000 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .unwrap();
+    let per_line = |f: &dyn Fn(&[u8])| {
+        let t = Instant::now();
+        for _ in 0..5 {
+            lines.iter().for_each(|l| f(l));
+        }
+        t.elapsed().as_nanos() as f64 / 1e3 / (5 * lines.len()) as f64
+    };
+    let whole = per_line(&|l| {
+        std::hint::black_box(<sha2::Sha256 as sha2::Digest>::digest(l));
+    });
+    let committed = per_line(&|l| {
+        std::hint::black_box(custody_audit::segment::check_line(l).unwrap());
+    });
+    println!(
+        "hash a line              {committed:.2} µs with bodies committed, {whole:.2} µs whole ({} bytes a line)",
+        lines.iter().map(Vec::len).sum::<usize>() / lines.len()
+    );
+    verify("before");
+    let keys = tempfile::tempdir().unwrap();
+    let (private, _) = custody_audit::signing::keygen(keys.path(), "purge").unwrap();
+    // A data subject's request for someone the trail does not hold: every segment read.
+    {
+        let mut config = Config::for_test(dir, vec![]);
+        config.audit.segment_max_bytes = 32 << 20;
+        config.audit.signing_key = Some(private.clone());
+        let w = AuditWriter::start(&config).unwrap();
+        let t = Instant::now();
+        let s = w
+            .config()
+            .purge(custody_audit::purge::Selector::User(
+                "nobody@example.com".into(),
+            ))
+            .unwrap();
+        println!(
+            "purge one person (none)  {:.1} s ({} segments rewritten; every segment read)",
+            t.elapsed().as_secs_f64(),
+            s.segments
+        );
+        w.shutdown().unwrap();
+    }
+    let month = Duration::from_secs(31 * 86_400);
+    for (label, ahead) in [("older than 15 days", Duration::ZERO), ("all", month)] {
+        let bytes = disk();
+        let mut config = Config::for_test(dir, vec![]);
+        config.audit.segment_max_bytes = 32 << 20;
+        config.audit.signing_key = Some(private.clone());
+        config.audit.retention_days = Some(3650);
+        config.audit.content_retention_days = Some(15);
+        let gate = custody_audit::writer::WriterGate::default();
+        gate.advance_clock(ahead);
+        let t = Instant::now();
+        let w = AuditWriter::start_gated(&config, Some(gate)).unwrap();
+        let started = t.elapsed().as_secs_f64();
+        let stats = w.stats();
+        while stats.purges.get() == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let purged = t.elapsed().as_secs_f64();
+        w.shutdown().unwrap();
+        println!(
+            "purge {label:<22} {purged:.1} s until in place ({started:.2} s the writer's start); {} bodies; on disk {:.1} -> {:.1} MB",
+            stats.purged_bodies.get(),
+            bytes as f64 / 1e6,
+            disk() as f64 / 1e6
+        );
+        verify(&format!("purged {label}"));
+    }
 }

@@ -10,6 +10,8 @@
 //! position, without parsing JSON. A line without `bodies` (written before commitments)
 //! is hashed whole, as it always was.
 
+use std::io::Write as _;
+
 use sha2::{Digest, Sha256};
 
 const BODY_KEY: &[u8] = b"\"body\":";
@@ -151,9 +153,11 @@ pub(crate) fn line_digest(line: &[u8], hash_at: usize) -> Result<Hashed, &'stati
             out.present += 1;
             h.update(&line[from..m.at]);
             h.update(PURGED_KEY);
-            h.update(hex::encode(Sha256::digest(
-                &line[m.at + BODY_KEY.len()..m.at + m.len],
-            )));
+            let mut body_hex = [0u8; 64];
+            let body = Sha256::digest(&line[m.at + BODY_KEY.len()..m.at + m.len]);
+            // 32 bytes always fit 64 hex digits.
+            let _ = hex::encode_to_slice(body, &mut body_hex);
+            h.update(body_hex);
             h.update(b"\"");
             from = m.at + m.len;
         }
@@ -179,22 +183,22 @@ pub(crate) fn declare(line: &mut Vec<u8>, hash_at: usize, spans: &[(usize, usize
     {
         return false;
     }
-    let mut decl = BODIES_KEY.to_vec();
+    // The declaration goes in at `prev_at`, after every body: their offsets hold as
+    // they are, so the line is checked before it is changed.
+    if !members(line, prev_at, spans).is_ok_and(|m| m.iter().all(|m| !m.purged)) {
+        return false;
+    }
+    let mut decl = Vec::with_capacity(BODIES_KEY.len() + MAX_DECLARATION + 2);
+    decl.extend_from_slice(BODIES_KEY);
     for (i, (o, n)) in spans.iter().enumerate() {
         if i > 0 {
             decl.push(b',');
         }
-        decl.extend_from_slice(format!("{o},{n}").as_bytes());
+        let _ = write!(decl, "{o},{n}");
     }
     decl.extend_from_slice(b"],");
-    let decl_at = prev_at;
-    let mut probe = line.clone();
-    probe.splice(prev_at..prev_at, decl.iter().copied());
-    let ok = members(&probe, decl_at, spans).is_ok_and(|m| m.iter().all(|m| !m.purged));
-    if ok {
-        *line = probe;
-    }
-    ok
+    line.splice(prev_at..prev_at, decl);
+    true
 }
 
 /// The line with every declared body still present replaced by its purged form; `None`

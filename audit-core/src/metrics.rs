@@ -97,6 +97,10 @@ pub struct AuditStats {
     pub policy_seconds: Family<PhaseLabels, Histogram, fn() -> Histogram>,
     pub segments: Gauge,
     pub disk_bytes: Gauge,
+    /// `purge` events written (content retention passes that purged, data subjects'
+    /// requests), and the bodies they purged.
+    pub purges: Counter,
+    pub purged_bodies: Counter,
     /// Woken each time the writer takes an exchange (room for waiting admissions).
     pub room: tokio::sync::Notify,
     /// Traffic not audited because the queue was full, waiting to be told in the chain.
@@ -151,6 +155,8 @@ impl Default for AuditStats {
             policy_seconds: Family::new_with_constructor(policy_histogram),
             segments: Gauge::default(),
             disk_bytes: Gauge::default(),
+            purges: Counter::default(),
+            purged_bodies: Counter::default(),
             room: tokio::sync::Notify::new(),
             losses: Mutex::new(Losses::default()),
             models: Mutex::new(HashSet::new()),
@@ -235,6 +241,16 @@ impl AuditStats {
             "custody_audit_disk_bytes",
             "Bytes of segment files in the audit directory",
             self.disk_bytes.clone(),
+        );
+        r.register(
+            "custody_audit_purges",
+            "Purge events written: content retention, data subjects' requests",
+            self.purges.clone(),
+        );
+        r.register(
+            "custody_audit_purged_bodies",
+            "Request and response bodies purged from sealed segments",
+            self.purged_bodies.clone(),
         );
         r.register(
             "custody_redactions",

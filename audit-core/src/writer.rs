@@ -209,6 +209,120 @@ enum Control {
         selector: Selector,
         done: Sender<Result<PurgeSummary, String>>,
     },
+    /// From the purger: segments rewritten for `job`, to be recorded and put in place.
+    /// `ack` is dropped once they are (the purger reads no segment meanwhile).
+    CommitPurge {
+        job: PurgeJob,
+        rewritten: Vec<purge::Rewritten>,
+        ack: Sender<()>,
+    },
+}
+
+/// A purge pass for the purger thread: rewriting segments is the slow part (every line
+/// re-hashed, blocks recompressed), so it runs beside the writer, never in its way.
+struct PurgeJob {
+    selector: Selector,
+    event: serde_json::Value,
+    /// Write the event even when nothing was purged (a data subject is answered).
+    always: bool,
+    /// The newest segment it may rewrite (all sealed).
+    through: u64,
+    /// Content retention passes over segments up to this one.
+    clean_through: u64,
+    done: Option<Sender<Result<PurgeSummary, String>>>,
+}
+
+/// The purger thread and how to stop it.
+struct Purger {
+    jobs: Sender<PurgeJob>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Disconnected when the thread has ended.
+    ended: Receiver<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Purger {
+    fn spawn(dir: std::path::PathBuf, control: Sender<Control>) -> Result<Self, AuditError> {
+        let (jobs, rx) = bounded::<PurgeJob>(8);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ended_tx, ended) = bounded::<()>(0);
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("custody-purger".into())
+            .spawn(move || {
+                let _ended = ended_tx;
+                purger(&dir, &rx, &control, &flag);
+            })
+            .map_err(|e| AuditError::Writer(format!("cannot start the purger thread: {e}")))?;
+        Ok(Self {
+            jobs,
+            stop,
+            ended,
+            thread,
+        })
+    }
+}
+
+fn purger(
+    dir: &std::path::Path,
+    jobs: &Receiver<PurgeJob>,
+    control: &Sender<Control>,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    use std::sync::atomic::Ordering;
+    let mut compressor = match crate::store::compressor() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "the purger cannot compress; purges are refused");
+            return;
+        }
+    };
+    for job in jobs {
+        let retention = matches!(job.selector, Selector::Before(_));
+        let mut rewritten = Vec::new();
+        let segments = crate::store::list_segments(dir).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the purger cannot list the trail");
+            Vec::new()
+        });
+        for (number, path) in segments {
+            if number > job.through || stop.load(Ordering::Relaxed) {
+                break;
+            }
+            if retention && (number <= job.clean_through || purge::known_clean(&path)) {
+                continue;
+            }
+            match purge::rewrite(&path, number, &job.selector, &mut compressor, stop) {
+                Ok(Some(r)) => rewritten.push(r),
+                Ok(None) => {}
+                // A segment that does not verify is not rewritten (that would launder
+                // it); the others still are.
+                Err(e) if !stop.load(Ordering::Relaxed) => {
+                    tracing::error!(error = %e, "purge skipped a segment it could not read");
+                }
+                Err(_) => break,
+            }
+        }
+        if stop.load(Ordering::Relaxed) {
+            // Rewrites are dropped, and their files with them; retention tries again.
+            if let Some(done) = job.done {
+                let _ = done.send(Err("custody is stopping; nothing was purged".into()));
+            }
+            return;
+        }
+        let (ack, acked) = bounded(0);
+        if control
+            .send(Control::CommitPurge {
+                job,
+                rewritten,
+                ack,
+            })
+            .is_err()
+        {
+            return;
+        }
+        // Until the writer has put them in place: the next job must read those bytes.
+        let _ = acked.recv();
+    }
 }
 
 /// What a purge did.
@@ -399,6 +513,8 @@ impl AuditWriter {
         let (stop_tx, stop_rx) = bounded(1);
         let stats = Arc::new(AuditStats::default());
         let conversations = crate::lineage::rebuild(store.dir(), conversation_index_size);
+        let (dir, purge_control) = (store.dir().to_owned(), config.control.clone());
+        purge::remove_leftovers(&dir);
         let mut worker = Worker {
             gate,
             batch: Batch::new(store.head()),
@@ -413,6 +529,8 @@ impl AuditWriter {
             retention: wc.retention_days,
             content_retention: wc.content_retention_days,
             content_clean_through: 0,
+            content_purge_running: false,
+            purger: Some(Purger::spawn(dir, purge_control)?),
             last_retention: Instant::now(),
             retry_at: None,
             reserve,
@@ -544,6 +662,9 @@ struct Worker {
     content_retention: Option<u32>,
     /// Segments up to this one hold no body left to purge.
     content_clean_through: u64,
+    /// A content retention pass is with the purger.
+    content_purge_running: bool,
+    purger: Option<Purger>,
     last_retention: Instant,
     retry_at: Option<Instant>,
     /// Where a stop that cannot write tells the next start.
@@ -774,6 +895,7 @@ impl Worker {
                 self.apply_retention();
             }
         }
+        self.stop_purger(&control);
         // A stop while the disk was failing left exchanges queued: one last try.
         self.drain(&rx);
         self.add_losses();
@@ -888,30 +1010,95 @@ impl Worker {
                 self.batch.waiters.push(durable);
             }
             Control::Purge { selector, done } => {
-                let _ = done.send(self.purge_subject(&selector).map_err(|e| e.to_string()));
+                if let Err((e, done)) = self.purge_subject(selector, done) {
+                    let _ = done.send(Err(e.to_string()));
+                }
+            }
+            Control::CommitPurge {
+                job,
+                rewritten,
+                ack,
+            } => {
+                self.commit_purge(job, rewritten);
+                // The purger goes on to its next pass.
+                drop(ack);
             }
         }
     }
 
+    /// Hands a pass to the purger; gives the answer channel back when it cannot.
+    #[allow(clippy::result_large_err)]
+    fn send_purge(&self, job: PurgeJob) -> Result<(), (AuditError, PurgeJob)> {
+        let Some(p) = &self.purger else {
+            return Err((AuditError::Writer("custody is stopping".into()), job));
+        };
+        p.jobs.try_send(job).map_err(|e| {
+            let why = match e {
+                TrySendError::Full(_) => "too many purges are waiting; try again later",
+                TrySendError::Disconnected(_) => "the purger has stopped (see the log)",
+            };
+            (AuditError::Writer(why.into()), e.into_inner())
+        })
+    }
+
+    /// Stops the purger: a pass under way is left (its files removed), and one waiting
+    /// to be recorded is refused; content retention redoes them at the next start.
+    fn stop_purger(&mut self, control: &Receiver<Control>) {
+        let Some(p) = self.purger.take() else { return };
+        p.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(p.jobs);
+        loop {
+            select! {
+                recv(control) -> c => match c {
+                    Ok(Control::CommitPurge { job, .. }) => {
+                        if let Some(done) = job.done {
+                            let _ = done.send(Err("custody is stopping; nothing was purged".into()));
+                        }
+                    }
+                    Ok(other) => self.apply(other),
+                    Err(_) => break,
+                },
+                recv(p.ended) -> _ => break,
+            }
+        }
+        let _ = p.thread.join();
+    }
+
     /// A data subject's request, over every segment: the open one is sealed first so
-    /// that it can be rewritten too.
-    fn purge_subject(&mut self, selector: &Selector) -> Result<PurgeSummary, AuditError> {
+    /// that it can be rewritten too. The answer goes to `done` once the purge is in
+    /// place; on an error here, the error and `done` come back.
+    #[allow(clippy::result_large_err)]
+    fn purge_subject(
+        &mut self,
+        selector: Selector,
+        done: Sender<Result<PurgeSummary, String>>,
+    ) -> Result<(), (AuditError, Sender<Result<PurgeSummary, String>>)> {
         self.retry_at = None;
         self.flush();
         if self.batch.count > 0 {
-            return Err(AuditError::Writer(
-                "the trail cannot be written now (see the log); nothing was purged".into(),
-            ));
+            let e = "the trail cannot be written now (see the log); nothing was purged";
+            return Err((AuditError::Writer(e.into()), done));
         }
-        self.store.close_segment()?;
-        let (who, value) = match selector {
-            Selector::User(u) => ("user", u.as_str()),
-            Selector::Pseudonym(p) => ("pseudonym", p.as_str()),
-            Selector::Before(_) => ("before", ""),
+        if let Err(e) = self.store.close_segment() {
+            return Err((e, done));
+        }
+        let (who, value) = match &selector {
+            Selector::User(u) => ("user", u.clone()),
+            Selector::Pseudonym(p) => ("pseudonym", p.clone()),
+            Selector::Before(_) => ("before", String::new()),
         };
         let mut event = serde_json::json!({"type": "purge", "reason": "data_subject"});
         event[who] = value.into();
-        self.purge(selector, event, true)
+        let job = PurgeJob {
+            selector,
+            event,
+            always: true,
+            through: self.store.newest_number().unwrap_or(0),
+            clean_through: 0,
+            done: Some(done),
+        };
+        self.send_purge(job)
+            .map_err(|(e, job)| (e, job.done.unwrap_or_else(|| bounded(1).0)))
     }
 
     /// Content retention: bodies of sealed segments whose newest record is older than
@@ -920,6 +1107,9 @@ impl Worker {
         let Some(days) = self.content_retention else {
             return;
         };
+        if self.content_purge_running {
+            return;
+        }
         let cutoff = self.now_ms() - i64::from(days) * 86_400_000;
         let event = serde_json::json!({
             "type": "purge",
@@ -927,52 +1117,58 @@ impl Worker {
             "content_retention_days": days,
             "before": rfc3339_ms(cutoff),
         });
-        match self.purge(&Selector::Before(cutoff), event, false) {
-            Ok(s) if s.segments > 0 => tracing::info!(
-                segments = s.segments,
-                records = s.records,
-                content_retention_days = days,
-                "content retention purged bodies"
-            ),
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "content retention failed"),
+        let through = match self.store.open_number() {
+            Some(open) => open.saturating_sub(1),
+            None => self.store.newest_number().unwrap_or(0),
+        };
+        let job = PurgeJob {
+            selector: Selector::Before(cutoff),
+            event,
+            always: false,
+            through,
+            clean_through: self.content_clean_through,
+            done: None,
+        };
+        match self.send_purge(job) {
+            Ok(()) => self.content_purge_running = true,
+            Err((e, _)) => tracing::debug!(error = %e, "content retention waits"),
         }
     }
 
-    /// Rewrites the sealed segments `selector` touches, states the rewrites in a
-    /// `purge` event covered by a checkpoint, then puts them in place (see
-    /// [`crate::purge`]). `always`: write the event even when nothing was purged (a
-    /// data subject's request is answered either way).
-    fn purge(
+    /// A pass the purger finished: recorded and put in place, its answer sent.
+    fn commit_purge(&mut self, job: PurgeJob, rewritten: Vec<purge::Rewritten>) {
+        let retention = matches!(job.selector, Selector::Before(_));
+        // Segment retention may have deleted a segment since the purger read it.
+        let rewritten: Vec<_> = rewritten.into_iter().filter(|r| r.path.exists()).collect();
+        let result = self.record_purge(rewritten, job.event, job.always);
+        if retention {
+            self.content_purge_running = false;
+            match &result {
+                Ok(s) if s.segments > 0 => tracing::info!(
+                    segments = s.segments,
+                    records = s.records,
+                    bodies = s.bodies,
+                    "content retention purged bodies"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "content retention failed"),
+            }
+            self.note_clean();
+        }
+        if let Some(done) = job.done {
+            let _ = done.send(result.map_err(|e| e.to_string()));
+        }
+    }
+
+    /// States the rewrites in a `purge` event covered by a checkpoint, then puts them in
+    /// place (see [`crate::purge`]). `always`: write the event even when nothing was
+    /// purged (a data subject's request is answered either way).
+    fn record_purge(
         &mut self,
-        selector: &Selector,
+        rewritten: Vec<purge::Rewritten>,
         mut event: serde_json::Value,
         always: bool,
     ) -> Result<PurgeSummary, AuditError> {
-        let open = self.store.open_number();
-        let retention = matches!(selector, Selector::Before(_));
-        let mut compressor = crate::store::compressor().map_err(|e| AuditError::Io {
-            path: self.store.dir().to_owned(),
-            source: e,
-        })?;
-        let mut rewritten = Vec::new();
-        for (number, path) in crate::store::list_segments(self.store.dir())? {
-            if Some(number) == open {
-                break;
-            }
-            if retention && (number <= self.content_clean_through || purge::known_clean(&path)) {
-                continue;
-            }
-            match purge::rewrite(&path, number, selector, &mut compressor) {
-                Ok(Some(r)) => rewritten.push(r),
-                Ok(None) => {}
-                Err(e) => {
-                    // A segment that does not verify is not rewritten (that would
-                    // launder it); the others still are.
-                    tracing::error!(error = %e, "purge skipped a segment it could not read");
-                }
-            }
-        }
         let summary = PurgeSummary {
             segments: rewritten.len() as u64,
             records: rewritten.iter().map(|r| r.records).sum(),
@@ -1004,9 +1200,8 @@ impl Worker {
                 tracing::error!(segment = number, error = %e, "a purged segment could not replace the original; the purge will be retried");
             }
         }
-        if retention {
-            self.note_clean();
-        }
+        self.stats.purges.inc();
+        self.stats.purged_bodies.inc_by(summary.bodies);
         Ok(PurgeSummary {
             event_seq: Some(seq),
             ..summary

@@ -45,12 +45,14 @@ impl Trail {
         let key = self.private();
         let gate = custody_audit::writer::WriterGate::default();
         gate.advance_clock(ahead);
+        let mut content_retention = false;
         let custody = Custody::start_gated(
             self.done.dir,
             vec![openai_route(&up)],
             |c| {
                 c.audit.signing_key = Some(key);
                 tweak(c);
+                content_retention = c.audit.content_retention_days.is_some();
             },
             gate,
         )
@@ -64,6 +66,12 @@ impl Trail {
             ),
         )
         .await;
+        if content_retention {
+            // Purges run beside the writer: the first pass is done when it says so.
+            custody
+                .until_metric("custody_audit_purges_total", |v| v >= 1.0)
+                .await;
+        }
         Trail {
             done: custody.stop().await,
             keys: self.keys,

@@ -571,6 +571,7 @@ async fn content_retention_purges_old_bodies_and_the_trail_still_verifies() {
         newest.number,
         &custody_audit::purge::Selector::Before(i64::MAX),
         &mut c,
+        &std::sync::atomic::AtomicBool::new(false),
     )
     .unwrap()
     .unwrap()
@@ -626,6 +627,11 @@ async fn a_running_custody_purges_one_person_on_request_and_keeps_serving() {
     assert_eq!(done["records"], 3, "{done}");
     // Traffic goes on, into a new segment.
     send(&c, chat("carol", "carol later")).await;
+    // A second request rewrites the segment the first one did: verify follows both.
+    let (parts, body) = ask("admin-token", r#"{"user":"dave"}"#).await;
+    assert_eq!(parts.status, 200, "{body:?}");
+    let done: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(done["records"], 3, "{done}");
     let stopped = custody.stop().await;
     let dir = stopped.audit_dir();
     let text = decompressed(&dir);
@@ -633,9 +639,10 @@ async fn a_running_custody_purges_one_person_on_request_and_keeps_serving() {
         !text.contains("carol secret"),
         "carol's purged bodies are on disk"
     );
-    assert!(text.contains("dave note 2") && text.contains("carol later"));
+    assert!(!text.contains("dave note") && text.contains("carol later"));
     let r = verify_dir(&dir, None, |_, _, _| {}).unwrap();
-    assert_eq!((r.purges, r.purged_segments), (1, 1), "{r:?}");
+    assert_eq!((r.purges, r.purged_segments), (2, 1), "{r:?}");
+    assert!(r.purges_pending.is_empty(), "{r:?}");
     assert_eq!(
         records(&dir)
             .iter()
@@ -643,4 +650,42 @@ async fn a_running_custody_purges_one_person_on_request_and_keeps_serving() {
             .count(),
         4
     );
+}
+
+#[tokio::test]
+async fn a_stop_in_the_middle_of_content_retention_leaves_a_whole_trail() {
+    let t = signed_trail(3, 4).await;
+    let dir = t.dir();
+    // A crash left a rewrite half written: the next start removes it.
+    let leftover = dir.join("00000000000000000001.seg.purge");
+    fs::write(&leftover, b"half a rewrite").unwrap();
+    let mut config = custody_config::Config::for_test(&dir, vec![]);
+    config.audit.signing_key = Some(t.private());
+    config.audit.content_retention_days = Some(30);
+    config.audit.retention_days = Some(365);
+    let gate = custody_audit::writer::WriterGate::default();
+    gate.advance_clock(std::time::Duration::from_secs(31 * 86_400));
+    // Stopped at once: the purge, running beside the writer, is done or left whole.
+    let w = custody_audit::AuditWriter::start_gated(&config, Some(gate)).unwrap();
+    let purges = w.stats().purges.get();
+    w.shutdown().unwrap();
+    let names: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.ends_with(".purge")),
+        "{names:?} (purges: {purges})"
+    );
+    let r = verify_dir(&dir, Some(&t.public), |_, _, _| {}).unwrap();
+    assert!(r.purges_pending.is_empty(), "{r:?}");
+    let text = decompressed(&dir);
+    match r.purges {
+        0 => assert!(
+            text.contains("turn 1-2"),
+            "bodies gone without a purge event"
+        ),
+        1 => assert!(!text.contains("turn "), "a purged body is still on disk"),
+        n => panic!("{n} purges"),
+    }
 }

@@ -108,9 +108,12 @@ struct EventKind {
 }
 
 /// A segment rewritten by a purge, as its event states it.
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 struct PurgeStatement {
     segment: String,
+    /// The hash of the seal it was rewritten under, and the bytes it had and has.
+    seal: String,
+    before: String,
     after: String,
 }
 
@@ -214,9 +217,9 @@ struct SegmentCheck {
     purged: Vec<PurgeStatement>,
     /// Bodies found in their purged form.
     purged_bodies: u64,
-    /// The SHA-256 of the bytes before the seal, when it is not the one the seal holds:
-    /// only a purge event can account for it.
-    rewritten: Option<String>,
+    /// The SHA-256 of the bytes before the seal, when it is not the one the seal holds
+    /// (which is the second): only a purge event can account for it.
+    rewritten: Option<(String, String)>,
     /// The seal: its `prev_seal` and its own hash.
     seal: Option<(String, String)>,
     /// Hashes of the records whose seq a checkpoint names.
@@ -376,7 +379,7 @@ fn check_segment(
             };
             if seal.segment_sha256 != hex::encode(covered) {
                 // Rewritten by a purge, or edited: the purge events decide (phase 2).
-                c.rewritten = Some(hex::encode(covered));
+                c.rewritten = Some((hex::encode(covered), seal.segment_sha256.clone()));
             }
             if let Some(m) = mismatch {
                 return Err(broken(&name, None, format!("seal {m}")));
@@ -883,7 +886,7 @@ fn verify_pass(
         }
         progress(i + 1, segs.len(), report.bytes);
     }
-    if fast && content.found.iter().any(|f| f.1.is_some()) {
+    if fast && content.found.iter().any(|f| f.rewritten.is_some()) {
         return Ok(None);
     }
     content.resolve(&mut report)?;
@@ -982,10 +985,19 @@ fn verify_pass(
 /// event that states exactly those bytes.
 #[derive(Default)]
 struct ContentCheck {
-    /// Per segment: the bytes each purge event naming it says it has after it, in order.
-    stated: BTreeMap<String, Vec<String>>,
-    /// Per segment: its bytes' digest (when not the seal's), and its purged bodies.
-    found: Vec<(String, Option<String>, u64)>,
+    /// Per segment: what each purge event naming it states (seal, before, after), in order.
+    stated: BTreeMap<String, Vec<PurgeStatement>>,
+    found: Vec<Found>,
+}
+
+/// A segment as verify found it, for the purge events to account for.
+struct Found {
+    name: String,
+    /// Its seal's hash.
+    seal: Option<String>,
+    /// Its bytes' digest and the sealed one, when they differ.
+    rewritten: Option<(String, String)>,
+    purged_bodies: u64,
 }
 
 impl ContentCheck {
@@ -994,21 +1006,41 @@ impl ContentCheck {
             self.stated
                 .entry(p.segment.clone())
                 .or_default()
-                .push(p.after.clone());
+                .push(p.clone());
         }
         // Resolved once every event is read: a purge is written after what it rewrites.
-        self.found
-            .push((c.name.clone(), c.rewritten.clone(), c.purged_bodies));
+        let seal = c.seal.as_ref().map(|(_, hash)| hash.clone());
+        self.found.push(Found {
+            name: c.name.clone(),
+            seal,
+            rewritten: c.rewritten.clone(),
+            purged_bodies: c.purged_bodies,
+        });
     }
 
     fn resolve(self, report: &mut VerifyReport) -> Result<(), VerifyError> {
-        for (name, rewritten, bodies) in self.found {
-            let stated = self.stated.get(&name);
+        for Found {
+            name,
+            seal,
+            rewritten,
+            purged_bodies: bodies,
+        } in self.found
+        {
+            // Only statements about this very seal count: a purge event cannot vouch for
+            // a segment it did not rewrite.
+            let stated: Option<Vec<&PurgeStatement>> = self.stated.get(&name).map(|all| {
+                all.iter()
+                    .filter(|p| seal.as_deref() == Some(p.seal.as_str()))
+                    .collect()
+            });
+            let stated = stated.filter(|s| !s.is_empty());
             match (rewritten, stated) {
-                (Some(now), Some(afters)) if afters.contains(&now) => {
+                (Some((now, sealed)), Some(st))
+                    if rewrites(&sealed, &st).contains(&now.as_str()) =>
+                {
                     report.purged_segments += 1;
                     report.purged_bodies += bodies;
-                    if afters.last() != Some(&now) {
+                    if rewrites(&sealed, &st).last() != Some(&now.as_str()) {
                         report.purges_pending.push(name);
                     }
                 }
@@ -1031,6 +1063,18 @@ impl ContentCheck {
         }
         Ok(())
     }
+}
+
+/// The bytes a segment may have, in order, from those it was sealed with: each purge
+/// rewrites what the one before it left.
+fn rewrites<'a>(sealed: &'a str, stated: &[&'a PurgeStatement]) -> Vec<&'a str> {
+    let mut states = vec![sealed];
+    for p in stated {
+        if states.contains(&p.before.as_str()) {
+            states.push(&p.after);
+        }
+    }
+    states
 }
 
 /// Grows the trail's tree by a segment: its checkpoints' roots are noted, and its seal's

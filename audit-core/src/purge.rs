@@ -197,6 +197,7 @@ pub fn rewrite(
     let tmp = path.with_extension("seg.purge");
     let mut out = Output {
         tmp: tmp.clone(),
+        created: false,
         file: None,
         hasher: Sha256::new(),
         len: frames.offset(),
@@ -249,8 +250,6 @@ pub fn rewrite(
         let h = &block.header;
         if matches!(selector, Selector::Before(cutoff) if h.last_ms >= *cutoff) {
             // Not eligible after all (the seal would say so too): stop reading.
-            drop(out.file.take());
-            let _ = fs::remove_file(&tmp);
             return Ok(None);
         }
         let offset = out.len;
@@ -301,8 +300,6 @@ pub fn rewrite(
         content_purged: false,
     };
     if !selector.segment_eligible(&seal.seal) || records == 0 {
-        drop(out.file.take());
-        let _ = fs::remove_file(&tmp);
         if left == 0 && records == 0 {
             idx.segment_bytes = idx.seal_at.unwrap_or(0) + 8 + seal.line.len() as u64;
             mark_clean(path, idx);
@@ -318,6 +315,8 @@ pub fn rewrite(
     file.flush()
         .and_then(|()| file.get_ref().sync_all())
         .map_err(io(&tmp))?;
+    // From here the rewrite owns the file.
+    out.created = false;
     idx.segment_bytes = out.len;
     Ok(Some(Rewritten {
         number,
@@ -358,12 +357,23 @@ fn selects_any(path: &Path, selector: &Selector, stop: &AtomicBool) -> Result<bo
     Ok(false)
 }
 
-/// The rewritten file as it is written: opened at the first change, hashed as it goes.
+/// The rewritten file as it is written: opened at the first change, hashed as it goes,
+/// removed if the rewrite stops short (an error, a stop, a segment not eligible).
 struct Output {
     tmp: PathBuf,
+    created: bool,
     file: Option<std::io::BufWriter<fs::File>>,
     hasher: Sha256,
     len: u64,
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        if self.created {
+            drop(self.file.take());
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 impl Output {
@@ -376,6 +386,7 @@ impl Output {
             .truncate(true)
             .mode(0o600)
             .open(&self.tmp)?;
+        self.created = true;
         self.file = Some(std::io::BufWriter::with_capacity(1 << 20, f));
         self.len = 0;
         let mut buf = vec![0u8; 1 << 20];

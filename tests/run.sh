@@ -4,7 +4,8 @@
 # the load harness, and the Kubernetes manifests.
 # Needs cargo, python3 and kubectl; installs from PyPI the SDKs (.venv-conformance), moto
 # for the object-storage tests (.venv-moto) and the manifest validator (.venv-deploy), and
-# from Debian Chromium and chromedriver for the browser tests and zstd for tar --zstd.
+# from Debian Chromium and chromedriver for the browser tests, zstd for tar --zstd, and
+# prometheus for promtool (the alerting rules and the dashboard's queries).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,12 +21,13 @@ fi
 "$moto/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/requirements-moto.txt
 export CUSTODY_MOTO_SERVER="$PWD/$moto/bin/moto_server"
 
-echo "== Chromium and chromedriver (Debian), for the browser tests; zstd, for tar --zstd"
-if ! command -v chromedriver > /dev/null || ! command -v chromium > /dev/null || ! command -v zstd > /dev/null; then
+echo "== Chromium and chromedriver (Debian), for the browser tests; zstd, for tar --zstd; promtool"
+if ! command -v chromedriver > /dev/null || ! command -v chromium > /dev/null || ! command -v zstd > /dev/null \
+  || ! command -v promtool > /dev/null; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then sudo=sudo; fi
   $sudo apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends chromium chromium-driver zstd
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends chromium chromium-driver zstd prometheus
 fi
 export CUSTODY_CHROMEDRIVER="$(command -v chromedriver)"
 export CUSTODY_CHROMIUM="$(command -v chromium)"
@@ -46,6 +48,14 @@ echo "== load harness smoke run (debug build: checks the tools and records = req
 cargo build --locked -p custody-load
 python3 tests/load/bench.py --quick --bin-dir target/debug --no-litellm --targets direct,hyper,custody,custody-durable \
   --only chat-1k-c32 --only sse-c32 > /dev/null
+
+echo "== monitoring: alerting rules and their unit tests, the dashboard's queries (promtool)"
+promtool check rules deploy/monitoring/custody-alerts.yaml
+(cd deploy/monitoring && promtool test rules custody-alerts.test.yaml)
+dashrules=$(mktemp --suffix=.yaml)
+python3 deploy/monitoring/check-dashboard.py deploy/monitoring/custody-dashboard.json > "$dashrules"
+promtool check rules "$dashrules"
+rm -f "$dashrules"
 
 echo "== deploy manifests (kubectl kustomize, kubernetes-validate --strict)"
 target/debug/custody config check deploy/k8s/base/custody.toml

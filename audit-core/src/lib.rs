@@ -19,6 +19,7 @@ pub mod assemble;
 pub mod config_event;
 pub mod content;
 pub mod decode;
+pub mod drift;
 pub mod error;
 pub mod exchange;
 pub mod fingerprint;

@@ -39,6 +39,20 @@ pub struct EntityLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServedLabels {
+    pub route: String,
+    pub requested_model: String,
+    pub served_model: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServedChangeLabels {
+    pub route: String,
+    pub requested_model: String,
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
     pub route: String,
     pub model: String,
@@ -97,10 +111,15 @@ pub struct AuditStats {
     pub policy_seconds: Family<PhaseLabels, Histogram, fn() -> Histogram>,
     pub segments: Gauge,
     pub disk_bytes: Gauge,
+    /// Free space an unprivileged writer has on the trail's filesystem.
+    pub disk_available_bytes: Gauge,
     /// `purge` events written (content retention passes that purged, data subjects'
     /// requests), and the bodies they purged.
     pub purges: Counter,
     pub purged_bodies: Counter,
+    /// 1 per route and requested model for the model serving it now (`drift` events).
+    pub served_model: Family<ServedLabels, Gauge>,
+    pub served_model_changes: Family<ServedChangeLabels, Counter>,
     /// Woken each time the writer takes an exchange (room for waiting admissions).
     pub room: tokio::sync::Notify,
     /// Traffic not audited because the queue was full, waiting to be told in the chain.
@@ -155,8 +174,11 @@ impl Default for AuditStats {
             policy_seconds: Family::new_with_constructor(policy_histogram),
             segments: Gauge::default(),
             disk_bytes: Gauge::default(),
+            disk_available_bytes: Gauge::default(),
             purges: Counter::default(),
             purged_bodies: Counter::default(),
+            served_model: Family::default(),
+            served_model_changes: Family::default(),
             room: tokio::sync::Notify::new(),
             losses: Mutex::new(Losses::default()),
             models: Mutex::new(HashSet::new()),
@@ -243,9 +265,24 @@ impl AuditStats {
             self.disk_bytes.clone(),
         );
         r.register(
+            "custody_audit_disk_available_bytes",
+            "Free bytes on the audit directory's filesystem",
+            self.disk_available_bytes.clone(),
+        );
+        r.register(
             "custody_audit_purges",
             "Purge events written: content retention, data subjects' requests",
             self.purges.clone(),
+        );
+        r.register(
+            "custody_served_model",
+            "1 for the model serving each route and requested model now",
+            self.served_model.clone(),
+        );
+        r.register(
+            "custody_served_model_changes",
+            "Changes of the model (or backend fingerprint) serving a route and requested model",
+            self.served_model_changes.clone(),
         );
         r.register(
             "custody_audit_purged_bodies",
@@ -356,5 +393,10 @@ impl AuditStats {
         }
         self.segments.set(n);
         self.disk_bytes.set(bytes);
+        if let Ok(fs) = rustix::fs::statvfs(dir) {
+            let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+            self.disk_available_bytes
+                .set(i64::try_from(free).unwrap_or(i64::MAX));
+        }
     }
 }

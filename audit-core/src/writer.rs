@@ -530,6 +530,7 @@ impl AuditWriter {
             content_retention: wc.content_retention_days,
             content_clean_through: 0,
             content_purge_running: false,
+            drift: crate::drift::rebuild(&dir),
             purger: Some(Purger::spawn(dir, purge_control)?),
             last_retention: Instant::now(),
             retry_at: None,
@@ -537,6 +538,14 @@ impl AuditWriter {
             shutdown_hold: wc.shutdown_hold,
             policy_nanos: 0,
         };
+        for (route, requested, served) in worker.drift.served() {
+            let labels = crate::metrics::ServedLabels {
+                route: route.to_owned(),
+                requested_model: worker.stats.model_label(requested),
+                served_model: worker.stats.model_label(served),
+            };
+            worker.stats.served_model.get_or_create(&labels).set(1);
+        }
         if let Some(event) = recovery_event(&recovery) {
             worker.add_event(event);
         }
@@ -664,6 +673,8 @@ struct Worker {
     content_clean_through: u64,
     /// A content retention pass is with the purger.
     content_purge_running: bool,
+    /// What serves each route and requested model, for `drift` events.
+    drift: crate::drift::DriftTracker,
     purger: Option<Purger>,
     last_retention: Instant,
     retry_at: Option<Instant>,
@@ -1249,10 +1260,15 @@ impl Worker {
         let line = catch_unwind(AssertUnwindSafe(|| self.line(ex, seq))).unwrap_or_else(|_| {
             tracing::error!(seq, "record assembly panicked; writing a minimal record");
             self.fallback_line(ex, seq)
+                .map(|(l, ms, f)| (l, ms, f, None))
         });
-        if let Some((line, ms, facts)) = line {
+        if let Some((line, ms, facts, drift)) = line {
             self.push_line(line, seq, ms);
             self.batch.facts.merge(&facts);
+            // Right after the first record the new model served.
+            if let Some(event) = drift {
+                self.add_event(event);
+            }
         }
     }
 
@@ -1361,7 +1377,12 @@ impl Worker {
         };
     }
 
-    fn line(&mut self, ex: &Exchange, seq: u64) -> Option<(Vec<u8>, i64, Facts)> {
+    #[allow(clippy::type_complexity)]
+    fn line(
+        &mut self,
+        ex: &Exchange,
+        seq: u64,
+    ) -> Option<(Vec<u8>, i64, Facts, Option<serde_json::Value>)> {
         let (mut record, learned) = self.assembler.assemble(ex, seq);
         // Conversations link within one caller: the same prompt from another key or
         // user is another conversation.
@@ -1384,6 +1405,7 @@ impl Worker {
             &record.id,
         );
         self.count(&record);
+        let drift = self.observe_served(&record);
         if let Some(p) = &record.policy {
             self.stats
                 .count_policy("record", &p.decisions, learned.policy_seconds);
@@ -1400,11 +1422,70 @@ impl Worker {
         match serde_json::to_vec(&record) {
             Ok(mut v) => {
                 declare_bodies(&mut v, &record);
-                Some((v, ms, facts))
+                Some((v, ms, facts, drift))
             }
             Err(e) => {
                 tracing::error!(seq, error = %e, "record did not serialize");
                 None
+            }
+        }
+    }
+
+    /// Notes the model that answered (a success naming both models); the `drift` event
+    /// when it is not the one that answered before.
+    fn observe_served(&mut self, record: &record::Record) -> Option<serde_json::Value> {
+        let g = record.gen_ai.as_ref()?;
+        let response = g.response.as_ref()?;
+        if !record.http.status.is_some_and(|s| (200..300).contains(&s)) {
+            return None;
+        }
+        let route = record.route.as_deref().unwrap_or("");
+        let o = crate::drift::Observation {
+            route,
+            requested: g.request.model.as_deref()?,
+            served: response.model.as_deref()?,
+            fingerprint: response.system_fingerprint.as_deref(),
+            id: &record.id,
+            seq: record.seq,
+            time: &record.time.start,
+        };
+        let labels = |served: &str| crate::metrics::ServedLabels {
+            route: route.to_owned(),
+            requested_model: self.stats.model_label(o.requested),
+            served_model: self.stats.model_label(served),
+        };
+        match self.drift.observe(&o) {
+            crate::drift::Observed::Same => None,
+            crate::drift::Observed::First => {
+                self.stats
+                    .served_model
+                    .get_or_create(&labels(o.served))
+                    .set(1);
+                None
+            }
+            crate::drift::Observed::Changed(c) => {
+                if c.from != c.to {
+                    self.stats.served_model.remove(&labels(&c.from));
+                    self.stats.served_model.get_or_create(&labels(&c.to)).set(1);
+                }
+                let changed = crate::metrics::ServedChangeLabels {
+                    route: route.to_owned(),
+                    requested_model: self.stats.model_label(o.requested),
+                    kind: c.kind,
+                };
+                self.stats
+                    .served_model_changes
+                    .get_or_create(&changed)
+                    .inc();
+                tracing::warn!(
+                    route,
+                    kind = c.kind,
+                    requested_model = %self.stats.model_label(o.requested),
+                    from = %self.stats.model_label(&c.from),
+                    to = %self.stats.model_label(&c.to),
+                    "the model serving a route changed"
+                );
+                Some(c.event)
             }
         }
     }

@@ -414,6 +414,43 @@ fn serve_records_then_sigterm_exits_cleanly_and_the_log_commands_read_the_trail(
         .status
         .success());
 
+    // Drift over the last hour against the hour before: the three records are counted
+    // in the window, too few to judge; a window that is not one is refused, by name.
+    let o = custody(&[
+        "log",
+        "drift",
+        "--dir",
+        d,
+        "--baseline",
+        "2h..1h",
+        "--window",
+        "1h..0s",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(
+        (r["baseline_records"].as_u64(), r["window_records"].as_u64()),
+        (Some(0), Some(3))
+    );
+    assert!(r["dimensions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["verdict"] == "too_few"));
+    let o = custody(&[
+        "log",
+        "drift",
+        "--dir",
+        d,
+        "--baseline",
+        "2h",
+        "--window",
+        "1h..0s",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--baseline"));
+
     // An edited trail: verify exits 1 and names the segment.
     let seg = std::fs::read_dir(&audit)
         .unwrap()

@@ -156,6 +156,49 @@ pub fn one_stream(
     (tx, handler)
 }
 
+/// What [`answering_upstream`] answers now: the model it names, the finish reason, and
+/// how long its body takes after the head (the provider's latency).
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub model: String,
+    pub finish: String,
+    pub delay: std::time::Duration,
+}
+
+impl Answer {
+    pub fn model(model: &str) -> Arc<Mutex<Answer>> {
+        Arc::new(Mutex::new(Answer {
+            model: model.into(),
+            finish: "stop".into(),
+            delay: std::time::Duration::ZERO,
+        }))
+    }
+}
+
+/// An OpenAI-shaped chat upstream answering as `answer` says at each request, with
+/// fixed usage and fingerprint.
+pub async fn answering_upstream(answer: Arc<Mutex<Answer>>) -> MockUpstream {
+    MockUpstream::start(move |_, _| {
+        let a = answer.lock().unwrap().clone();
+        let body = Bytes::from(format!(
+            r#"{{"id":"x","model":"{}","system_fingerprint":"fp_1","choices":[{{"index":0,"message":{{"role":"assistant","content":"ok"}},"finish_reason":"{}"}}],"usage":{{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}}}"#,
+            a.model, a.finish
+        ));
+        if a.delay.is_zero() {
+            return respond(200, &[("content-type", "application/json")], body);
+        }
+        let delayed = futures_util::stream::once(async move {
+            tokio::time::sleep(a.delay).await;
+            Ok::<_, std::io::Error>(Frame::data(body))
+        });
+        let mut r = Response::new(StreamBody::new(delayed).boxed());
+        r.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        r
+    })
+    .await
+}
+
 /// An upstream that answers every request with a small chat completion.
 pub async fn chat_upstream() -> MockUpstream {
     MockUpstream::start(|_, _| {

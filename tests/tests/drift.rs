@@ -2,25 +2,9 @@
 //! the chain, at the change, and a metric.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::{Arc, Mutex};
-
+use custody_audit::review::drift::{compare, render, DriftQuery};
 use custody_tests::*;
 use serde_json::Value;
-
-/// An OpenAI-shaped upstream answering with whatever model `served` holds now.
-async fn switching_upstream(served: Arc<Mutex<String>>) -> MockUpstream {
-    MockUpstream::start(move |_, _| {
-        let m = served.lock().unwrap().clone();
-        respond(
-            200,
-            &[("content-type", "application/json")],
-            format!(
-                r#"{{"id":"x","model":"{m}","system_fingerprint":"fp_1","choices":[{{"index":0,"message":{{"role":"assistant","content":"ok"}},"finish_reason":"stop"}}]}}"#
-            ),
-        )
-    })
-    .await
-}
 
 async fn ask(custody: &Custody, n: usize) {
     let c = client();
@@ -47,13 +31,13 @@ const CHANGES: &str =
 
 #[tokio::test]
 async fn a_provider_moving_an_alias_is_a_drift_event_at_the_change_and_a_metric() {
-    let model = Arc::new(Mutex::new("gpt-4o-2024-05-13".to_owned()));
-    let up = switching_upstream(model.clone()).await;
+    let answer = Answer::model("gpt-4o-2024-05-13");
+    let up = answering_upstream(answer.clone()).await;
     let custody = Custody::start(vec![openai_route(&up)]).await;
     ask(&custody, 3).await;
     let old = "custody_served_model{route=\"openai\",requested_model=\"gpt-4o\",served_model=\"gpt-4o-2024-05-13\"}";
     custody.until_metric(old, |v| v == 1.0).await;
-    *model.lock().unwrap() = "gpt-4o-2024-08-06".into();
+    answer.lock().unwrap().model = "gpt-4o-2024-08-06".into();
     ask(&custody, 2).await;
     custody
         .until_metric(&format!("{CHANGES},kind=\"version\"}}"), |v| v == 1.0)
@@ -106,7 +90,7 @@ async fn a_provider_moving_an_alias_is_a_drift_event_at_the_change_and_a_metric(
 
     // Across a restart the writer remembers what served the route: a silent fallback
     // to another model right after it is told.
-    *model.lock().unwrap() = "gpt-4o-mini-2024-07-18".into();
+    answer.lock().unwrap().model = "gpt-4o-mini-2024-07-18".into();
     let custody = Custody::start_in(stopped.dir, vec![openai_route(&up)], |_| {}).await;
     ask(&custody, 1).await;
     custody
@@ -123,4 +107,100 @@ async fn a_provider_moving_an_alias_is_a_drift_event_at_the_change_and_a_metric(
     assert_eq!(drifts[1]["event"]["from"]["model"], "gpt-4o-2024-08-06");
     // The trail with its drift events verifies.
     custody_audit::review::verify::verify_dir(&stopped.audit_dir(), None, |_, _, _| {}).unwrap();
+}
+
+fn unix_ms(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+#[tokio::test]
+async fn two_windows_compared_flag_what_moved_and_only_that() {
+    // Baseline: answers at once, always `stop`. Window: 100 ms slower, and every other
+    // answer refused by the provider's content filter; tokens, errors, rate limits,
+    // tool calls and the served model stay as they were.
+    let answer = Answer::model("gpt-4o-2024-08-06");
+    let up = answering_upstream(answer.clone()).await;
+    let custody = Custody::start(vec![openai_route(&up)]).await;
+    ask(&custody, 40).await;
+    // The windows are told apart by time: the clock moves on a millisecond first.
+    let last = unix_ms(std::time::SystemTime::now());
+    while unix_ms(std::time::SystemTime::now()) <= last + 1 {
+        tokio::task::yield_now().await;
+    }
+    answer.lock().unwrap().delay = std::time::Duration::from_millis(100);
+    for i in 0..40 {
+        answer.lock().unwrap().finish = if i % 2 == 0 { "content_filter" } else { "stop" }.into();
+        ask(&custody, 1).await;
+    }
+    // And then the provider moves the alias: the report names it first.
+    answer.lock().unwrap().model = "gpt-4o-2024-11-20".into();
+    ask(&custody, 1).await;
+    let stopped = custody.stop().await;
+    // The windows, from the records' own times (custody's clock): the first 40, the rest.
+    let at = |i: usize| {
+        let t = stopped.records[i]["time"]["start"].as_str().unwrap();
+        unix_ms(humantime::parse_rfc3339(t).unwrap())
+    };
+    let (t0, mid, end) = (at(0), at(40), at(80) + 1);
+    assert!(at(39) < mid);
+    let dir = stopped.audit_dir();
+    let source = custody_audit::review::reader::DirSource(&dir);
+    let q = DriftQuery {
+        baseline: (t0, mid),
+        window: (mid, end),
+        route: None,
+        model: Some("gpt-4o".into()),
+        min_records: 20,
+    };
+    let r = compare(&[&source], &q).unwrap();
+    assert_eq!((r.baseline_records, r.window_records), (40, 41));
+    assert_eq!(r.changes.len(), 1);
+    assert_eq!(r.changes[0]["event"]["to"]["model"], "gpt-4o-2024-11-20");
+    let shifted: std::collections::BTreeSet<&str> = r
+        .dimensions
+        .iter()
+        .filter(|d| d.verdict == "shifted")
+        .map(|d| d.name.as_str())
+        .collect();
+    assert_eq!(
+        shifted,
+        ["finish_reason", "latency_ms", "refusals", "ttft_ms"].into(),
+        "{r:#?}"
+    );
+    let stable: Vec<&str> = r
+        .dimensions
+        .iter()
+        .filter(|d| d.verdict == "stable")
+        .map(|d| d.name.as_str())
+        .collect();
+    for unchanged in [
+        "input_tokens",
+        "output_tokens",
+        "errors",
+        "rate_limited",
+        "tool_calls",
+    ] {
+        assert!(stable.contains(&unchanged), "{unchanged}: {r:#?}");
+    }
+    let refusals = r.dimensions.iter().find(|d| d.name == "refusals").unwrap();
+    assert_eq!(refusals.shares["yes"].0, 0.0);
+    assert!((refusals.shares["yes"].1 - 20.0 / 41.0).abs() < 1e-9);
+    let latency = r
+        .dimensions
+        .iter()
+        .find(|d| d.name == "latency_ms")
+        .unwrap();
+    let (before, after) = latency.median.unwrap();
+    assert!(after >= before + 90.0, "{before} -> {after}");
+    // The text names the change on its first line, then the moved dimensions, most first.
+    let text = render(&r, false);
+    let first = text.lines().next().unwrap();
+    assert!(
+        first.starts_with("CHANGE") && first.contains("gpt-4o-2024-08-06 -> gpt-4o-2024-11-20"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("input_tokens"),
+        "stable dimensions are left out:\n{text}"
+    );
 }

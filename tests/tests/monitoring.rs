@@ -2,10 +2,7 @@
 //! in the code that would leave a panel empty or an alert silent fails here.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{
-    collections::BTreeSet,
-    sync::{Arc, Mutex},
-};
+use std::collections::BTreeSet;
 
 use custody_config::{Action, Policy, Provider, Severity};
 use custody_tests::*;
@@ -32,27 +29,12 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     out
 }
 
-/// An upstream answering with usage and whatever model `served` holds.
-async fn answering(served: Arc<Mutex<String>>) -> MockUpstream {
-    MockUpstream::start(move |_, _| {
-        let m = served.lock().unwrap().clone();
-        respond(
-            200,
-            &[("content-type", "application/json")],
-            format!(
-                r#"{{"id":"x","model":"{m}","choices":[{{"index":0,"message":{{"role":"assistant","content":"ok"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}}}"#
-            ),
-        )
-    })
-    .await
-}
-
 #[tokio::test]
 async fn every_metric_the_dashboard_and_the_alerts_name_is_exposed() {
     // Traffic that gives every family a sample (families appear with their first one):
     // tokens, a redaction, a policy decision, an unreachable upstream, a model change.
-    let model = Arc::new(Mutex::new("gpt-4o-2024-05-13".to_owned()));
-    let up = answering(model.clone()).await;
+    let answer = Answer::model("gpt-4o-2024-05-13");
+    let up = answering_upstream(answer.clone()).await;
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let down = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
@@ -80,7 +62,7 @@ async fn every_metric_the_dashboard_and_the_alerts_name_is_exposed() {
     };
     send(&c, chat("/v1/chat/completions", "flag me, ann@example.com")).await;
     send(&c, chat("/down/v1/chat/completions", "hello")).await;
-    *model.lock().unwrap() = "gpt-4o-2024-08-06".into();
+    answer.lock().unwrap().model = "gpt-4o-2024-08-06".into();
     send(&c, chat("/v1/chat/completions", "again")).await;
     custody
         .until_metric(

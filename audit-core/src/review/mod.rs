@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod bundle;
+pub mod drift;
 pub mod export;
 pub mod proof;
 pub mod reader;

@@ -109,11 +109,78 @@ pub enum LogCommand {
         #[arg(long)]
         pseudonym: Option<String>,
     },
+    /// Compare two windows per route and model: served-model changes first, then every
+    /// dimension that moved (latency, time to first token, tokens, finish reasons and
+    /// refusals, errors, rate limits, tool calls, served model, redactions per entity,
+    /// policy decisions per rule), with its PSI, median and p95 shift, and a verdict.
+    Drift(Box<DriftArgs>),
     /// List a trail's segments; with `--from`, every trail shipped there, one per source (pod).
     Ls {
         #[command(flatten)]
         trail: TrailArgs,
     },
+}
+
+#[derive(Args)]
+pub struct DriftArgs {
+    #[command(flatten)]
+    trail: TrailArgs,
+    /// The reference window, `SINCE..UNTIL`: RFC 3339 times or ages (`14d..7d`).
+    #[arg(long)]
+    baseline: String,
+    /// The window compared with it, `SINCE..UNTIL` (`7d..0s` for the last week).
+    #[arg(long)]
+    window: String,
+    #[arg(long)]
+    route: Option<String>,
+    /// The requested model.
+    #[arg(long)]
+    model: Option<String>,
+    /// Fewer records than this on either side: `too_few` rather than a verdict.
+    #[arg(long, default_value_t = 30)]
+    min_records: usize,
+    /// Every dimension, the stable ones too.
+    #[arg(long)]
+    all: bool,
+    /// The report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `SINCE..UNTIL` as Unix ms.
+fn window(s: &str) -> anyhow::Result<(i64, i64)> {
+    let (since, until) = s
+        .split_once("..")
+        .with_context(|| format!("`{s}` is not a window: SINCE..UNTIL"))?;
+    let ms = |t: &str| -> anyhow::Result<i64> {
+        let d = when(t)?
+            .duration_since(std::time::UNIX_EPOCH)
+            .context("a time before 1970")?;
+        Ok(i64::try_from(d.as_millis())?)
+    };
+    let (since, until) = (ms(since)?, ms(until)?);
+    anyhow::ensure!(since < until, "`{s}`: the window ends before it starts");
+    Ok((since, until))
+}
+
+fn drift(a: DriftArgs) -> anyhow::Result<ExitCode> {
+    use custody_audit::review::drift::{compare, render, DriftQuery};
+    let q = DriftQuery {
+        baseline: window(&a.baseline).context("--baseline")?,
+        window: window(&a.window).context("--window")?,
+        route: a.route,
+        model: a.model,
+        min_records: a.min_records,
+    };
+    let trails = a.trail.open()?;
+    let sources: Vec<&dyn TrailSource> = trails.sources.iter().map(|s| s.as_ref()).collect();
+    let report = compare(&sources, &q)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&report, a.all));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Args)]
@@ -405,6 +472,7 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
         } => purge(config.as_ref(), user, pseudonym),
         LogCommand::Prove(args) => super::evidence::prove(*args),
         LogCommand::Bundle(args) => super::evidence::bundle(*args),
+        LogCommand::Drift(args) => drift(*args),
         LogCommand::Ls { trail } => {
             for source in &trail.open()?.sources {
                 let segs = source.segments()?;

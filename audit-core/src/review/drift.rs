@@ -16,7 +16,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::reader::{self, TrailSource};
+use super::{
+    reader::{self, TrailSource},
+    tally::start_ms,
+};
 use crate::AuditError;
 
 /// Route and model pairs compared; more are counted under model `other`.
@@ -509,12 +512,6 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     }
     let at = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[at]
-}
-
-fn start_ms(s: &str) -> Option<i64> {
-    let t = humantime::parse_rfc3339(s).ok()?;
-    let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
-    i64::try_from(d.as_millis()).ok()
 }
 
 /// The report as text: the recorded changes first, then every dimension that moved,

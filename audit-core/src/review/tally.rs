@@ -222,7 +222,7 @@ pub fn tally(
 }
 
 /// An RFC 3339 time in milliseconds.
-fn start_ms(start: &str) -> Option<i64> {
+pub(crate) fn start_ms(start: &str) -> Option<i64> {
     let at = humantime::parse_rfc3339(start).ok()?;
     at.duration_since(std::time::UNIX_EPOCH)
         .ok()

@@ -277,9 +277,10 @@ fn purger(
             return;
         }
     };
-    for job in jobs {
+    for mut job in jobs {
         let retention = matches!(job.selector, Selector::Before(_));
         let mut rewritten = Vec::new();
+        let mut skipped = Vec::new();
         let segments = crate::store::list_segments(dir).unwrap_or_else(|e| {
             tracing::error!(error = %e, "the purger cannot list the trail");
             Vec::new()
@@ -298,6 +299,7 @@ fn purger(
                 // it); the others still are.
                 Err(e) if !stop.load(Ordering::Relaxed) => {
                     tracing::error!(error = %e, "purge skipped a segment it could not read");
+                    skipped.push(crate::segment::segment_file_name(number));
                 }
                 Err(_) => break,
             }
@@ -308,6 +310,10 @@ fn purger(
                 let _ = done.send(Err("custody is stopping; nothing was purged".into()));
             }
             return;
+        }
+        if !skipped.is_empty() {
+            // The answer and the chain say the purge is incomplete, and where.
+            job.event["skipped"] = skipped.into();
         }
         let (ack, acked) = bounded(0);
         if control
@@ -334,6 +340,10 @@ pub struct PurgeSummary {
     pub bodies: u64,
     /// The `seq` of the `purge` event, when one was written.
     pub event_seq: Option<u64>,
+    /// Segments that could not be read (see the log and `custody log verify`): what
+    /// they hold was not purged.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
 }
 
 /// Applies configuration reloads to the writer; cheap to clone.
@@ -1185,6 +1195,14 @@ impl Worker {
             records: rewritten.iter().map(|r| r.records).sum(),
             bodies: rewritten.iter().map(|r| r.bodies).sum(),
             event_seq: None,
+            skipped: event["skipped"]
+                .as_array()
+                .map(|s| {
+                    s.iter()
+                        .filter_map(|n| n.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
         if rewritten.is_empty() && !always {
             return Ok(summary);

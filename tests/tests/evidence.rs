@@ -689,3 +689,41 @@ async fn a_stop_in_the_middle_of_content_retention_leaves_a_whole_trail() {
         n => panic!("{n} purges"),
     }
 }
+
+#[tokio::test]
+async fn a_purge_that_cannot_read_a_segment_says_so_and_purges_the_rest() {
+    let t = signed_trail(3, 4).await;
+    let dir = t.dir();
+    // A damaged segment (a flipped byte in its first block's frame) is not rewritten.
+    let second = dir.join("00000000000000000002.seg");
+    let mut bytes = fs::read(&second).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x55;
+    fs::write(&second, bytes).unwrap();
+    let mut config = custody_config::Config::for_test(&dir, vec![]);
+    config.audit.signing_key = Some(t.private());
+    let w = custody_audit::AuditWriter::start(&config).unwrap();
+    let done = w
+        .config()
+        .purge(custody_audit::purge::Selector::User("alice".into()))
+        .unwrap();
+    w.shutdown().unwrap();
+    assert_eq!(done.skipped, ["00000000000000000002.seg"], "{done:?}");
+    assert_eq!((done.segments, done.records), (2, 4), "{done:?}");
+    // The event is in the newest segment (the damaged one cannot be read past).
+    let segs = custody_audit::review::reader::segments(&dir).unwrap();
+    let newest = segs.last().unwrap();
+    let mut event = None;
+    custody_audit::review::reader::for_each_line_in(&DirSource(&dir), newest, true, |line| {
+        let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+        if v["event"]["type"] == "purge" {
+            event = Some(v);
+        }
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(
+        event.unwrap()["event"]["skipped"][0],
+        "00000000000000000002.seg"
+    );
+}

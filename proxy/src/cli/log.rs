@@ -555,6 +555,13 @@ fn purge(
         done.segments,
         done.event_seq.map_or_else(|| "-".into(), |s| s.to_string())
     );
+    if !done.skipped.is_empty() {
+        eprintln!(
+            "custody: NOT purged: {} could not be read (run `custody log verify`); what they hold is untouched",
+            done.skipped.join(", ")
+        );
+        return Ok(ExitCode::from(1));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

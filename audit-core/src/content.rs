@@ -98,6 +98,11 @@ fn members(
     let mut out = Vec::with_capacity(spans.len());
     let (mut shift, mut last) = (0isize, 0usize);
     for &(offset, n) in spans {
+        // A declaration is read from a trail that may be edited: no length or offset
+        // past the line, so nothing below can overflow.
+        if n > line.len() || offset > line.len() {
+            return Err("chain.bodies does not match the record");
+        }
         let at = offset
             .checked_add_signed(shift)
             .filter(|&a| a >= last)
@@ -230,6 +235,25 @@ mod tests {
     use crate::segment::{check_line, declare_bodies, purge_line, seal_line};
 
     const Z: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+    #[test]
+    fn a_forged_declaration_is_an_error_not_a_panic() {
+        for decl in [
+            "[20,18446744073709551615]",
+            "[20,18446744073709551600]",
+            "[7,18446744073709551615]",
+            "[18446744073709551615,3]",
+            "[9,3,1,18446744073709551615]",
+            "[0,0]",
+            "[99999,1]",
+        ] {
+            let line = format!(
+                "{{\"seq\":1,\"request\":{{\"body\":{{}}}},\"chain\":{{\"bodies\":{decl},\"prev\":\"{Z}\",\"hash\":\"{Z}\"}}}}"
+            );
+            assert!(check_line(line.as_bytes()).is_err(), "{decl}");
+            assert!(purge_line(line.as_bytes()).is_err(), "{decl}");
+        }
+    }
 
     /// A line as the writer makes it: bodies declared, then sealed.
     fn written(req: &str, resp: &str) -> Vec<u8> {

@@ -3,7 +3,8 @@
 # the official OpenAI and Anthropic Python SDKs through the real binary, a smoke run of
 # the load harness, and the Kubernetes manifests.
 # Needs cargo, python3 and kubectl; installs from PyPI the SDKs (.venv-conformance), moto
-# for the object-storage tests (.venv-moto) and the manifest validator (.venv-deploy), and
+# for the object-storage tests (.venv-moto), an OTLP receiver and graph loaders
+# (.venv-tools) and the manifest validator (.venv-deploy), and
 # from Debian Chromium and chromedriver for the browser tests, zstd for tar --zstd, and
 # prometheus for promtool (the alerting rules and the dashboard's queries).
 set -euo pipefail
@@ -20,6 +21,14 @@ if [ ! -x "$moto/bin/python" ]; then
 fi
 "$moto/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/requirements-moto.txt
 export CUSTODY_MOTO_SERVER="$PWD/$moto/bin/moto_server"
+
+echo "== tools (OTLP receiver, Kuzu and NetworkX for the graph export, from PyPI)"
+tools=.venv-tools
+if [ ! -x "$tools/bin/python" ]; then
+  python3 -m venv "$tools"
+fi
+"$tools/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/requirements-tools.txt
+export CUSTODY_TOOLS_PYTHON="$PWD/$tools/bin/python"
 
 echo "== Chromium and chromedriver (Debian), for the browser tests; zstd, for tar --zstd; promtool"
 if ! command -v chromedriver > /dev/null || ! command -v chromium > /dev/null || ! command -v zstd > /dev/null \

@@ -32,6 +32,9 @@ pub enum AuditError {
     /// A Parquet export could not be written.
     #[error("parquet export: {0}")]
     Export(String),
+    /// A graph export could not be written.
+    #[error("graph export: {0}")]
+    Graph(String),
     /// Record lines of a trail that no reader can parse: a review that skipped them
     /// would not be complete.
     #[error("{count} record line(s) are not readable JSON ({context})")]

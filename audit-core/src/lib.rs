@@ -28,6 +28,7 @@ pub mod index;
 pub mod lineage;
 pub mod merkle;
 pub mod metrics;
+pub mod otel;
 pub mod policy;
 pub mod purge;
 pub mod record;

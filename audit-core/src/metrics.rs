@@ -67,6 +67,11 @@ pub struct PolicyLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
     pub phase: &'static str,
 }
@@ -120,6 +125,8 @@ pub struct AuditStats {
     /// 1 per route and requested model for the model serving it now (`drift` events).
     pub served_model: Family<ServedLabels, Gauge>,
     pub served_model_changes: Family<ServedChangeLabels, Counter>,
+    /// `[otel]` spans, by what became of them (queued, exported, failed).
+    pub otel_spans: Family<ResultLabels, Counter>,
     /// Woken each time the writer takes an exchange (room for waiting admissions).
     pub room: tokio::sync::Notify,
     /// Traffic not audited because the queue was full, waiting to be told in the chain.
@@ -179,6 +186,7 @@ impl Default for AuditStats {
             purged_bodies: Counter::default(),
             served_model: Family::default(),
             served_model_changes: Family::default(),
+            otel_spans: Family::default(),
             room: tokio::sync::Notify::new(),
             losses: Mutex::new(Losses::default()),
             models: Mutex::new(HashSet::new()),
@@ -187,6 +195,16 @@ impl Default for AuditStats {
 }
 
 impl AuditStats {
+    pub fn otel_span(&self, result: &'static str) {
+        self.otel_spans(result, 1);
+    }
+
+    pub fn otel_spans(&self, result: &'static str, n: u64) {
+        self.otel_spans
+            .get_or_create(&ResultLabels { result })
+            .inc_by(n);
+    }
+
     /// Registers every metric (counters get `_total` appended by the encoder).
     pub fn register(self: &Arc<Self>, r: &mut Registry) {
         r.register(
@@ -283,6 +301,11 @@ impl AuditStats {
             "custody_served_model_changes",
             "Changes of the model (or backend fingerprint) serving a route and requested model",
             self.served_model_changes.clone(),
+        );
+        r.register(
+            "custody_otel_spans",
+            "[otel] spans: queued by the writer, exported, or failed to export (queued minus the others: in flight or dropped)",
+            self.otel_spans.clone(),
         );
         r.register(
             "custody_audit_purged_bodies",

@@ -499,9 +499,11 @@ impl AuditWriter {
             shutdown_hold: Duration::from_secs(config.listen.shutdown_grace_secs.min(30)),
             ..wc
         };
+        let stats = Arc::new(AuditStats::default());
+        let otel = crate::otel::Otel::start(&config.otel, stats.clone())?;
         Self::start_with(
             (store, recovery, unwritten),
-            assembler,
+            (assembler, otel, stats),
             wc,
             config.lineage.conversation_index_size,
             start_event,
@@ -512,7 +514,7 @@ impl AuditWriter {
 
     fn start_with(
         (store, recovery, (reserve, note)): (SegmentStore, Recovery, Unwritten),
-        assembler: Assembler,
+        (assembler, otel, stats): (Assembler, Option<crate::otel::Otel>, Arc<AuditStats>),
         wc: WriterConfig,
         conversation_index_size: usize,
         start_event: serde_json::Value,
@@ -521,7 +523,6 @@ impl AuditWriter {
     ) -> Result<Self, AuditError> {
         let (tx, rx) = bounded(wc.queue_capacity);
         let (stop_tx, stop_rx) = bounded(1);
-        let stats = Arc::new(AuditStats::default());
         let conversations = crate::lineage::rebuild(store.dir(), conversation_index_size);
         let (dir, purge_control) = (store.dir().to_owned(), config.control.clone());
         purge::remove_leftovers(&dir);
@@ -547,6 +548,7 @@ impl AuditWriter {
             reserve,
             shutdown_hold: wc.shutdown_hold,
             policy_nanos: 0,
+            otel,
         };
         for (route, requested, served) in worker.drift.served() {
             let labels = crate::metrics::ServedLabels {
@@ -692,6 +694,8 @@ struct Worker {
     reserve: crate::unwritten::Reserve,
     shutdown_hold: Duration,
     policy_nanos: u64,
+    /// `[otel]`: each record as a span.
+    otel: Option<crate::otel::Otel>,
 }
 
 /// Declares where the record's bodies lie in its line, so that content retention can
@@ -932,6 +936,9 @@ impl Worker {
         let unwritten = u64::from(self.batch.count);
         if unwritten > 0 {
             self.leave_note();
+        }
+        if let Some(otel) = &self.otel {
+            otel.shutdown();
         }
         self.store.close()?;
         Ok(WriterSummary {
@@ -1437,6 +1444,9 @@ impl Worker {
             .started_at
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
+        if let Some(otel) = &self.otel {
+            otel.export(&record, ex.started_at);
+        }
         match serde_json::to_vec(&record) {
             Ok(mut v) => {
                 declare_bodies(&mut v, &record);

@@ -25,7 +25,7 @@ pub use policy::{Action, OnError, Policy, PolicyMode, Severity};
 pub use redaction::{Alphabet, CustomRule, Mode, Redaction, BUILTIN_ENTITIES};
 pub use schema::{
     Admin, Audit, Config, Durability, Fsync, Limits, Lineage, Listen, ListenTls, Log, LogFormat,
-    OnFull, Provider, Route, Ship, Upstream, UpstreamUrl, VirtualKey,
+    OnFull, Otel, Provider, Route, Ship, Upstream, UpstreamUrl, VirtualKey,
 };
 
 /// The embedded default configuration, printed by `custody config default`.

@@ -50,6 +50,9 @@ pub struct Config {
     /// Where sealed segments are shipped.
     #[serde(default)]
     pub ship: Ship,
+    /// Each exchange as an OpenTelemetry span, sent by OTLP/HTTP.
+    #[serde(default)]
+    pub otel: Otel,
     /// Rules over each exchange: flag, block or sanitize (`docs/policy.md`).
     #[serde(default, rename = "policy")]
     pub policies: Vec<crate::Policy>,
@@ -84,6 +87,73 @@ pub struct Ship {
     /// come from each cloud's standard environment.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub options: std::collections::BTreeMap<String, String>,
+}
+
+/// `[otel]`: each exchange exported as a span following the GenAI semantic conventions,
+/// from the writer (never the request path).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Otel {
+    /// The collector's OTLP/HTTP base URL (`http://collector:4318`; `/v1/traces` is
+    /// appended unless the URL already ends with it); unset: no export. Headers (an API
+    /// key for a hosted backend) come from `OTEL_EXPORTER_OTLP_HEADERS`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Also export the (redacted) messages, as the `gen_ai.client.inference.operation.details`
+    /// event. Off: spans carry metadata only.
+    pub content: bool,
+    /// `service.name` of custody's spans.
+    pub service_name: String,
+    /// How long one export may take before it is abandoned (seconds).
+    pub timeout_secs: u64,
+    /// Spans held for export; past it new spans are dropped (and counted), never waited for.
+    pub queue: usize,
+}
+
+impl Default for Otel {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            content: false,
+            service_name: "custody".into(),
+            timeout_secs: 10,
+            queue: 2048,
+        }
+    }
+}
+
+impl Otel {
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: &str| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            key: format!("otel.{key}"),
+            reason: reason.to_owned(),
+        };
+        if let Some(url) = &self.endpoint {
+            if crate::secret::url_password(url).is_some() || url.contains('@') {
+                return Err(invalid(
+                    "endpoint",
+                    "must not carry credentials; put them in OTEL_EXPORTER_OTLP_HEADERS",
+                ));
+            }
+            let ok = http::Uri::from_str(url).is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            });
+            if !ok {
+                return Err(invalid(
+                    "endpoint",
+                    "must be an http:// or https:// URL (`http://collector:4318`)",
+                ));
+            }
+        }
+        if self.timeout_secs == 0 || self.queue == 0 {
+            return Err(invalid("timeout_secs / queue", "must be greater than 0"));
+        }
+        if self.service_name.is_empty() {
+            return Err(invalid("service_name", "must not be empty"));
+        }
+        Ok(())
+    }
 }
 
 /// `[admin]`
@@ -706,6 +776,7 @@ impl Config {
                 ));
             }
         }
+        self.otel.validate(origin)?;
         Ok(self)
     }
 
@@ -735,6 +806,7 @@ impl Config {
             log: Log::default(),
             limits: Limits::default(),
             ship: Ship::default(),
+            otel: Otel::default(),
             policies: Vec::new(),
             policy_terms: Default::default(),
             console: None,
@@ -885,6 +957,26 @@ mod tests {
             err.contains("ship.url") && !err.contains("SECRET123"),
             "{err}"
         );
+        for bad in [
+            "http://k:SECRET123@collector:4318",
+            "http://SECRET123@collector:4318",
+            "collector:4318",
+            "ftp://collector",
+        ] {
+            let err = Config::from_toml_str(&format!("[otel]\nendpoint = \"{bad}\"\n{base}"), "x")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("otel.endpoint") && !err.contains("SECRET123"),
+                "{err}"
+            );
+        }
+        let ok = Config::from_toml_str(
+            &format!("[otel]\nendpoint = \"https://collector:4318\"\ncontent = true\n{base}"),
+            "x",
+        )
+        .unwrap();
+        assert!(ok.otel.content);
     }
 
     #[test]

@@ -451,6 +451,48 @@ fn serve_records_then_sigterm_exits_cleanly_and_the_log_commands_read_the_trail(
     assert_eq!(o.status.code(), Some(2), "a usage error");
     assert!(String::from_utf8_lossy(&o.stderr).contains("--baseline"));
 
+    // The graph: GraphML on stdout holds the three exchanges; CSV needs a new directory.
+    let o = custody(&["log", "graph", "--dir", d, "--format", "graphml"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        stdout(&o)
+            .matches("<data key=\"node_label\">Exchange<")
+            .count(),
+        3
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("3 exchanges"));
+    let graph = dir.path().join("graph");
+    let o = custody(&[
+        "log",
+        "graph",
+        "--dir",
+        d,
+        "--format",
+        "csv",
+        "--out",
+        graph.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let exchanges = std::fs::read_to_string(graph.join("nodes/Exchange.csv")).unwrap();
+    assert_eq!(exchanges.lines().count(), 4, "a header and three rows");
+    let again = custody(&[
+        "log",
+        "graph",
+        "--dir",
+        d,
+        "--format",
+        "csv",
+        "--out",
+        graph.to_str().unwrap(),
+    ]);
+    assert!(
+        !again.status.success(),
+        "an existing export is not overwritten"
+    );
+    let o = custody(&["log", "graph", "--dir", d, "--format", "csv"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--out"));
+
     // An edited trail: verify exits 1 and names the segment.
     let seg = std::fs::read_dir(&audit)
         .unwrap()

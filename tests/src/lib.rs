@@ -548,3 +548,17 @@ pub fn post(url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Requ
     }
     b.body(Full::new(body.into())).unwrap()
 }
+
+/// The Python of `.venv-tools` (opentelemetry-proto, kuzu, networkx: installed by
+/// `tests/run.sh`), or `CUSTODY_TOOLS_PYTHON`.
+pub fn tools_python() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("CUSTODY_TOOLS_PYTHON") {
+        return p.into();
+    }
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-tools/bin/python");
+    assert!(
+        local.exists(),
+        "the tools venv is missing: run tests/run.sh (it installs tests/requirements-tools.txt into .venv-tools) or set CUSTODY_TOOLS_PYTHON"
+    );
+    local
+}

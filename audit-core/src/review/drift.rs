@@ -292,60 +292,50 @@ pub fn compare(sources: &[&dyn TrailSource], q: &DriftQuery) -> Result<DriftRepo
         window_records: 0,
     };
     for source in sources {
-        let segs = source.segments()?;
-        let newest = segs.iter().map(|s| s.number).max();
-        for seg in &segs {
-            if source
-                .index(seg)
-                .is_some_and(|i| i.last_ms < lo || i.first_ms >= hi)
-            {
-                continue;
+        reader::for_each_line_overlapping(*source, (lo, hi), |line| {
+            let Ok(l) = serde_json::from_slice::<Line>(line) else {
+                return ControlFlow::Continue(());
+            };
+            if l.schema == Some(crate::record::EVENT_SCHEMA) {
+                if l.event.as_ref().is_some_and(|e| e.kind == "drift") {
+                    note_change(line, q, &mut changes);
+                }
+                return ControlFlow::Continue(());
             }
-            reader::for_each_line_in(*source, seg, Some(seg.number) == newest, |line| {
-                let Ok(l) = serde_json::from_slice::<Line>(line) else {
-                    return ControlFlow::Continue(());
-                };
-                if l.schema == Some(crate::record::EVENT_SCHEMA) {
-                    if l.event.as_ref().is_some_and(|e| e.kind == "drift") {
-                        note_change(line, q, &mut changes);
-                    }
-                    return ControlFlow::Continue(());
-                }
-                let Some(ms) = l.time.as_ref().and_then(|t| start_ms(t.start)) else {
-                    return ControlFlow::Continue(());
-                };
-                let in_base = ms >= q.baseline.0 && ms < q.baseline.1;
-                let in_window = ms >= q.window.0 && ms < q.window.1;
-                if !in_base && !in_window {
-                    return ControlFlow::Continue(());
-                }
-                let route = l.route.unwrap_or("none");
-                let g = l.gen_ai.as_ref();
-                let model = g
-                    .and_then(|g| g.request.as_ref()?.model)
-                    .or_else(|| g.and_then(|g| g.response.as_ref()?.model))
-                    .unwrap_or("none");
-                if q.route.as_deref().is_some_and(|r| r != route)
-                    || q.model.as_deref().is_some_and(|m| m != model)
-                {
-                    return ControlFlow::Continue(());
-                }
-                let mut key = (route.to_owned(), model.to_owned());
-                if model.len() > 256 || (!groups.contains_key(&key) && groups.len() >= MAX_GROUPS) {
-                    key.1 = "other".to_owned();
-                }
-                let (base, window) = groups.entry(key).or_default();
-                if in_base {
-                    base.add(&l);
-                    report.baseline_records += 1;
-                }
-                if in_window {
-                    window.add(&l);
-                    report.window_records += 1;
-                }
-                ControlFlow::Continue(())
-            })?;
-        }
+            let Some(ms) = l.time.as_ref().and_then(|t| start_ms(t.start)) else {
+                return ControlFlow::Continue(());
+            };
+            let in_base = ms >= q.baseline.0 && ms < q.baseline.1;
+            let in_window = ms >= q.window.0 && ms < q.window.1;
+            if !in_base && !in_window {
+                return ControlFlow::Continue(());
+            }
+            let route = l.route.unwrap_or("none");
+            let g = l.gen_ai.as_ref();
+            let model = g
+                .and_then(|g| g.request.as_ref()?.model)
+                .or_else(|| g.and_then(|g| g.response.as_ref()?.model))
+                .unwrap_or("none");
+            if q.route.as_deref().is_some_and(|r| r != route)
+                || q.model.as_deref().is_some_and(|m| m != model)
+            {
+                return ControlFlow::Continue(());
+            }
+            let mut key = (route.to_owned(), model.to_owned());
+            if model.len() > 256 || (!groups.contains_key(&key) && groups.len() >= MAX_GROUPS) {
+                key.1 = "other".to_owned();
+            }
+            let (base, window) = groups.entry(key).or_default();
+            if in_base {
+                base.add(&l);
+                report.baseline_records += 1;
+            }
+            if in_window {
+                window.add(&l);
+                report.window_records += 1;
+            }
+            ControlFlow::Continue(())
+        })?;
     }
     changes.sort_by_key(|c| c.0);
     report.changes = changes.into_iter().map(|c| c.1).collect();

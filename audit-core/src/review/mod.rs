@@ -7,6 +7,7 @@ pub mod access;
 pub mod bundle;
 pub mod drift;
 pub mod export;
+pub mod graph;
 pub mod proof;
 pub mod reader;
 pub mod search;

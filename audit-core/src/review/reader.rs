@@ -198,6 +198,30 @@ pub fn for_each_line_in(
     scan_segment(source, seg, newest, f).map(|_| ())
 }
 
+/// Calls `f` with every record line of the segments whose time may overlap
+/// `[since, until)` (Unix ms): those whose index says otherwise are not read. Lines are
+/// not filtered: a block holds records a little out of start order.
+pub fn for_each_line_overlapping(
+    source: &dyn TrailSource,
+    (since, until): (i64, i64),
+    mut f: impl FnMut(&[u8]) -> ControlFlow<()>,
+) -> Result<(), AuditError> {
+    let segs = source.segments()?;
+    let newest = segs.iter().map(|s| s.number).max();
+    for seg in &segs {
+        if source
+            .index(seg)
+            .is_some_and(|i| i.last_ms < since || i.first_ms >= until)
+        {
+            continue;
+        }
+        if scan_segment(source, seg, Some(seg.number) == newest, &mut f)?.is_break() {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// One segment's lines. With `may_be_live`, an unsealed segment may end in a block
 /// still being written (the file ends inside a frame): what is whole is read and the
 /// rest ignored. Any other damaged frame is an error.

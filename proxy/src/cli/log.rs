@@ -114,6 +114,11 @@ pub enum LogCommand {
     /// refusals, errors, rate limits, tool calls, served model, redactions per entity,
     /// policy decisions per rule), with its PSI, median and p95 shift, and a verdict.
     Drift(Box<DriftArgs>),
+    /// Export the trail as a property graph: users, teams, keys, sessions,
+    /// conversations, prompts and completions (by hash), served models, routes,
+    /// configuration versions and policies, linked through each exchange. CSV (a
+    /// directory of node and edge files, with `kuzu.cypher` to load them) or GraphML.
+    Graph(Box<GraphArgs>),
     /// List a trail's segments; with `--from`, every trail shipped there, one per source (pod).
     Ls {
         #[command(flatten)]
@@ -147,18 +152,20 @@ pub struct DriftArgs {
     json: bool,
 }
 
+/// An RFC 3339 time or an age, as Unix ms.
+fn unix_ms(t: &str) -> anyhow::Result<i64> {
+    let d = when(t)?
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("a time before 1970")?;
+    Ok(i64::try_from(d.as_millis())?)
+}
+
 /// `SINCE..UNTIL` as Unix ms.
 fn window(s: &str) -> anyhow::Result<(i64, i64)> {
     let (since, until) = s
         .split_once("..")
         .with_context(|| format!("`{s}` is not a window: SINCE..UNTIL"))?;
-    let ms = |t: &str| -> anyhow::Result<i64> {
-        let d = when(t)?
-            .duration_since(std::time::UNIX_EPOCH)
-            .context("a time before 1970")?;
-        Ok(i64::try_from(d.as_millis())?)
-    };
-    let (since, until) = (ms(since)?, ms(until)?);
+    let (since, until) = (unix_ms(since)?, unix_ms(until)?);
     anyhow::ensure!(since < until, "`{s}`: the window ends before it starts");
     Ok((since, until))
 }
@@ -179,6 +186,79 @@ fn drift(a: DriftArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", render(&report, a.all));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum GraphFormat {
+    Csv,
+    Graphml,
+}
+
+#[derive(Args)]
+pub struct GraphArgs {
+    #[command(flatten)]
+    trail: TrailArgs,
+    /// Records that started at or after: RFC 3339 or an age (`7d`). Default: the first.
+    #[arg(long)]
+    since: Option<String>,
+    /// Records that started before: RFC 3339 or an age. Default: now.
+    #[arg(long)]
+    until: Option<String>,
+    #[arg(long, value_enum)]
+    format: GraphFormat,
+    /// Where: a new directory for CSV; a file for GraphML (default: standard output).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+}
+
+fn graph(a: GraphArgs) -> anyhow::Result<ExitCode> {
+    use custody_audit::review::graph::{export, CsvDir, GraphMl, GraphSink};
+    let since = a
+        .since
+        .as_deref()
+        .map(unix_ms)
+        .transpose()
+        .context("--since")?;
+    let until = a
+        .until
+        .as_deref()
+        .map(unix_ms)
+        .transpose()
+        .context("--until")?;
+    let bounds = (since.unwrap_or(i64::MIN), until.unwrap_or(i64::MAX));
+    anyhow::ensure!(bounds.0 < bounds.1, "--until is not after --since");
+    let trails = a.trail.open()?;
+    let sources: Vec<&dyn TrailSource> = trails.sources.iter().map(|s| s.as_ref()).collect();
+    let sink: Box<dyn GraphSink> = match (a.format, &a.out) {
+        (GraphFormat::Csv, Some(dir)) => Box::new(CsvDir::create(dir)?),
+        (GraphFormat::Csv, None) => {
+            anyhow::bail!("--format csv writes a directory: name it with --out")
+        }
+        (GraphFormat::Graphml, Some(file)) => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(file)
+                .with_context(|| format!("{}", file.display()))?;
+            Box::new(GraphMl::new(std::io::BufWriter::new(f))?)
+        }
+        (GraphFormat::Graphml, None) => Box::new(GraphMl::new(std::io::BufWriter::new(
+            std::io::stdout().lock(),
+        ))?),
+    };
+    let s = export(&sources, bounds, sink)?;
+    eprintln!(
+        "{} exchanges, {} nodes, {} edges",
+        s.exchanges, s.nodes, s.edges
+    );
+    if s.unreadable > 0 {
+        eprintln!(
+            "warning: {} record line(s) did not parse and are not in the graph",
+            s.unreadable
+        );
+        return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -473,6 +553,7 @@ pub fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
         LogCommand::Prove(args) => super::evidence::prove(*args),
         LogCommand::Bundle(args) => super::evidence::bundle(*args),
         LogCommand::Drift(args) => drift(*args),
+        LogCommand::Graph(args) => graph(*args),
         LogCommand::Ls { trail } => {
             for source in &trail.open()?.sources {
                 let segs = source.segments()?;

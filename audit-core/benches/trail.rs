@@ -10,7 +10,8 @@
 //! `-- --single-turn` for short one-question chats instead of conversations with history;
 //! `-- --writer-only` to stop after the writer, for profiling it; `-- --policies` to
 //! run the writer with 10 flag rules over 1,000 terms; `-- --policy-cost` to measure
-//! what those rules add: interleaved rounds with and without them, in one process).
+//! what those rules add: interleaved rounds with and without them, in one process;
+//! `-- --drift-cost` the same for served-model tracking and the live drift metrics).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -220,41 +221,40 @@ fn write(
     (summary, secs)
 }
 
-/// What the policies add to the writer's CPU per record: rounds with and without them,
-/// interleaved, each in a fresh directory, so that the machine's drift falls on both.
-fn policy_cost(config: &Config, pool: &[(Bytes, Bytes)], keys: &[HeaderValue], n: u64) {
+/// Writer CPU per record (µs) of `a` and `b`: rounds of each, interleaved, each in a
+/// fresh directory, so that the machine's drift falls on both; the rounds' values, and
+/// the median of the rounds' relative differences (b over a).
+fn interleaved(
+    (a_name, a): (&str, &Config),
+    (b_name, b): (&str, &Config),
+    pool: &[(Bytes, Bytes)],
+    keys: &[HeaderValue],
+    n: u64,
+    mut each: impl FnMut(&Config, &custody_audit::writer::WriterSummary),
+) -> f64 {
     const ROUNDS: usize = 11;
-    let mut with = config.clone();
-    policies(&mut with);
-    let (mut plain, mut ruled, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    let mut own = Vec::new();
+    let (mut xs, mut ys, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let mut cpu = |c: &Config| {
         let tmp = tempfile::tempdir().unwrap();
         let mut c = c.clone();
         c.audit.dir = tmp.path().join("audit");
         let (summary, _) = write(&c, pool, keys, n);
-        if !c.policies.is_empty() {
-            own.push(summary.policy_nanos as f64 / 1e3 / n as f64);
-        }
+        each(&c, &summary);
         summary.cpu_nanos.map_or(f64::NAN, |c| c as f64 / 1e3) / n as f64
     };
     for round in 0..ROUNDS {
         // Alternate which goes first, so that a drift within a round favours neither.
-        let (a, b) = if round % 2 == 0 {
-            let a = cpu(config);
-            (a, cpu(&with))
+        let (x, y) = if round % 2 == 0 {
+            let x = cpu(a);
+            (x, cpu(b))
         } else {
-            let b = cpu(&with);
-            (cpu(config), b)
+            let y = cpu(b);
+            (cpu(a), y)
         };
-        plain.push(a);
-        ruled.push(b);
-        ratios.push(b / a - 1.0);
+        xs.push(x);
+        ys.push(y);
+        ratios.push(y / x - 1.0);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let show = |v: &[f64]| {
         v.iter()
             .map(|x| format!("{x:.1}"))
@@ -262,13 +262,38 @@ fn policy_cost(config: &Config, pool: &[(Bytes, Bytes)], keys: &[HeaderValue], n
             .join(" ")
     };
     println!("writer CPU per record, {n} records per round, {ROUNDS} interleaved rounds");
-    println!("no policies                  {} µs", show(&plain));
-    println!("10 flag rules, 1,000 terms   {} µs", show(&ruled));
-    let base = median(&mut plain);
+    println!("{a_name:<28} {} µs", show(&xs));
+    println!("{b_name:<28} {} µs", show(&ys));
+    let base = median(&mut xs);
     println!(
         "median {:.1} µs against {base:.1} µs; median of the rounds' differences {:+.1}%",
-        median(&mut ruled),
+        median(&mut ys),
         median(&mut ratios) * 100.0
+    );
+    base
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// What the policies add to the writer's CPU per record.
+fn policy_cost(config: &Config, pool: &[(Bytes, Bytes)], keys: &[HeaderValue], n: u64) {
+    let mut with = config.clone();
+    policies(&mut with);
+    let mut own = Vec::new();
+    let base = interleaved(
+        ("no policies", config),
+        ("10 flag rules, 1,000 terms", &with),
+        pool,
+        keys,
+        n,
+        |c, summary| {
+            if !c.policies.is_empty() {
+                own.push(summary.policy_nanos as f64 / 1e3 / n as f64);
+            }
+        },
     );
     // The writer's own account of its policy work, free of the machine's drift between
     // rounds.
@@ -276,6 +301,23 @@ fn policy_cost(config: &Config, pool: &[(Bytes, Bytes)], keys: &[HeaderValue], n
     println!(
         "policy work as the writer times it: {own:.2} µs per record, {:.1}% of the writer without policies",
         own / base * 100.0
+    );
+}
+
+/// What served-model tracking and the live drift metrics add to the writer's CPU per
+/// record (`[audit] drift`).
+fn drift_cost(config: &Config, pool: &[(Bytes, Bytes)], keys: &[HeaderValue], n: u64) {
+    let mut off = config.clone();
+    off.audit.drift = false;
+    let mut on = config.clone();
+    on.audit.drift = true;
+    interleaved(
+        ("drift tracking off", &off),
+        ("drift tracking on", &on),
+        pool,
+        keys,
+        n,
+        |_, _| {},
     );
 }
 
@@ -352,6 +394,10 @@ fn main() {
         .collect();
     if std::env::args().any(|a| a == "--policy-cost") {
         policy_cost(&config, &pool, &keys, n / 4);
+        return;
+    }
+    if std::env::args().any(|a| a == "--drift-cost") {
+        drift_cost(&config, &pool, &keys, n / 4);
         return;
     }
     let (summary, write_secs) = write(&config, &pool, &keys, n);

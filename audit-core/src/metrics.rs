@@ -53,6 +53,26 @@ pub struct ServedChangeLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub route: String,
+    pub model: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelResultLabels {
+    pub route: String,
+    pub model: String,
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FinishLabels {
+    pub route: String,
+    pub model: String,
+    pub finish_reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
     pub route: String,
     pub model: String,
@@ -110,6 +130,15 @@ pub struct AuditStats {
     pub writer_lag_seconds: Histogram,
     pub redactions: Family<EntityLabels, Counter>,
     pub tokens: Family<TokenLabels, Counter>,
+    /// The drift dimensions, live, per route and requested model (`log drift` compares
+    /// the same from the trail): exchanges by result, finish reasons (normalized across
+    /// providers), and the distributions of duration, time to first chunk and answer
+    /// length.
+    pub exchanges: Family<ModelResultLabels, Counter>,
+    pub finish_reasons: Family<FinishLabels, Counter>,
+    pub operation_seconds: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    pub first_chunk_seconds: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    pub response_tokens: Family<ModelLabels, Histogram, fn() -> Histogram>,
     /// Policy decisions, by policy, action and mode (names are the configured rules').
     pub policy_decisions: Family<PolicyLabels, Counter>,
     /// Time to evaluate one exchange's rules, by phase (request, record).
@@ -145,6 +174,19 @@ pub struct Losses {
     pub last_ms: Option<i64>,
 }
 
+/// Model calls take from tens of milliseconds to minutes (the GenAI conventions'
+/// buckets).
+fn operation_histogram() -> Histogram {
+    Histogram::new([
+        0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+    ])
+}
+
+/// Answers from one token to a book: powers of four.
+fn tokens_histogram() -> Histogram {
+    Histogram::new((0..12).map(|i| 4f64.powi(i)))
+}
+
 /// Policy evaluations take microseconds: buckets from 5 µs to 25 ms.
 fn policy_histogram() -> Histogram {
     Histogram::new([
@@ -177,6 +219,11 @@ impl Default for AuditStats {
             writer_lag_seconds: seconds(),
             redactions: Family::default(),
             tokens: Family::default(),
+            exchanges: Family::default(),
+            finish_reasons: Family::default(),
+            operation_seconds: Family::new_with_constructor(operation_histogram),
+            first_chunk_seconds: Family::new_with_constructor(operation_histogram),
+            response_tokens: Family::new_with_constructor(tokens_histogram),
             policy_decisions: Family::default(),
             policy_seconds: Family::new_with_constructor(policy_histogram),
             segments: Gauge::default(),
@@ -331,6 +378,31 @@ impl AuditStats {
             "gen_ai_client_token_usage",
             "Tokens used, by route, model (served, else requested) and token_type (input, output)",
             self.tokens.clone(),
+        );
+        r.register(
+            "custody_gen_ai_exchanges",
+            "Exchanges per route and requested model, by result (ok, client_error, rate_limited, error, blocked)",
+            self.exchanges.clone(),
+        );
+        r.register(
+            "custody_gen_ai_finish_reasons",
+            "Finish reasons of answers per route and requested model, normalized across providers (stop, length, tool_calls, content_filter, refusal, ...)",
+            self.finish_reasons.clone(),
+        );
+        r.register(
+            "gen_ai_client_operation_duration_seconds",
+            "Duration of model calls per route and requested model, request to end of response",
+            self.operation_seconds.clone(),
+        );
+        r.register(
+            "gen_ai_client_operation_time_to_first_chunk_seconds",
+            "Time to the first chunk of the response per route and requested model",
+            self.first_chunk_seconds.clone(),
+        );
+        r.register(
+            "custody_gen_ai_response_tokens",
+            "Output tokens per answer (its length) per route and requested model",
+            self.response_tokens.clone(),
         );
     }
 

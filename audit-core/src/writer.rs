@@ -161,6 +161,8 @@ pub struct WriterConfig {
     /// How long a stop keeps retrying records the disk refuses before it gives up and
     /// leaves a note for the next start.
     pub shutdown_hold: Duration,
+    /// Served-model tracking and the live drift metrics.
+    pub drift: bool,
 }
 
 impl From<&custody_config::Audit> for WriterConfig {
@@ -175,6 +177,7 @@ impl From<&custody_config::Audit> for WriterConfig {
             checkpoint_interval: Duration::from_secs(a.checkpoint_interval_secs.max(1)),
             retention_days: a.retention_days,
             content_retention_days: a.content_retention_days,
+            drift: a.drift,
         }
     }
 }
@@ -541,7 +544,12 @@ impl AuditWriter {
             content_retention: wc.content_retention_days,
             content_clean_through: 0,
             content_purge_running: false,
-            drift: crate::drift::rebuild(&dir),
+            drift: if wc.drift {
+                crate::drift::rebuild(&dir)
+            } else {
+                crate::drift::DriftTracker::default()
+            },
+            drift_on: wc.drift,
             purger: Some(Purger::spawn(dir, purge_control)?),
             last_retention: Instant::now(),
             retry_at: None,
@@ -687,6 +695,8 @@ struct Worker {
     content_purge_running: bool,
     /// What serves each route and requested model, for `drift` events.
     drift: crate::drift::DriftTracker,
+    /// `[audit] drift`: the tracker and the live drift metrics are kept.
+    drift_on: bool,
     purger: Option<Purger>,
     last_retention: Instant,
     retry_at: Option<Instant>,
@@ -1430,7 +1440,10 @@ impl Worker {
             &record.id,
         );
         self.count(&record);
-        let drift = self.observe_served(&record);
+        let drift = self
+            .drift_on
+            .then(|| self.observe_served(&record))
+            .flatten();
         if let Some(p) = &record.policy {
             self.stats
                 .count_policy("record", &p.decisions, learned.policy_seconds);
@@ -1527,6 +1540,10 @@ impl Worker {
             self.stats.redactions.get_or_create(&labels).inc_by(*n);
         }
         let Some(g) = &record.gen_ai else { return };
+        let route = record.route.clone().unwrap_or_default();
+        if self.drift_on {
+            self.count_drift(record, g, &route);
+        }
         let Some(usage) = &g.usage else { return };
         let model = g
             .response
@@ -1535,7 +1552,6 @@ impl Worker {
             .or(g.request.model.as_deref())
             .unwrap_or("unknown");
         let model = self.stats.model_label(model);
-        let route = record.route.clone().unwrap_or_default();
         for (token_type, n) in [
             ("input", usage.input_tokens),
             ("output", usage.output_tokens),
@@ -1548,6 +1564,61 @@ impl Worker {
                 };
                 self.stats.tokens.get_or_create(&labels).inc_by(n);
             }
+        }
+    }
+
+    /// The drift dimensions, live: per route and requested model, as `log drift` groups.
+    fn count_drift(&self, record: &record::Record, g: &record::GenAi, route: &str) {
+        use crate::metrics::{FinishLabels, ModelLabels, ModelResultLabels};
+        let requested = g
+            .request
+            .model
+            .as_deref()
+            .or_else(|| g.response.as_ref()?.model.as_deref())
+            .unwrap_or("unknown");
+        let labels = ModelLabels {
+            route: route.to_owned(),
+            model: self.stats.model_label(requested),
+        };
+        let status = record.http.status.unwrap_or(0);
+        let result = match (record.outcome.as_str(), status) {
+            ("blocked", _) => "blocked",
+            (_, 429) => "rate_limited",
+            ("upstream_error" | "upstream_timeout", _) | (_, 500..) => "error",
+            (_, 400..=499) => "client_error",
+            _ => "ok",
+        };
+        let with = |result| ModelResultLabels {
+            route: labels.route.clone(),
+            model: labels.model.clone(),
+            result,
+        };
+        self.stats.exchanges.get_or_create(&with(result)).inc();
+        if result != "ok" {
+            return;
+        }
+        let t = &record.time;
+        let s = &self.stats;
+        s.operation_seconds
+            .get_or_create(&labels)
+            .observe(t.duration_ms / 1000.0);
+        if let Some(ms) = t.first_chunk_ms {
+            s.first_chunk_seconds
+                .get_or_create(&labels)
+                .observe(ms / 1000.0);
+        }
+        if let Some(n) = g.usage.as_ref().and_then(|u| u.output_tokens) {
+            s.response_tokens.get_or_create(&labels).observe(n as f64);
+        }
+        for reason in g.response.iter().flat_map(|r| &r.finish_reasons) {
+            let finish_reason = crate::review::drift::finish(reason);
+            s.finish_reasons
+                .get_or_create(&FinishLabels {
+                    route: labels.route.clone(),
+                    model: labels.model.clone(),
+                    finish_reason,
+                })
+                .inc();
         }
     }
 

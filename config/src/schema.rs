@@ -401,6 +401,9 @@ pub struct Audit {
     /// `async`: records are fsynced within `fsync_interval_ms`. `durable`: a response's
     /// last frame reaches the client only once its record is fsynced (group commit).
     pub durability: Durability,
+    /// Served-model tracking (`drift` events in the chain) and the live drift metrics
+    /// (`custody_gen_ai_*`). Off saves the writer their cost (see `docs/benchmarks.md`).
+    pub drift: bool,
 }
 
 /// `[audit] durability`
@@ -442,6 +445,7 @@ impl Default for Audit {
             queue_max_bytes: 64 * 1024 * 1024,
             admission_timeout_ms: 5000,
             durability: Durability::Async,
+            drift: true,
         }
     }
 }

@@ -313,6 +313,9 @@ async fn reload(
     if new.admin.addr != current.admin.addr {
         return Err("[admin] addr cannot change on reload; restart custody to apply it".into());
     }
+    if new.otel != current.otel {
+        return Err("[otel] cannot change on reload; restart custody to apply it".into());
+    }
     // Resolve keys and the admin token before anything changes, so a missing variable
     // refuses the reload instead of leaving the old token in force.
     Active::new(&new, "").map_err(|e| e.to_string())?;

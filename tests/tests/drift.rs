@@ -135,6 +135,40 @@ async fn two_windows_compared_flag_what_moved_and_only_that() {
     // And then the provider moves the alias: the report names it first.
     answer.lock().unwrap().model = "gpt-4o-2024-11-20".into();
     ask(&custody, 1).await;
+    // The same dimensions, live, per route and requested model.
+    let m = |s: &str| format!("{{route=\"openai\",model=\"gpt-4o\"{s}}}");
+    custody
+        .until_metric(
+            &format!("custody_gen_ai_exchanges_total{}", m(",result=\"ok\"")),
+            |v| v == 81.0,
+        )
+        .await;
+    let finish = |f: &str| {
+        format!(
+            "custody_gen_ai_finish_reasons_total{}",
+            m(&format!(",finish_reason=\"{f}\""))
+        )
+    };
+    assert_eq!(custody.metric(&finish("content_filter")).await, 20.0);
+    assert_eq!(custody.metric(&finish("stop")).await, 61.0);
+    let seconds = |le: &str| {
+        format!("gen_ai_client_operation_duration_seconds_bucket{{le=\"{le}\",route=\"openai\",model=\"gpt-4o\"}}")
+    };
+    let (fast, all) = (
+        custody.metric(&seconds("0.08")).await,
+        custody.metric(&seconds("+Inf")).await,
+    );
+    assert_eq!(all, 81.0);
+    assert!(
+        fast <= 40.0,
+        "the window's 41 answers took 100 ms and more: {fast}"
+    );
+    assert_eq!(
+        custody
+            .metric(&format!("custody_gen_ai_response_tokens_count{}", m("")))
+            .await,
+        81.0
+    );
     let stopped = custody.stop().await;
     // The windows, from the records' own times (custody's clock): the first 40, the rest.
     let at = |i: usize| {
@@ -203,4 +237,28 @@ async fn two_windows_compared_flag_what_moved_and_only_that() {
         !text.contains("input_tokens"),
         "stable dimensions are left out:\n{text}"
     );
+}
+
+#[tokio::test]
+async fn drift_tracking_off_writes_no_drift_events_and_no_drift_metrics() {
+    let answer = Answer::model("gpt-4o-2024-05-13");
+    let up = answering_upstream(answer.clone()).await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| c.audit.drift = false).await;
+    ask(&custody, 2).await;
+    answer.lock().unwrap().model = "gpt-4o-2024-08-06".into();
+    ask(&custody, 2).await;
+    custody
+        .until_metric("custody_audit_records_written_total", |v| v >= 5.0)
+        .await;
+    let metrics = {
+        let req = http::Request::get(custody.admin_url("/metrics"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        String::from_utf8(send(&client(), req).await.1.to_vec()).unwrap()
+    };
+    assert!(!metrics.contains("custody_gen_ai_exchanges_total{"), "{metrics}");
+    assert!(!metrics.contains("custody_served_model{"), "{metrics}");
+    let stopped = custody.stop().await;
+    assert_eq!(stopped.records.len(), 4);
+    assert!(stopped.events.iter().all(|e| e["event"]["type"] != "drift"));
 }

@@ -339,6 +339,9 @@ async fn a_reload_writes_a_config_event_and_new_records_carry_the_new_version() 
     let mut bad = next.clone();
     bad.audit.segment_max_bytes += 1;
     assert!(custody.reload(bad).await.unwrap_err().contains("[audit]"));
+    let mut bad = next.clone();
+    bad.otel.endpoint = Some("http://127.0.0.1:1".into());
+    assert!(custody.reload(bad).await.unwrap_err().contains("[otel]"));
 
     let done = custody.stop().await;
     let configs: Vec<&Value> = done

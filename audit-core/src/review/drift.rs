@@ -164,7 +164,7 @@ struct Event<'a> {
 /// A finish reason as one word across providers: OpenAI `content_filter`, Anthropic
 /// `refusal`, Gemini `SAFETY`/`RECITATION`/`BLOCKLIST`/`PROHIBITED_CONTENT`/`SPII` are
 /// refusals; `tool_calls`, `tool_use`, `function_call` are tool calls.
-fn finish(reason: &str) -> &'static str {
+pub(crate) fn finish(reason: &str) -> &'static str {
     match reason.to_ascii_lowercase().as_str() {
         "stop" | "end_turn" | "stop_sequence" | "completed" => "stop",
         "length" | "max_tokens" | "max_output_tokens" => "length",

@@ -44,6 +44,7 @@ pub const CONTENT_MAX_BYTES: usize = 64 * 1024;
 /// The exporter: a tracer provider with its batch processor and HTTP runtime.
 pub struct Otel {
     provider: SdkTracerProvider,
+    timeout: Duration,
     tracer: SdkTracer,
     content: bool,
     stats: Arc<AuditStats>,
@@ -99,6 +100,7 @@ impl Otel {
         tracing::info!(endpoint = %traces_url(base), content = config.content, "exporting exchanges as OpenTelemetry spans");
         Ok(Some(Self {
             provider,
+            timeout,
             tracer,
             content: config.content,
             stats,
@@ -159,7 +161,7 @@ impl Otel {
 
     /// Exports what is queued (bounded by the timeout) and stops.
     pub fn shutdown(&self) {
-        if let Err(e) = self.provider.shutdown() {
+        if let Err(e) = self.provider.shutdown_with_timeout(self.timeout) {
             tracing::warn!(error = %e, "[otel] export did not finish at shutdown");
         }
     }

@@ -256,7 +256,10 @@ async fn drift_tracking_off_writes_no_drift_events_and_no_drift_metrics() {
             .unwrap();
         String::from_utf8(send(&client(), req).await.1.to_vec()).unwrap()
     };
-    assert!(!metrics.contains("custody_gen_ai_exchanges_total{"), "{metrics}");
+    assert!(
+        !metrics.contains("custody_gen_ai_exchanges_total{"),
+        "{metrics}"
+    );
     assert!(!metrics.contains("custody_served_model{"), "{metrics}");
     let stopped = custody.stop().await;
     assert_eq!(stopped.records.len(), 4);

@@ -228,3 +228,29 @@ async fn a_collector_that_is_down_costs_the_clients_and_the_trail_nothing() {
     let stopped = custody.stop().await;
     assert_eq!(stopped.records.len(), 3, "every exchange is in the trail");
 }
+
+#[tokio::test]
+async fn a_collector_that_never_answers_delays_nothing_but_its_own_spans() {
+    // Accepts connections and reads nothing back: each export waits out its timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let up = answering_upstream(Answer::model("gpt-4o-2024-08-06")).await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.otel.endpoint = Some(format!("http://127.0.0.1:{port}"));
+        c.otel.timeout_secs = 1;
+    })
+    .await;
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+    for _ in 0..3 {
+        let (parts, _) = send(
+            &client(),
+            post(&custody.url("/v1/chat/completions"), &[], body),
+        )
+        .await;
+        assert_eq!(parts.status, 200);
+    }
+    // The stop waits at most the export timeout for the collector, then goes on.
+    let stopped = custody.stop().await;
+    assert_eq!(stopped.records.len(), 3);
+    drop(silent);
+}

@@ -315,11 +315,12 @@ fn strings_value(v: &[String]) -> Value {
     ))
 }
 
-/// `error.type`: the HTTP status class of a failed answer, else custody's outcome.
+/// `error.type`: custody's outcome when the exchange did not end well (`blocked`,
+/// `upstream_timeout`...), else the status code of an error answer.
 fn error_type(record: &Record) -> Option<String> {
     match record.http.status {
+        _ if record.outcome != "ok" => Some(record.outcome.clone()),
         Some(s) if s >= 400 => Some(s.to_string()),
-        _ if record.outcome != "complete" => Some(record.outcome.clone()),
         _ => None,
     }
 }

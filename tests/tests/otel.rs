@@ -97,6 +97,8 @@ async fn exchanges_reach_an_otlp_receiver_as_genai_spans_in_the_callers_trace() 
     assert_eq!(joined["name"], "chat gpt-4o");
     assert_eq!(joined["kind"], 3, "SPAN_KIND_CLIENT");
     assert_eq!(joined["resource"]["service.name"], "custody");
+    assert_eq!(joined["status"], 0, "STATUS_CODE_UNSET: a success");
+    assert!(joined["attributes"].get("error.type").is_none());
     let a = &joined["attributes"];
     assert_eq!(a["gen_ai.operation.name"], "chat");
     assert_eq!(a["gen_ai.provider.name"], "openai");
@@ -181,22 +183,38 @@ async fn spans_stay_metadata_only_unless_content_is_asked_for() {
     let port = receiver.port;
     let custody = Custody::start_with(vec![openai_route(&up)], |c| {
         c.otel.endpoint = Some(format!("http://127.0.0.1:{port}/v1/traces"));
+        c.policies = vec![custody_config::Policy::new(
+            "no-plans",
+            "request.text.contains('forbidden plan')",
+            custody_config::Action::Block,
+            custody_config::Severity::High,
+        )];
     })
     .await;
+    let url = custody.url("/v1/chat/completions");
     let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"a secret plan"}]}"#;
-    let (parts, _) = send(
-        &client(),
-        post(&custody.url("/v1/chat/completions"), &[], body),
-    )
-    .await;
+    let (parts, _) = send(&client(), post(&url, &[], body)).await;
     assert_eq!(parts.status, 200);
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"a forbidden plan"}]}"#;
+    let (parts, _) = send(&client(), post(&url, &[], body)).await;
+    assert_eq!(parts.status, 403);
     custody.stop().await;
     let spans = receiver.spans();
-    assert_eq!(spans.len(), 1);
-    assert_eq!(spans[0]["events"], serde_json::json!([]));
-    assert!(!serde_json::to_string(&spans)
-        .unwrap()
-        .contains("secret plan"));
+    assert_eq!(spans.len(), 2);
+    assert!(spans.iter().all(|s| s["events"] == serde_json::json!([])));
+    let raw = serde_json::to_string(&spans).unwrap();
+    assert!(!raw.contains("secret plan") && !raw.contains("forbidden plan"));
+    // The blocked one is an error span that names the outcome and the rule.
+    let blocked = spans
+        .iter()
+        .find(|s| s["attributes"]["custody.outcome"] == "blocked")
+        .unwrap();
+    assert_eq!(blocked["status"], 2, "STATUS_CODE_ERROR");
+    assert_eq!(blocked["attributes"]["error.type"], "blocked");
+    assert_eq!(
+        blocked["attributes"]["custody.policy.decisions"],
+        serde_json::json!(["no-plans:blocked"])
+    );
 }
 
 #[tokio::test]

@@ -115,7 +115,10 @@ impl Otel {
             Some(m) => format!("{operation} {m}"),
             None => operation.to_owned(),
         };
-        let end = started + Duration::from_secs_f64(record.time.duration_ms.max(0.0) / 1000.0);
+        let took =
+            Duration::try_from_secs_f64(record.time.duration_ms / 1000.0).unwrap_or_default();
+        let end = started + took;
+        RECORD_IDS.with(|c| c.set(None));
         let parent = self.ids(record);
         let builder = self
             .tracer

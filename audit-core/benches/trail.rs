@@ -11,7 +11,8 @@
 //! `-- --writer-only` to stop after the writer, for profiling it; `-- --policies` to
 //! run the writer with 10 flag rules over 1,000 terms; `-- --policy-cost` to measure
 //! what those rules add: interleaved rounds with and without them, in one process;
-//! `-- --drift-cost` the same for served-model tracking and the live drift metrics).
+//! `-- --drift-cost` the same for served-model tracking and the live drift metrics;
+//! `-- --otel-cost` for OpenTelemetry spans, without and with content).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -321,6 +322,35 @@ fn drift_cost(config: &Config, pool: &[(Bytes, Bytes)], keys: &[HeaderValue], n:
     );
 }
 
+/// What `[otel]` adds to the writer's CPU per record: building each span (and with
+/// `content`, its messages) and handing it to the batch queue. The collector is a
+/// closed loopback port: the export thread's own work is not the writer's.
+fn otel_cost(config: &Config, pool: &[(Bytes, Bytes)], keys: &[HeaderValue], n: u64) {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let mut spans = config.clone();
+    spans.otel.endpoint = Some(endpoint);
+    let mut content = spans.clone();
+    content.otel.content = true;
+    interleaved(
+        ("no export", config),
+        ("spans", &spans),
+        pool,
+        keys,
+        n,
+        |_, _| {},
+    );
+    interleaved(
+        ("no export", config),
+        ("spans with content", &content),
+        pool,
+        keys,
+        n,
+        |_, _| {},
+    );
+}
+
 fn main() {
     if let Some(dir) = std::env::args().skip_while(|a| a != "--purge").nth(1) {
         purge(std::path::Path::new(&dir));
@@ -394,6 +424,10 @@ fn main() {
         .collect();
     if std::env::args().any(|a| a == "--policy-cost") {
         policy_cost(&config, &pool, &keys, n / 4);
+        return;
+    }
+    if std::env::args().any(|a| a == "--otel-cost") {
+        otel_cost(&config, &pool, &keys, n / 4);
         return;
     }
     if std::env::args().any(|a| a == "--drift-cost") {

@@ -49,10 +49,12 @@ async fn the_graph_loads_into_kuzu_and_networkx_and_answers_the_reviewers_questi
     next.limits.max_request_body_bytes += 1;
     custody.reload(next).await.unwrap();
     assert_eq!(ask(&custody, "carol", "hello").await, 200);
+    // A client naming itself with a newline, quotes and a comma loads all the same.
+    assert_eq!(ask(&custody, "eve\n\"x\", y", "hello").await, 200);
     let stopped = custody.stop().await;
 
     let records = &stopped.records;
-    assert_eq!(records.len(), 4);
+    assert_eq!(records.len(), 5);
     let config_of = |user: &str| -> String {
         let r = records
             .iter()
@@ -80,7 +82,7 @@ async fn the_graph_loads_into_kuzu_and_networkx_and_answers_the_reviewers_questi
         Box::new(CsvDir::create(&csv).unwrap()),
     )
     .unwrap();
-    assert_eq!(summary.exchanges, 4);
+    assert_eq!(summary.exchanges, 5);
     assert_eq!(summary.unreadable, 0);
     let graphml = out.path().join("trail.graphml");
     let file = std::io::BufWriter::new(std::fs::File::create(&graphml).unwrap());
@@ -115,8 +117,8 @@ async fn the_graph_loads_into_kuzu_and_networkx_and_answers_the_reviewers_questi
         answer["blocked_prompts"],
         serde_json::json!([[blocked_prompt, "no-exfiltration"]])
     );
-    assert_eq!(answer["counts"]["Exchange"], 4);
-    assert_eq!(answer["counts"]["User"], 4);
+    assert_eq!(answer["counts"]["Exchange"], 5);
+    assert_eq!(answer["counts"]["User"], 5);
     assert_eq!(answer["counts"]["Model"], 2);
     assert_eq!(answer["counts"]["Config"], 2);
     assert_eq!(answer["counts"]["Policy"], 1);

@@ -217,6 +217,24 @@ async fn spans_stay_metadata_only_unless_content_is_asked_for() {
     );
 }
 
+/// Custody exporting to a collector on `port` with `timeout_secs`, after three
+/// exchanges answered.
+async fn three_exchanges_exported_to(port: u16, timeout_secs: u64) -> Custody {
+    let up = answering_upstream(Answer::model("gpt-4o-2024-08-06")).await;
+    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
+        c.otel.endpoint = Some(format!("http://127.0.0.1:{port}"));
+        c.otel.timeout_secs = timeout_secs;
+    })
+    .await;
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+    for _ in 0..3 {
+        let url = custody.url("/v1/chat/completions");
+        let (parts, _) = send(&client(), post(&url, &[], body)).await;
+        assert_eq!(parts.status, 200);
+    }
+    custody
+}
+
 #[tokio::test]
 async fn a_collector_that_is_down_costs_the_clients_and_the_trail_nothing() {
     // A port nothing listens on.
@@ -225,21 +243,7 @@ async fn a_collector_that_is_down_costs_the_clients_and_the_trail_nothing() {
         .local_addr()
         .unwrap()
         .port();
-    let up = answering_upstream(Answer::model("gpt-4o-2024-08-06")).await;
-    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
-        c.otel.endpoint = Some(format!("http://127.0.0.1:{port}"));
-        c.otel.timeout_secs = 2;
-    })
-    .await;
-    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
-    for _ in 0..3 {
-        let (parts, _) = send(
-            &client(),
-            post(&custody.url("/v1/chat/completions"), &[], body),
-        )
-        .await;
-        assert_eq!(parts.status, 200);
-    }
+    let custody = three_exchanges_exported_to(port, 2).await;
     custody
         .until_metric("custody_otel_spans_total{result=\"queued\"}", |v| v == 3.0)
         .await;
@@ -252,21 +256,7 @@ async fn a_collector_that_never_answers_delays_nothing_but_its_own_spans() {
     // Accepts connections and reads nothing back: each export waits out its timeout.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = silent.local_addr().unwrap().port();
-    let up = answering_upstream(Answer::model("gpt-4o-2024-08-06")).await;
-    let custody = Custody::start_with(vec![openai_route(&up)], |c| {
-        c.otel.endpoint = Some(format!("http://127.0.0.1:{port}"));
-        c.otel.timeout_secs = 1;
-    })
-    .await;
-    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
-    for _ in 0..3 {
-        let (parts, _) = send(
-            &client(),
-            post(&custody.url("/v1/chat/completions"), &[], body),
-        )
-        .await;
-        assert_eq!(parts.status, 200);
-    }
+    let custody = three_exchanges_exported_to(port, 1).await;
     // The stop waits at most the export timeout for the collector, then goes on.
     let stopped = custody.stop().await;
     assert_eq!(stopped.records.len(), 3);

@@ -443,7 +443,9 @@ impl GraphSink for CsvDir {
     }
 }
 
-/// The Kùzu statements that load a [`CsvDir`]: tables, then `COPY` of each file.
+/// The Kùzu statements that load a [`CsvDir`]: tables, then `COPY` of each file
+/// (serially: Kùzu's parallel reader refuses a quoted newline, and a client may name
+/// itself with one).
 pub fn kuzu_script() -> String {
     let ty = |t: &Type| match t {
         Type::Str => "STRING",
@@ -470,12 +472,12 @@ pub fn kuzu_script() -> String {
     }
     for (label, _) in NODES {
         s.push_str(&format!(
-            "COPY {label} FROM 'nodes/{label}.csv' (HEADER=true);\n"
+            "COPY {label} FROM 'nodes/{label}.csv' (HEADER=true, PARALLEL=false);\n"
         ));
     }
     for (label, ..) in EDGES {
         s.push_str(&format!(
-            "COPY {label} FROM 'edges/{label}.csv' (HEADER=true);\n"
+            "COPY {label} FROM 'edges/{label}.csv' (HEADER=true, PARALLEL=false);\n"
         ));
     }
     s
